@@ -1,0 +1,1 @@
+//! Guest framework for the Rust kvm selftests.
