@@ -1,0 +1,138 @@
+//! Self-tests of the guest framework (the C selftests have no counterpart; these pin down
+//! what every other test relies on): long mode, ucalls, guest assertions with file:line and
+//! values, exception reporting with vector and RIP, several vCPUs, each backing.
+
+use kvm_selftests::guest::{self, read_u64, write_u64};
+use kvm_selftests::vm::TEST_GPA;
+use kvm_selftests::{guest_assert, guest_assert_eq, Backing, TestVm, Ucall};
+
+extern "C" fn guest_sync_args(a: u64, b: u64, c: u64, d: u64) {
+    guest::sync(&[a, b, c, d]);
+    guest::sync(&[a.wrapping_add(b)]);
+}
+
+#[test]
+fn ucall_sync_and_done() {
+    let mut vm = TestVm::new().unwrap();
+    let mut vcpu = vm.add_vcpu_with(guest_sync_args, &[1, 2, 3, 4]).unwrap();
+    assert_eq!(vcpu.run_to_sync().unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(vcpu.run_to_sync().unwrap(), vec![3]);
+    // Returning from the entry point reports DONE.
+    vcpu.run_to_done().unwrap();
+}
+
+extern "C" fn guest_assert_fails(v: u64, _: u64, _: u64, _: u64) {
+    guest_assert_eq!(v, 42);
+    guest_assert!(v == 7, v, 0x1234);
+}
+
+#[test]
+fn guest_assert_reports_file_line_and_values() {
+    let mut vm = TestVm::new().unwrap();
+    let mut vcpu = vm.add_vcpu_with(guest_assert_fails, &[42]).unwrap();
+    match vcpu.run().unwrap() {
+        kvm_selftests::Exit::Ucall(Ucall::Assert(msg)) => {
+            assert!(msg.contains("tests/framework.rs:"), "{msg}");
+            assert!(msg.contains("v == 7"), "{msg}");
+            assert!(msg.contains("0x2a, 0x1234"), "{msg}");
+        }
+        e => panic!("expected a guest assertion, got {e:?}"),
+    }
+    let err = TestVm::new()
+        .unwrap()
+        .add_vcpu_with(guest_assert_fails, &[5])
+        .unwrap()
+        .run_to_done()
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("v == 42"), "{err:#}");
+}
+
+extern "C" fn guest_ud(_: u64, _: u64, _: u64, _: u64) {
+    // SAFETY: raises #UD on purpose; the IDT stub reports it.
+    unsafe { core::arch::asm!("ud2") };
+}
+
+extern "C" fn guest_pf(addr: u64, _: u64, _: u64, _: u64) {
+    // SAFETY: the address is unmapped on purpose; the IDT stub reports the #PF.
+    unsafe { write_u64(addr, 1) };
+}
+
+#[test]
+fn exceptions_report_vector_and_rip() {
+    let mut vm = TestVm::new().unwrap();
+    let mut vcpu = vm.add_vcpu_with(guest_ud, &[]).unwrap();
+    match vcpu.run_ucall() {
+        Err(e) => {
+            let msg = format!("{e:#}");
+            assert!(msg.contains("#UD (6)"), "{msg}");
+        }
+        Ok(u) => panic!("expected #UD, got {u:?}"),
+    }
+    let mut vcpu = vm.add_vcpu_with(guest_pf, &[0x7000_0000_0000]).unwrap();
+    match vcpu.run().unwrap() {
+        kvm_selftests::Exit::Ucall(Ucall::Unhandled {
+            vector,
+            cr2,
+            error_code,
+            rip,
+        }) => {
+            assert_eq!(vector, 14);
+            assert_eq!(cr2, 0x7000_0000_0000);
+            assert_eq!(error_code & 0x3, 0x2, "not-present write");
+            // RIP is a host code address: the faulting store is in guest_pf, or in
+            // ptr::write_volatile when a debug build does not inline it.
+            let sym = kvm_selftests::vm::describe_code(rip);
+            assert!(
+                sym.contains("guest_pf") || sym.contains("write_volatile"),
+                "rip {rip:#x}{sym}"
+            );
+        }
+        e => panic!("expected #PF, got {e:?}"),
+    }
+}
+
+extern "C" fn guest_sum(gva: u64, pages: u64, id: u64, _: u64) {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < pages {
+        // SAFETY: the region [gva, gva + pages * 4096) is mapped by the test.
+        unsafe {
+            sum = sum.wrapping_add(read_u64(gva + i * 4096));
+            write_u64(gva + i * 4096 + 8, id);
+        }
+        i += 1;
+    }
+    guest::sync(&[sum]);
+}
+
+#[test]
+fn several_vcpus_over_each_backing() {
+    let backings = [Backing::Anonymous, Backing::Shmem];
+    for (n, backing) in backings.into_iter().enumerate() {
+        let mut vm = TestVm::new().unwrap();
+        let pages = 16u64;
+        let slot = 1;
+        let gpa = TEST_GPA;
+        let region = vm
+            .add_mapped_region(slot, gpa, pages * 4096 * 2, backing)
+            .unwrap();
+        let m = region.mapping.clone();
+        for p in 0..pages * 2 {
+            m.write_u64((p * 4096) as usize, p);
+        }
+        let mut threads = Vec::new();
+        for id in 0..2u64 {
+            let mut vcpu = vm
+                .add_vcpu_with(guest_sum, &[gpa + id * pages * 4096, pages, id + 100])
+                .unwrap();
+            threads.push(std::thread::spawn(move || vcpu.run_to_sync().unwrap()));
+        }
+        for (id, t) in threads.into_iter().enumerate() {
+            let expect: u64 = (0..pages).map(|p| p + id as u64 * pages).sum();
+            assert_eq!(t.join().unwrap(), vec![expect], "backing #{n}, vCPU {id}");
+        }
+        for p in 0..pages * 2 {
+            assert_eq!(m.read_u64((p * 4096 + 8) as usize), 100 + p / pages);
+        }
+    }
+}
