@@ -1,1 +1,207 @@
-fn main() {}
+//! `cargo xtask`: the build → boot → test loop for the KVM userfault series.
+//!
+//! - `cargo xtask kernel`: fetch the pinned base (or take `--kernel-src`), apply the series,
+//!   configure and build it out of tree in the cache.
+//! - `cargo xtask vm -- CMD…`: boot that kernel under QEMU/TCG and run CMD inside.
+//! - `cargo xtask test`: everything, ending in one summary line.
+
+mod base;
+mod console;
+mod host;
+mod initramfs;
+mod kernel;
+mod layout;
+mod qemu;
+mod series_check;
+mod suite;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::initramfs::{sh_quote, GuestFile};
+use crate::kernel::{Flavour, SourceChoice};
+use crate::layout::Layout;
+
+#[derive(Parser)]
+#[command(about = "Build the patched kernel, boot it under QEMU, run the tests inside")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct KernelArgs {
+    /// Use this kernel git tree instead of the pinned base; the series is applied with `git am`
+    /// unless the tree already ends with it.
+    #[arg(long, value_name = "DIR")]
+    kernel_src: Option<PathBuf>,
+    /// With --kernel-src: build the tree as it is, without applying the series.
+    #[arg(long, requires = "kernel_src")]
+    no_apply: bool,
+    /// Kernel configuration: `debug` adds lockdep and atomic-sleep checking.
+    #[arg(long, value_enum, default_value = "default")]
+    flavour: Flavour,
+}
+
+impl KernelArgs {
+    fn source(&self) -> SourceChoice {
+        SourceChoice { kernel_src: self.kernel_src.clone(), no_apply: self.no_apply }
+    }
+}
+
+#[derive(Args, Clone)]
+struct VmShape {
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    smp: u32,
+    /// Guest memory, in QEMU's syntax (512M, 2G).
+    #[arg(long, default_value = "2G", value_parser = parse_mem)]
+    mem: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the base, apply the series, configure and build the kernel.
+    Kernel(KernelArgs),
+    /// Boot the built kernel and run a command inside; exits with the command's status.
+    Vm {
+        #[command(flatten)]
+        kernel: KernelArgs,
+        #[command(flatten)]
+        shape: VmShape,
+        /// Seconds before the VM is killed.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Put a host file in the guest: HOST[:GUEST] (default /usr/local/bin/NAME).
+        #[arg(long, value_name = "HOST[:GUEST]")]
+        add: Vec<String>,
+        /// Boot the existing bzImage without running make first.
+        #[arg(long)]
+        no_build: bool,
+        /// The command to run in the guest (a shell command line).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The whole suite: lint, host tests, series checks, harness checks, tests in the guest.
+    Test {
+        #[command(flatten)]
+        kernel: KernelArgs,
+        #[command(flatten)]
+        shape: VmShape,
+        /// Seconds before the in-guest run is killed.
+        #[arg(long, default_value_t = 2400)]
+        timeout: u64,
+        #[arg(long)]
+        skip_lint: bool,
+        #[arg(long)]
+        skip_host: bool,
+        /// Skip checkpatch and the per-patch builds.
+        #[arg(long)]
+        skip_series_check: bool,
+        /// Skip the harness's own checks (failing command, panic, hang).
+        #[arg(long)]
+        skip_harness_check: bool,
+    },
+}
+
+fn parse_mem(s: &str) -> Result<String, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    match (num.parse::<u64>(), unit) {
+        (Ok(n), "M" | "G") if n > 0 => Ok(s.to_string()),
+        _ => Err(format!("`{s}` is not a size like 512M or 2G")),
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let layout = Layout::discover()?;
+    match cli.command {
+        Cmd::Kernel(args) => {
+            let built = kernel::build(&layout, &args.source(), args.flavour)?;
+            println!("{}", built.bzimage().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vm { kernel: args, shape, timeout, add, no_build, command } => {
+            let files = add.iter().map(|s| GuestFile::parse(s)).collect::<Result<Vec<_>>>()?;
+            let built = if no_build {
+                let src = kernel::prepare_source(&layout, &args.source())?;
+                let build = kernel::build_dir_for(&layout, &src, args.kernel_src.is_none(), args.flavour);
+                let k = kernel::BuiltKernel { src, build };
+                if !k.bzimage().exists() {
+                    bail!("--no-build: {} does not exist; run `cargo xtask kernel`", k.bzimage().display());
+                }
+                k
+            } else {
+                kernel::build(&layout, &args.source(), args.flavour)?
+            };
+            // One word is a command line as typed; several are argv words to quote.
+            let script = if command.len() == 1 {
+                command[0].clone()
+            } else {
+                command.iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" ")
+            };
+            let outcome = suite::boot(
+                &layout,
+                &built,
+                "vm",
+                &format!("{script}\n"),
+                &files,
+                shape.smp,
+                &shape.mem,
+                Duration::from_secs(timeout),
+                true,
+            )?;
+            if let Some(t) = outcome.boot_time {
+                eprintln!("[vm] booted in {t:.1?}; total {:.1?}; log {}", outcome.elapsed, outcome.log.display());
+            }
+            if outcome.success() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("{}", outcome.failure_report());
+            let code = match outcome.exit_status {
+                Some(rc) if rc != 0 => u8::try_from(rc).unwrap_or(1),
+                _ => 1,
+            };
+            Ok(ExitCode::from(code))
+        }
+        Cmd::Test {
+            kernel: args,
+            shape,
+            timeout,
+            skip_lint,
+            skip_host,
+            skip_series_check,
+            skip_harness_check,
+        } => {
+            suite::run(
+                &layout,
+                &suite::TestOptions {
+                    source: args.source(),
+                    flavour: args.flavour,
+                    skip_lint,
+                    skip_host,
+                    skip_series_check,
+                    skip_harness_check,
+                    smp: shape.smp,
+                    mem: shape.mem,
+                    timeout: Duration::from_secs(timeout),
+                },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

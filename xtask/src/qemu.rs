@@ -1,0 +1,194 @@
+//! Boots the built kernel under QEMU/TCG with an initramfs, streams the serial console to the
+//! terminal and a log file, and judges the run: the command's exit status, kernel problem
+//! reports, and the timeout.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::console;
+use crate::host;
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub bzimage: PathBuf,
+    pub initrd: PathBuf,
+    pub smp: u32,
+    pub mem: String,
+    pub timeout: Duration,
+    pub log: PathBuf,
+    /// Print console lines as they arrive (after boot).
+    pub echo: bool,
+}
+
+/// What happened.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// The command's exit status, if /init got to report it.
+    pub exit_status: Option<i32>,
+    /// Kernel problem reports seen on the console.
+    pub problems: Vec<String>,
+    pub timed_out: bool,
+    pub console: Vec<String>,
+    pub log: PathBuf,
+    pub elapsed: Duration,
+    /// Time from start to the boot marker.
+    pub boot_time: Option<Duration>,
+}
+
+impl VmOutcome {
+    pub fn success(&self) -> bool {
+        self.exit_status == Some(0) && self.problems.is_empty() && !self.timed_out
+    }
+
+    /// One paragraph saying why a run failed, with the relevant part of the console.
+    pub fn failure_report(&self) -> String {
+        let mut why = Vec::new();
+        if self.timed_out {
+            why.push(format!("timed out after {:.0?} and was killed", self.elapsed));
+        }
+        if let Some(p) = self.problems.first() {
+            why.push(format!("the kernel reported: {p}"));
+        }
+        match self.exit_status {
+            Some(0) => {}
+            Some(rc) => why.push(format!("the command exited with status {rc}")),
+            None if !self.timed_out => why.push("the guest stopped before the command finished".into()),
+            None => {}
+        }
+        // Show the first problem's surroundings if there is one, else the tail.
+        let start = self
+            .problems
+            .first()
+            .and_then(|p| self.console.iter().position(|l| l.contains(p.as_str())))
+            .map_or(self.console.len().saturating_sub(40), |i| i.saturating_sub(5));
+        let end = (start + 60).min(self.console.len());
+        format!(
+            "VM run failed: {}\n--- console ({}) lines {}..{} ---\n{}\n---",
+            why.join("; "),
+            self.log.display(),
+            start + 1,
+            end,
+            self.console[start..end].join("\n")
+        )
+    }
+}
+
+fn kernel_cmdline() -> Result<String> {
+    Ok(format!(
+        "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 rdinit=/init tsc_early_khz={} \
+         hung_task_panic=0 nokaslr",
+        host::host_tsc_khz()?
+    ))
+}
+
+/// Boots and waits for the outcome.
+pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-nodefaults", "-display", "none"])
+        .args(["-no-reboot", "-serial", "stdio", "-monitor", "none"])
+        .args(["-smp", &cfg.smp.to_string(), "-m", &cfg.mem])
+        .arg("-kernel")
+        .arg(&cfg.bzimage)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", &kernel_cmdline()?])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let stderr = child.stderr.take().context("qemu stderr")?;
+    let tx_err = tx.clone();
+    std::thread::spawn(move || forward_lines(stdout, &tx));
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx_err.send(format!("qemu: {line}"));
+        }
+    });
+    let mut log = fs::File::create(&cfg.log)
+        .with_context(|| format!("creating {}", cfg.log.display()))?;
+    let mut outcome = VmOutcome {
+        exit_status: None,
+        problems: Vec::new(),
+        timed_out: false,
+        console: Vec::new(),
+        log: cfg.log.clone(),
+        elapsed: Duration::ZERO,
+        boot_time: None,
+    };
+    let deadline = started + cfg.timeout;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            outcome.timed_out = true;
+            kill(&mut child);
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(line) => {
+                let line = line.trim_end_matches(['\r', '\n']).to_string();
+                writeln!(log, "{line}")?;
+                if let Some(p) = console::problem_in(&line) {
+                    outcome.problems.push(p.to_string());
+                }
+                if outcome.boot_time.is_none() && line.contains(console::BOOTED_MARKER) {
+                    outcome.boot_time = Some(started.elapsed());
+                }
+                if let Some(rc) = console::exit_status_in(&line) {
+                    outcome.exit_status = Some(rc);
+                }
+                if cfg.echo && (outcome.boot_time.is_some() || console::problem_in(&line).is_some()) {
+                    println!("{line}");
+                }
+                outcome.console.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            // Both pipes closed: QEMU exited (poweroff, or reboot after a panic).
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = child.wait();
+    outcome.elapsed = started.elapsed();
+    if outcome.timed_out {
+        writeln!(log, "[xtask] killed QEMU at the {:.0?} timeout", cfg.timeout)?;
+    }
+    Ok(outcome)
+}
+
+fn forward_lines(stdout: impl std::io::Read, tx: &mpsc::Sender<String>) {
+    // The console can carry bytes that are not UTF-8 (early boot noise): read raw lines.
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if tx.send(String::from_utf8_lossy(&buf).into_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+}
+
+/// Scratch paths for one run, unique per process so concurrent runs do not collide.
+pub fn scratch(run_dir: &Path, tag: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let dir = run_dir.join(format!("{tag}-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    Ok((dir.join("root"), dir.join("initrd.cpio"), dir.join("console.log")))
+}

@@ -1,0 +1,435 @@
+//! `cargo xtask test`: the whole suite — lint, host tests, the series' per-patch checks, the
+//! harness's own checks, then every workspace test binary (with `--ignored`) and the kvm C
+//! selftests inside the patched kernel — ending with one summary line in cargo's format.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::console::{self, Counts};
+use crate::host;
+use crate::initramfs::{self, sh_quote, GuestFile};
+use crate::kernel::{self, BuiltKernel, Flavour, SourceChoice};
+use crate::layout::Layout;
+use crate::qemu::{self, VmConfig};
+use crate::series_check;
+
+/// The Rust target the in-guest binaries are built for (static glibc).
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+#[derive(Debug, Clone)]
+pub struct TestOptions {
+    pub source: SourceChoice,
+    pub flavour: Flavour,
+    pub skip_lint: bool,
+    pub skip_host: bool,
+    pub skip_series_check: bool,
+    pub skip_harness_check: bool,
+    pub smp: u32,
+    pub mem: String,
+    pub timeout: Duration,
+}
+
+/// One line of the summary.
+struct SuiteResult {
+    name: &'static str,
+    counts: Counts,
+    note: String,
+}
+
+pub fn run(layout: &Layout, opts: &TestOptions) -> Result<()> {
+    let started = Instant::now();
+    let mut results: Vec<SuiteResult> = Vec::new();
+
+    if !opts.skip_lint {
+        results.push(lint(layout));
+    }
+    if !opts.skip_host {
+        results.push(host_tests(layout));
+    }
+
+    let kernel = (|| -> Result<BuiltKernel> {
+        let series = kernel::load_series(layout)?;
+        if !opts.skip_series_check && !series.is_empty() && !opts.source.no_apply {
+            let src = kernel::prepare_source(layout, &opts.source)?;
+            let build = kernel::build_dir_for(layout, &src, opts.source.kernel_src.is_none(), opts.flavour);
+            let counts = series_check::check(layout, &src, &build, opts.flavour, &series)?;
+            results.push(SuiteResult {
+                name: "series",
+                counts,
+                note: format!("{} patches: checkpatch --strict, each builds", series.len()),
+            });
+        }
+        kernel::build(layout, &opts.source, opts.flavour)
+    })();
+    let kernel = match kernel {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("[test] kernel: {e:#}");
+            results.push(failed("kernel", format!("{e:#}")));
+            return finish(&results, started);
+        }
+    };
+
+    if !opts.skip_harness_check {
+        results.push(harness_check(layout, &kernel));
+    }
+    match guest_suites(layout, &kernel, opts) {
+        Ok(guest) => results.extend(guest),
+        Err(e) => {
+            eprintln!("[test] guest: {e:#}");
+            results.push(failed("guest", format!("{e:#}")));
+        }
+    }
+    finish(&results, started)
+}
+
+fn failed(name: &'static str, note: String) -> SuiteResult {
+    SuiteResult { name, counts: Counts { failed: 1, ..Counts::default() }, note }
+}
+
+fn finish(results: &[SuiteResult], started: Instant) -> Result<()> {
+    let mut total = Counts::default();
+    println!("\n== summary ==");
+    for r in results {
+        total.add(r.counts);
+        let mut line = format!(
+            "{:<11} {:>4} passed, {:>3} failed",
+            r.name, r.counts.passed, r.counts.failed
+        );
+        if r.counts.ignored > 0 {
+            let _ = write!(line, ", {} ignored", r.counts.ignored);
+        }
+        if r.counts.skipped > 0 {
+            let _ = write!(line, ", {} skipped", r.counts.skipped);
+        }
+        if !r.note.is_empty() {
+            let note = r.note.lines().next().unwrap_or_default();
+            let _ = write!(line, "  ({note})");
+        }
+        println!("{line}");
+    }
+    let verdict = if total.failed == 0 { "ok" } else { "FAILED" };
+    println!(
+        "test result: {verdict}. {} passed; {} failed; {} ignored; 0 measured; 0 filtered out; finished in {:.2}s",
+        total.passed,
+        total.failed,
+        total.ignored,
+        started.elapsed().as_secs_f64()
+    );
+    if total.failed > 0 {
+        bail!("{} test(s) failed", total.failed);
+    }
+    Ok(())
+}
+
+fn cargo(layout: &Layout) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(&layout.repo);
+    cmd
+}
+
+fn lint(layout: &Layout) -> SuiteResult {
+    let mut counts = Counts::default();
+    let mut notes = Vec::new();
+    let checks: [(&str, &[&str]); 2] = [
+        ("cargo fmt --check", &["fmt", "--all", "--check"]),
+        (
+            "cargo clippy",
+            &["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"],
+        ),
+    ];
+    for (name, args) in checks {
+        eprintln!("[test] {name}");
+        match host::run(cargo(layout).args(args)) {
+            Ok(()) => counts.passed += 1,
+            Err(e) => {
+                counts.failed += 1;
+                notes.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    SuiteResult { name: "lint", counts, note: notes.join("; ") }
+}
+
+/// Runs a command, echoing its output, and sums the libtest result lines it prints.
+fn run_counting(cmd: &mut Command) -> Result<(Counts, bool)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let mut counts = Counts::default();
+    for line in BufReader::new(child.stdout.take().context("stdout")?)
+        .lines()
+        .map_while(Result::ok)
+    {
+        println!("{line}");
+        if let Some(c) = console::libtest_result_in(&line) {
+            counts.add(c);
+        }
+    }
+    Ok((counts, child.wait()?.success()))
+}
+
+fn host_tests(layout: &Layout) -> SuiteResult {
+    eprintln!("[test] host: cargo test --workspace");
+    match run_counting(cargo(layout).args(["test", "--workspace"])) {
+        Ok((mut counts, ok)) => {
+            if !ok && counts.failed == 0 {
+                counts.failed = 1;
+            }
+            SuiteResult { name: "host", counts, note: String::new() }
+        }
+        Err(e) => failed("host", format!("{e:#}")),
+    }
+}
+
+/// The harness proves it catches what it claims to catch: a failing command, a kernel panic
+/// and a hang each fail the run.
+fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
+    let mut counts = Counts::default();
+    let mut notes = Vec::new();
+    type Check = fn(&qemu::VmOutcome) -> bool;
+    let cases: [(&str, &str, u64, Check); 4] = [
+        ("a passing command passes", "true", 120, |o| o.success()),
+        ("a failing command fails", "echo failing on purpose; exit 3", 120, |o| {
+            !o.success() && o.exit_status == Some(3)
+        }),
+        ("a kernel panic fails, with the panic reported", "echo c > /proc/sysrq-trigger", 120, |o| {
+            !o.success() && o.problems.iter().any(|p| p.contains("Kernel panic"))
+        }),
+        ("a hang is killed at the timeout", "sleep 100000", 25, |o| {
+            !o.success() && o.timed_out
+        }),
+    ];
+    for (name, script, timeout, check) in cases {
+        let outcome = boot(layout, kernel, "harness", script, &[], 1, "512M", Duration::from_secs(timeout), false);
+        match outcome {
+            Ok(o) if check(&o) => {
+                eprintln!("[harness] ok: {name} ({:.1?})", o.elapsed);
+                counts.passed += 1;
+            }
+            Ok(o) => {
+                eprintln!("[harness] FAILED: {name}\n{}", o.failure_report());
+                counts.failed += 1;
+                notes.push(name.to_string());
+            }
+            Err(e) => {
+                counts.failed += 1;
+                notes.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    SuiteResult { name: "harness", counts, note: notes.join("; ") }
+}
+
+/// Builds an initramfs with `files` and `script`, boots, returns the outcome.
+#[allow(clippy::too_many_arguments)]
+pub fn boot(
+    layout: &Layout,
+    kernel: &BuiltKernel,
+    tag: &str,
+    script: &str,
+    files: &[GuestFile],
+    smp: u32,
+    mem: &str,
+    timeout: Duration,
+    echo: bool,
+) -> Result<qemu::VmOutcome> {
+    host::ensure(host::Tools::Vm)?;
+    let (staging, initrd, log) = qemu::scratch(&layout.run_dir(), tag)?;
+    initramfs::build(&initrd, &staging, script, files)?;
+    let outcome = qemu::run(&VmConfig {
+        bzimage: kernel.bzimage(),
+        initrd: initrd.clone(),
+        smp,
+        mem: mem.to_string(),
+        timeout,
+        log: log.clone(),
+        echo,
+    });
+    // Keep only the console log; the staging tree and archive are large.
+    let _ = fs::remove_dir_all(&staging);
+    let _ = fs::remove_file(&initrd);
+    outcome
+}
+
+/// Builds every workspace test binary (but xtask's) statically for the guest.
+pub fn build_guest_test_binaries(layout: &Layout) -> Result<Vec<(String, PathBuf)>> {
+    eprintln!("[test] building static test binaries for the guest");
+    let out = cargo(layout)
+        .args(["test", "--workspace", "--exclude", "xtask", "--no-run", "--target", GUEST_TARGET])
+        .args(["--message-format", "json-render-diagnostics"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the guest test binaries failed");
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(bin) = test_executable_in(line) {
+            bins.push(bin);
+        }
+    }
+    if bins.is_empty() {
+        bail!("cargo built no test binaries");
+    }
+    Ok(bins)
+}
+
+/// `(target name-kind, executable)` from one cargo JSON message, if it is a test executable.
+pub fn test_executable_in(json_line: &str) -> Option<(String, PathBuf)> {
+    let msg: serde_json::Value = serde_json::from_str(json_line).ok()?;
+    if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+        return None;
+    }
+    let exe = msg["executable"].as_str()?;
+    let name = msg["target"]["name"].as_str()?;
+    let kind = msg["target"]["kind"][0].as_str().unwrap_or("test");
+    Some((format!("{name}-{kind}"), PathBuf::from(exe)))
+}
+
+fn guest_suites(layout: &Layout, kernel: &BuiltKernel, opts: &TestOptions) -> Result<Vec<SuiteResult>> {
+    let rust_bins = build_guest_test_binaries(layout)?;
+    let c_names = kernel::c_selftest_list(layout)?;
+    eprintln!("[test] building {} kvm selftests statically", c_names.len());
+    let c_bins = kernel::build_c_selftests(kernel, &c_names)?;
+
+    let mut files = Vec::new();
+    let mut script = String::from("failed=0\n");
+    for (name, host_path) in &rust_bins {
+        let guest = format!("/tests/rust/{name}");
+        files.push(GuestFile { host: host_path.clone(), guest: guest.clone() });
+        let _ = writeln!(
+            script,
+            "echo '{b}rust {name}'; {guest} --ignored; rc=$?; echo '{e}rust {name}' rc=$rc; [ $rc = 0 ] || failed=1",
+            b = console::TEST_BEGIN,
+            e = console::TEST_END,
+            guest = sh_quote(&guest),
+        );
+    }
+    for (name, host_path) in &c_bins {
+        let guest = format!("/tests/kvm/{name}");
+        files.push(GuestFile { host: host_path.clone(), guest: guest.clone() });
+        // KSFT_SKIP (4) is not a failure.
+        let _ = writeln!(
+            script,
+            "echo '{b}c {name}'; {guest}; rc=$?; echo '{e}c {name}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
+            b = console::TEST_BEGIN,
+            e = console::TEST_END,
+            guest = sh_quote(&guest),
+        );
+    }
+    script.push_str("exit $failed\n");
+    eprintln!(
+        "[test] booting the patched kernel: {} Rust test binaries, {} C selftests",
+        rust_bins.len(),
+        c_bins.len()
+    );
+    let outcome = boot(layout, kernel, "suite", &script, &files, opts.smp, &opts.mem, opts.timeout, true)?;
+    if let Some(t) = outcome.boot_time {
+        eprintln!("[test] guest booted in {t:.1?}, ran for {:.1?}", outcome.elapsed);
+    }
+    let (rust, c) = tally(&outcome.console);
+    let mut rust = SuiteResult { name: "guest-rust", counts: rust, note: String::new() };
+    let mut c = SuiteResult { name: "guest-c", counts: c, note: String::new() };
+    if !outcome.success() {
+        let report = outcome.failure_report();
+        eprintln!("{report}");
+        // A kernel problem or timeout is a failure of its own, whatever the tests said.
+        if !outcome.problems.is_empty() || outcome.timed_out || outcome.exit_status.is_none() {
+            c.counts.failed += 1;
+            c.note = report.lines().next().unwrap_or_default().to_string();
+        }
+        if rust.counts.failed + c.counts.failed == 0 {
+            rust.counts.failed += 1;
+            rust.note = "the guest run failed without a failing test".into();
+        }
+    }
+    Ok(vec![rust, c])
+}
+
+/// Sums results per language from the console: libtest lines for Rust binaries (a binary that
+/// dies without one counts as one failure), the exit status for C selftests.
+fn tally(console_lines: &[String]) -> (Counts, Counts) {
+    let mut rust = Counts::default();
+    let mut c = Counts::default();
+    let mut current_rust_counts: Option<Counts> = None;
+    for line in console_lines {
+        if let Some(rest) = line.split(console::TEST_BEGIN).nth(1) {
+            current_rust_counts = rest.starts_with("rust ").then(Counts::default);
+            continue;
+        }
+        if let Some(counts) = current_rust_counts.as_mut() {
+            if let Some(found) = console::libtest_result_in(line) {
+                counts.add(found);
+            }
+        }
+        let Some(rest) = line.split(console::TEST_END).nth(1) else { continue };
+        let rc: Option<i32> = rest.rsplit("rc=").next().and_then(|r| r.trim().parse().ok());
+        if rest.starts_with("rust ") {
+            let mut counts = current_rust_counts.take().unwrap_or_default();
+            if rc != Some(0) && counts.failed == 0 {
+                counts.failed = 1;
+            }
+            rust.add(counts);
+        } else if rest.starts_with("c ") {
+            match rc {
+                Some(0) => c.passed += 1,
+                Some(4) => c.skipped += 1,
+                _ => c.failed += 1,
+            }
+        }
+    }
+    (rust, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn tally_counts_rust_and_c() {
+        let lines: Vec<String> = [
+            "KVMUF-TEST-BEGIN rust a-test",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
+            "KVMUF-TEST-END rust a-test rc=0",
+            "KVMUF-TEST-BEGIN rust b-test",
+            "thread panicked",
+            "KVMUF-TEST-END rust b-test rc=101",
+            "KVMUF-TEST-BEGIN c guest_memfd_test",
+            "KVMUF-TEST-END c guest_memfd_test rc=0",
+            "KVMUF-TEST-BEGIN c x86/private_mem_kvm_exits_test",
+            "KVMUF-TEST-END c x86/private_mem_kvm_exits_test rc=4",
+            "KVMUF-TEST-BEGIN c demand_paging_test",
+            "KVMUF-TEST-END c demand_paging_test rc=254",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (rust, c) = tally(&lines);
+        assert_eq!(rust, Counts { passed: 2, failed: 1, ignored: 0, skipped: 0 });
+        assert_eq!(c, Counts { passed: 1, failed: 1, ignored: 0, skipped: 1 });
+    }
+
+    #[test]
+    fn cargo_json_test_artifacts() {
+        let line = r#"{"reason":"compiler-artifact","package_id":"x","target":{"kind":["test"],"crate_types":["bin"],"name":"userfault","src_path":"/s"},"profile":{"opt_level":"0","test":true},"executable":"/t/debug/deps/userfault-abc","fresh":true}"#;
+        let (name, exe) = test_executable_in(line).unwrap();
+        assert_eq!(name, "userfault-test");
+        assert_eq!(exe, Path::new("/t/debug/deps/userfault-abc"));
+        let lib = line.replace("\"kind\":[\"test\"]", "\"kind\":[\"lib\"]");
+        assert_eq!(test_executable_in(&lib).unwrap().0, "userfault-lib");
+        let not_test = line.replace("\"opt_level\":\"0\",\"test\":true", "\"opt_level\":\"0\",\"test\":false");
+        assert!(test_executable_in(&not_test).is_none());
+        assert!(test_executable_in(r#"{"reason":"build-finished","success":true}"#).is_none());
+    }
+}
