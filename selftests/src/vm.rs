@@ -782,12 +782,14 @@ pub fn describe_code(rip: u64) -> String {
                 .into_owned()
         }
     };
+    let file = cstr(info.dli_fname);
+    if info.dli_sname.is_null() {
+        // Internal symbols are not in the dynamic table: give the offset for addr2line.
+        let off = rip.wrapping_sub(info.dli_fbase as u64);
+        return format!(" (in {file}+{off:#x}; try addr2line -fCe {file} {off:#x})");
+    }
     let off = rip.wrapping_sub(info.dli_saddr as u64);
-    format!(
-        " (in {}: {}+{off:#x})",
-        cstr(info.dli_fname),
-        cstr(info.dli_sname)
-    )
+    format!(" (in {file}: {}+{off:#x})", cstr(info.dli_sname))
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
