@@ -12,6 +12,7 @@ pub mod guest;
 pub mod mem;
 pub mod uapi;
 pub mod uffd;
+pub mod userfault;
 pub mod vm;
 
 pub use mem::{page_size, Backing, HostMapping};
