@@ -174,6 +174,11 @@ pub enum Exit {
     },
     /// `KVM_EXIT_INTR` (KVM_RUN returned -1/EINTR maps to `Err(EINTR)` instead).
     Intr,
+    /// Port output to a port other than the ucall port (e.g. a guest `rep outsb`).
+    IoOut {
+        port: u16,
+        data: Vec<u8>,
+    },
     Other(String),
 }
 
@@ -243,6 +248,12 @@ impl Vcpu {
     pub fn run(&mut self) -> std::result::Result<Exit, kvm_ioctls::Error> {
         let exit = match self.fd.run()? {
             VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) if port == UCALL_PORT => None,
+            VcpuExit::IoOut(port, data) => {
+                return Ok(Exit::IoOut {
+                    port,
+                    data: data.to_vec(),
+                })
+            }
             VcpuExit::MemoryFault { flags, gpa, size } => {
                 return Ok(Exit::MemoryFault { flags, gpa, size })
             }

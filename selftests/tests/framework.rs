@@ -135,3 +135,77 @@ fn several_vcpus_over_each_backing() {
         }
     }
 }
+
+const OUTS_PORT: u16 = 0x1001;
+
+extern "C" fn guest_outs(gva: u64, len: u64, _: u64, _: u64) {
+    // SAFETY: string port output from mapped guest memory; only traps to the host.
+    unsafe {
+        core::arch::asm!("rep outsb", inout("rsi") gva => _, inout("rcx") len => _,
+                         in("dx") OUTS_PORT, options(nostack, preserves_flags));
+    }
+    guest::sync(&[len]);
+}
+
+/// `rep outsb` is emulated by KVM, which reads the source bytes itself: the path the
+/// userfault tests use to provoke KVM's own accesses.
+#[test]
+fn string_io_is_emulated_from_guest_memory() {
+    let mut vm = TestVm::new().unwrap();
+    let region = vm
+        .add_mapped_region(1, TEST_GPA, 4096, Backing::Anonymous)
+        .unwrap();
+    region.mapping.write(0, b"kvm-test");
+    let mut vcpu = vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap();
+    let mut out = Vec::new();
+    loop {
+        match vcpu.run().unwrap() {
+            kvm_selftests::Exit::IoOut { port, data } => {
+                assert_eq!(port, OUTS_PORT);
+                out.extend_from_slice(&data);
+            }
+            kvm_selftests::Exit::Ucall(Ucall::Sync(a)) => {
+                assert_eq!(a, vec![8]);
+                break;
+            }
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+    assert_eq!(out, b"kvm-test");
+}
+
+extern "C" fn guest_spin(_: u64, _: u64, _: u64, _: u64) {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// A signal to a thread in KVM_RUN makes it return EINTR (the mechanism the userfault signal
+/// test relies on; the handler has no SA_RESTART).
+#[test]
+fn signal_interrupts_kvm_run() {
+    extern "C" fn noop(_: libc::c_int) {}
+    // SAFETY: installs an async-signal-safe no-op handler without SA_RESTART.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = noop as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let mut vm = TestVm::new().unwrap();
+    let mut vcpu = vm.add_vcpu_with(guest_spin, &[]).unwrap();
+    let h = std::thread::spawn(move || vcpu.run().map_err(|e| e.errno()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    use std::os::unix::thread::JoinHandleExt;
+    // Keep signalling until the thread returns: the first signal may arrive before KVM_RUN.
+    while !h.is_finished() {
+        // SAFETY: the thread is alive (not finished) and SIGUSR1 has a handler.
+        unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = h.join().unwrap();
+    assert!(
+        matches!(r, Err(libc::EINTR) | Ok(kvm_selftests::Exit::Intr)),
+        "KVM_RUN after a signal: {r:?}"
+    );
+}

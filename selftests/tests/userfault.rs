@@ -1,0 +1,1427 @@
+//! The KVM userfault series, case by case: what kernel-patches/ promises (issue 3) under the
+//! contract in docs/uapi.md. Mirrors the series' C `userfault_test`.
+//!
+//! Every test needs the patched kernel, so all are ignored; forced on a kernel without the
+//! series (`cargo test -- --ignored`) each prints a `[SKIP]` line and returns.
+//!
+//! How the two kinds of fault are provoked:
+//! - a *vCPU* fault: the guest loads or stores a USERFAULT gfn (a stage-2 fault);
+//! - a *KVM* access: the guest runs `rep outsb` from a USERFAULT gfn; string port I/O is
+//!   emulated by KVM, whose x86 emulator reads the source bytes itself.
+//!
+//! `KVM_SELFTESTS_TIMEOUT_SECS` (default 120) bounds every wait for a vCPU, so a lost wake-up is a
+//! failure with a message, not a hung test run; `KVM_SELFTESTS_SETTLE_MS` (default 300) is how
+//! long a test waits before concluding that a vCPU is asleep in the kernel.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use kvm_selftests::caps::{env_u64, skip};
+use kvm_selftests::guest::{self, read_u64, write_u64};
+use kvm_selftests::uapi::{
+    kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USERFAULT, KVM_CAP_VM_TYPES,
+    KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR, KVM_MEMORY_ATTRIBUTES_FLAG_SET, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEMORY_EXIT_FLAG_USERFAULT,
+    KVM_USERFAULT_FD_FLAG_NONBLOCK, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, KVM_USERFAULT_MSG_EXEC,
+    KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ, KVM_USERFAULT_MSG_VCPU,
+    KVM_USERFAULT_MSG_WRITE, USERFAULT_MSG_SIZE,
+};
+use kvm_selftests::userfault::{
+    self as uf, clear_userfault, create_fd, create_fd_raw, poll_in, read_raw, read_records,
+    resolve, resolve_raw, set_attributes, set_userfault,
+};
+use kvm_selftests::vm::{create_barebones, open_kvm, TEST_GPA};
+use kvm_selftests::{require_userfault, Backing, Exit, HostMapping, TestVm, Ucall, Vcpu};
+use nix::errno::Errno;
+
+const PAGE: u64 = 4096;
+/// Port the `rep outsb` guest writes to (distinct from the ucall port).
+const OUTS_PORT: u16 = 0x1001;
+
+fn timeout() -> Duration {
+    Duration::from_secs(env_u64("KVM_SELFTESTS_TIMEOUT_SECS", 120))
+}
+
+fn settle() -> Duration {
+    Duration::from_millis(env_u64("KVM_SELFTESTS_SETTLE_MS", 300))
+}
+
+fn gmem() -> Backing {
+    Backing::GuestMemfd {
+        flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    }
+}
+
+/// The two memslot kinds the series covers.
+fn backings() -> [(&'static str, Backing); 2] {
+    [("guest_memfd", gmem()), ("anonymous", Backing::Anonymous)]
+}
+
+/// A default VM with `pages` pages of `backing` identity mapped at TEST_GPA as slot 1.
+fn vm_with(backing: Backing, pages: u64) -> TestVm {
+    let mut vm = TestVm::new().expect("create VM");
+    vm.add_mapped_region(1, TEST_GPA, pages * PAGE, backing)
+        .expect("test memslot");
+    vm
+}
+
+fn page_value(gpa: u64) -> u64 {
+    gpa ^ 0xfeed_face_0000_0001
+}
+
+/// Writes `page_value(gpa)` into every word of the page at `gpa` through the host mapping
+/// (so an access at any offset reads the page's value).
+fn fill(vm: &TestVm, gpa: u64) {
+    let r = vm.region(1);
+    for w in 0..PAGE / 8 {
+        r.mapping
+            .write_u64((gpa - r.gpa + w * 8) as usize, page_value(gpa));
+    }
+}
+
+// ---- guest code ----
+
+/// Loads the first word of each of `n` pages, SYNCing each value.
+extern "C" fn guest_read(gva: u64, n: u64, _: u64, _: u64) {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: the test maps [gva, gva + n pages); the load may be the fault under test.
+        let v = unsafe { read_u64(gva + i * PAGE) };
+        guest::sync(&[v]);
+        i += 1;
+    }
+}
+
+/// Stores `val` at `gva`, then SYNCs what it reads back.
+extern "C" fn guest_write(gva: u64, val: u64, _: u64, _: u64) {
+    // SAFETY: as above.
+    unsafe { write_u64(gva, val) };
+    // SAFETY: as above.
+    guest::sync(&[unsafe { read_u64(gva) }]);
+}
+
+/// `rep outsb` of `len` bytes from `gva`: KVM's emulator reads guest memory itself.
+extern "C" fn guest_outs(gva: u64, len: u64, _: u64, _: u64) {
+    // SAFETY: string port output from mapped guest memory; only traps to the host.
+    unsafe {
+        core::arch::asm!("rep outsb", inout("rsi") gva => _, inout("rcx") len => _,
+                         in("dx") OUTS_PORT, options(nostack, preserves_flags));
+    }
+    guest::sync(&[len]);
+}
+
+// ---- host helpers ----
+
+/// Runs the vCPU on a thread until the first exit that is not an `IoOut` to OUTS_PORT; the
+/// port data is collected. Returns the vCPU with the exit.
+type RunResult = (Vcpu, Result<Exit, Errno>, Vec<u8>);
+
+fn run_async(mut vcpu: Vcpu) -> JoinHandle<RunResult> {
+    std::thread::spawn(move || {
+        let mut outs = Vec::new();
+        loop {
+            match vcpu.run() {
+                Ok(Exit::IoOut { port, data }) if port == OUTS_PORT => {
+                    outs.extend_from_slice(&data)
+                }
+                r => {
+                    let r = r.map_err(|e| Errno::from_raw(e.errno()));
+                    return (vcpu, r, outs);
+                }
+            }
+        }
+    })
+}
+
+fn join<T>(h: JoinHandle<T>, what: &str) -> T {
+    let deadline = Instant::now() + timeout();
+    while !h.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: vCPU still blocked after {:?} (lost wake-up or hang)",
+            timeout()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.join().expect("vCPU thread panicked")
+}
+
+/// Asserts that the vCPU thread is (still) asleep in the kernel.
+fn assert_sleeping<T>(h: &JoinHandle<T>, what: &str) {
+    std::thread::sleep(settle());
+    assert!(
+        !h.is_finished(),
+        "{what}: KVM_RUN returned, but the vCPU should sleep until the gfn is resolved"
+    );
+}
+
+fn expect_sync(r: Result<Exit, Errno>, what: &str) -> Vec<u64> {
+    match r {
+        Ok(Exit::Ucall(Ucall::Sync(a))) => a,
+        other => panic!("{what}: expected a guest SYNC, got {other:?}"),
+    }
+}
+
+/// Waits (bounded) for one record to be readable and returns it.
+fn read_one(fd: RawFd, what: &str) -> kvm_userfault_msg {
+    let ms = timeout().as_millis() as i32;
+    assert_ne!(
+        poll_in(fd, ms) & libc::POLLIN,
+        0,
+        "{what}: no record within {:?}",
+        timeout()
+    );
+    let recs = read_records(fd, 8).unwrap_or_else(|e| panic!("{what}: read: {e}"));
+    assert_eq!(
+        recs.len(),
+        1,
+        "{what}: expected exactly one record, got {recs:?}"
+    );
+    check_record_shape(&recs[0], what);
+    recs[0]
+}
+
+/// Collects exactly `n` records (however the reads batch them), bounded by the timeout.
+fn read_n(fd: RawFd, n: usize, what: &str) -> Vec<kvm_userfault_msg> {
+    let deadline = Instant::now() + timeout();
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {n} records within {:?}",
+            got.len(),
+            timeout()
+        );
+        if poll_in(fd, 10) & libc::POLLIN != 0 {
+            got.extend(
+                read_records(fd, n - got.len()).unwrap_or_else(|e| panic!("{what}: read: {e}")),
+            );
+        }
+    }
+    for r in &got {
+        check_record_shape(r, what);
+    }
+    assert_eq!(poll_in(fd, 0), 0, "{what}: more than {n} records");
+    got
+}
+
+fn check_record_shape(r: &kvm_userfault_msg, what: &str) {
+    assert_eq!(
+        r.size as usize, USERFAULT_MSG_SIZE,
+        "{what}: record size field"
+    );
+    assert_eq!(r.reserved, 0, "{what}: record reserved field");
+    let access =
+        r.flags & (KVM_USERFAULT_MSG_READ | KVM_USERFAULT_MSG_WRITE | KVM_USERFAULT_MSG_EXEC);
+    assert_eq!(
+        access.count_ones(),
+        1,
+        "{what}: exactly one of READ/WRITE/EXEC in {:#x}",
+        r.flags
+    );
+}
+
+fn fd_flags(fd: RawFd) -> (i32, i32) {
+    // SAFETY: fcntl queries on an open fd.
+    unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFL),
+            libc::fcntl(fd, libc::F_GETFD),
+        )
+    }
+}
+
+// ---- capability and attribute acceptance ----
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn capability() {
+    require_userfault!("userfault::capability");
+    let kvm = open_kvm().unwrap();
+    let sys = kvm.check_extension_raw(KVM_CAP_USERFAULT as libc::c_ulong) as u64;
+    let vm = create_barebones(&kvm, 0).unwrap();
+    let v = vm.check_extension_raw(KVM_CAP_USERFAULT as libc::c_ulong) as u64;
+    assert_eq!(sys, v, "the system fd answers for the default VM type");
+    assert_ne!(
+        v & KVM_USERFAULT_FD_FLAG_NONBLOCK,
+        0,
+        "NONBLOCK is always supported with the series"
+    );
+    let known = KVM_USERFAULT_FD_FLAG_NONBLOCK | KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
+    assert_eq!(
+        v & !known,
+        0,
+        "KVM_CAP_USERFAULT reports unknown flags {v:#x}"
+    );
+    // Every advertised flag is accepted by KVM_CREATE_USERFAULT_FD.
+    for bit in 0..64 {
+        let f = 1u64 << bit;
+        if v & f != 0 {
+            let fd = create_fd(&vm, f)
+                .unwrap_or_else(|e| panic!("advertised flag {f:#x} rejected: {e}"));
+            drop(fd);
+        }
+    }
+    let attrs = vm.check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES as libc::c_ulong) as u64;
+    assert_ne!(
+        attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT,
+        0,
+        "default VMs report USERFAULT"
+    );
+    assert_eq!(
+        attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE,
+        0,
+        "default VMs have no private memory"
+    );
+}
+
+// ---- synchronous exits ----
+
+/// A load and a store on a USERFAULT gfn exit with KVM_EXIT_MEMORY_FAULT, the USERFAULT flag,
+/// the page-aligned gpa and PAGE_SIZE; after filling and clearing, re-entry completes the
+/// access with the new contents.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn sync_exit_fields() {
+    require_userfault!("userfault::sync_exit_fields");
+    for (name, backing) in backings() {
+        let mut vm = vm_with(backing, 2);
+        let gpa = TEST_GPA + PAGE;
+        set_userfault(&vm.fd, gpa, PAGE).unwrap();
+        // An unaligned access inside the page: the exit reports the page.
+        let mut vcpu = vm.add_vcpu_with(guest_read, &[gpa + 0x100, 1]).unwrap();
+        match vcpu.run() {
+            Ok(Exit::MemoryFault {
+                flags,
+                gpa: g,
+                size,
+            }) => {
+                assert_ne!(
+                    flags & KVM_MEMORY_EXIT_FLAG_USERFAULT,
+                    0,
+                    "{name}: flags {flags:#x}"
+                );
+                assert_eq!(
+                    flags & KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                    0,
+                    "{name}: shared access flagged private"
+                );
+                assert_eq!(g, gpa, "{name}: exit gpa");
+                assert_eq!(size, PAGE, "{name}: exit size");
+            }
+            other => panic!("{name}: expected a USERFAULT memory fault exit, got {other:?}"),
+        }
+        assert_eq!(
+            vcpu.kvm_run().exit_reason,
+            kvm_bindings::KVM_EXIT_MEMORY_FAULT,
+            "{name}: exit_reason"
+        );
+        // Re-entering without resolving faults again.
+        assert!(
+            matches!(vcpu.run(), Ok(Exit::MemoryFault { .. })),
+            "{name}: unresolved gfn must fault again"
+        );
+        fill(&vm, gpa);
+        clear_userfault(&vm.fd, gpa, PAGE).unwrap();
+        assert_eq!(
+            vcpu.run_to_sync().unwrap(),
+            vec![page_value(gpa)],
+            "{name}: value after resolve"
+        );
+
+        // A store, at an unaligned offset.
+        let target = TEST_GPA + 0x18;
+        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        let mut vcpu = vm
+            .add_vcpu_with(guest_write, &[target, 0x1234_5678])
+            .unwrap();
+        match vcpu.run() {
+            Ok(Exit::MemoryFault {
+                flags,
+                gpa: g,
+                size,
+            }) => {
+                assert_ne!(
+                    flags & KVM_MEMORY_EXIT_FLAG_USERFAULT,
+                    0,
+                    "{name}: store flags {flags:#x}"
+                );
+                assert_eq!((g, size), (TEST_GPA, PAGE), "{name}: store exit gpa/size");
+            }
+            other => panic!("{name}: expected a USERFAULT exit for the store, got {other:?}"),
+        }
+        clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        assert_eq!(
+            vcpu.run_to_sync().unwrap(),
+            vec![0x1234_5678],
+            "{name}: store after resolve"
+        );
+        assert_eq!(
+            vm.region(1).mapping.read_u64(0x18),
+            0x1234_5678,
+            "{name}: store visible to the host"
+        );
+    }
+}
+
+/// Setting USERFAULT on a gfn the guest already has mapped zaps the mapping: the next access
+/// exits. Clearing lets it complete again.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn set_zaps_existing_mappings() {
+    require_userfault!("userfault::set_zaps_existing_mappings");
+    for (name, backing) in backings() {
+        let mut vm = vm_with(backing, 1);
+        fill(&vm, TEST_GPA);
+        let mut vcpu = vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap();
+        // The first run maps the page; the second (after setting USERFAULT) must fault.
+        assert_eq!(vcpu.run_to_sync().unwrap(), vec![page_value(TEST_GPA)]);
+        vcpu.run_to_done().unwrap();
+        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        vcpu.set_entry(guest_read, &[TEST_GPA, 1]).unwrap();
+        match vcpu.run() {
+            Ok(Exit::MemoryFault { flags, gpa, .. }) => {
+                assert_ne!(flags & KVM_MEMORY_EXIT_FLAG_USERFAULT, 0, "{name}");
+                assert_eq!(gpa, TEST_GPA, "{name}");
+            }
+            other => {
+                panic!("{name}: a mapped page must fault after USERFAULT is set, got {other:?}")
+            }
+        }
+        clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        assert_eq!(
+            vcpu.run_to_sync().unwrap(),
+            vec![page_value(TEST_GPA)],
+            "{name}"
+        );
+    }
+}
+
+/// FLAG_SET/FLAG_CLEAR are deltas: setting USERFAULT on a private gfn keeps it private (the
+/// exit says PRIVATE|USERFAULT) and clearing USERFAULT leaves PRIVATE. Needs a VM type with
+/// private memory that also supports userfault; skipped otherwise.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn delta_flags_keep_private() {
+    require_userfault!("userfault::delta_flags_keep_private");
+    const SW_PROTECTED: u64 = kvm_bindings::KVM_X86_SW_PROTECTED_VM as u64;
+    let kvm = open_kvm().unwrap();
+    let types = kvm.check_extension_raw(KVM_CAP_VM_TYPES as libc::c_ulong) as u64;
+    if types & (1 << SW_PROTECTED) == 0 {
+        skip(
+            "userfault::delta_flags_keep_private",
+            "KVM_X86_SW_PROTECTED_VM not supported",
+        );
+        return;
+    }
+    let mut vm = TestVm::with_type(SW_PROTECTED).unwrap();
+    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+    if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 || vm.check_cap(KVM_CAP_USERFAULT as u64) <= 0 {
+        skip(
+            "userfault::delta_flags_keep_private",
+            "SW_PROTECTED VMs do not support USERFAULT here",
+        );
+        return;
+    }
+    assert_ne!(
+        attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE,
+        0,
+        "SW_PROTECTED VMs report PRIVATE | USERFAULT"
+    );
+    // A private guest_memfd slot cannot be mmap()ed: set it up by hand, with anonymous memory
+    // for the shared half.
+    let gfd = vm.create_guest_memfd(PAGE, 0).unwrap();
+    let anon = HostMapping::anonymous(PAGE as usize).unwrap();
+    vm.set_region2(
+        2,
+        0,
+        TEST_GPA + (1 << 30),
+        PAGE,
+        anon.addr(),
+        Some(gfd.as_raw_fd()),
+        0,
+    )
+    .unwrap();
+    let gpa = TEST_GPA + (1 << 30);
+    vm.map(gpa, gpa, PAGE).unwrap();
+    set_attributes(&vm.fd, gpa, PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    set_attributes(
+        &vm.fd,
+        gpa,
+        PAGE,
+        KVM_MEMORY_ATTRIBUTE_USERFAULT,
+        KVM_MEMORY_ATTRIBUTES_FLAG_SET,
+    )
+    .unwrap();
+    let mut vcpu = vm.add_vcpu_with(guest_write, &[gpa, 7]).unwrap();
+    match vcpu.run() {
+        Ok(Exit::MemoryFault { flags, gpa: g, .. }) => {
+            assert_eq!(g, gpa);
+            assert_ne!(
+                flags & KVM_MEMORY_EXIT_FLAG_USERFAULT,
+                0,
+                "flags {flags:#x}"
+            );
+            assert_ne!(
+                flags & KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                0,
+                "FLAG_SET USERFAULT clobbered PRIVATE: flags {flags:#x}"
+            );
+        }
+        other => panic!("expected a PRIVATE|USERFAULT exit, got {other:?}"),
+    }
+    set_attributes(
+        &vm.fd,
+        gpa,
+        PAGE,
+        KVM_MEMORY_ATTRIBUTE_USERFAULT,
+        KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR,
+    )
+    .unwrap();
+    // Still private: the private guest_memfd page is mapped and the store completes.
+    assert_eq!(
+        vcpu.run_to_sync().unwrap(),
+        vec![7],
+        "access after clearing USERFAULT on a private gfn"
+    );
+}
+
+// ---- the asynchronous channel ----
+
+/// KVM's own access (the emulator reading `rep outsb`'s source) posts one record (READ, VCPU,
+/// not GUEST, vcpu_id) and sleeps; RESOLVE wakes it and the emulated access sees the new
+/// contents.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn async_kvm_access_read() {
+    require_userfault!("userfault::async_kvm_access_read");
+    for (name, backing) in backings() {
+        let mut vm = vm_with(backing, 1);
+        let fd = create_fd(&vm.fd, 0).unwrap();
+        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        let _v0 = vm.add_vcpu().unwrap();
+        let vcpu = vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap();
+        let h = run_async(vcpu);
+        let rec = read_one(fd.as_raw_fd(), name);
+        assert_eq!(rec.gfn, TEST_GPA / PAGE, "{name}: gfn");
+        assert_ne!(
+            rec.flags & KVM_USERFAULT_MSG_READ,
+            0,
+            "{name}: READ in {:#x}",
+            rec.flags
+        );
+        assert_ne!(
+            rec.flags & KVM_USERFAULT_MSG_VCPU,
+            0,
+            "{name}: raised in a vCPU's context"
+        );
+        assert_eq!(
+            rec.flags & KVM_USERFAULT_MSG_GUEST,
+            0,
+            "{name}: KVM's own access is not a GUEST fault"
+        );
+        assert_eq!(rec.vcpu_id, 1, "{name}: vcpu_id");
+        assert_sleeping(&h, name);
+        fill(&vm, TEST_GPA);
+        resolve(fd.as_raw_fd(), TEST_GPA, PAGE).unwrap();
+        let (_, r, outs) = join(h, name);
+        assert_eq!(expect_sync(r, name), vec![8]);
+        assert_eq!(
+            outs,
+            page_value(TEST_GPA).to_le_bytes().to_vec(),
+            "{name}: bytes the emulator read"
+        );
+        // Nothing else was queued.
+        assert_eq!(poll_in(fd.as_raw_fd(), 0), 0, "{name}: stray record");
+    }
+}
+
+/// With VCPU_FAULTS, guest loads and stores also go through the fd (GUEST|VCPU, READ or
+/// WRITE) and the vCPU sleeps instead of exiting.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn async_vcpu_faults_read_and_write() {
+    require_userfault!("userfault::async_vcpu_faults_read_and_write");
+    for (name, backing) in backings() {
+        let mut vm = vm_with(backing, 2);
+        let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+        set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+
+        let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+        let rec = read_one(fd.as_raw_fd(), name);
+        assert_eq!(rec.gfn, TEST_GPA / PAGE, "{name}");
+        assert_eq!(
+            rec.flags & (KVM_USERFAULT_MSG_GUEST | KVM_USERFAULT_MSG_VCPU | KVM_USERFAULT_MSG_READ),
+            KVM_USERFAULT_MSG_GUEST | KVM_USERFAULT_MSG_VCPU | KVM_USERFAULT_MSG_READ,
+            "{name}: flags {:#x}",
+            rec.flags
+        );
+        assert_eq!(rec.vcpu_id, 0, "{name}");
+        assert_sleeping(&h, name);
+        fill(&vm, TEST_GPA);
+        resolve(fd.as_raw_fd(), TEST_GPA, PAGE).unwrap();
+        let (_, r, _) = join(h, name);
+        assert_eq!(
+            expect_sync(r, name),
+            vec![page_value(TEST_GPA)],
+            "{name}: loaded value"
+        );
+
+        let gpa = TEST_GPA + PAGE;
+        let h = run_async(vm.add_vcpu_with(guest_write, &[gpa + 8, 0xabcd]).unwrap());
+        let rec = read_one(fd.as_raw_fd(), name);
+        assert_eq!(rec.gfn, gpa / PAGE, "{name}");
+        assert_ne!(
+            rec.flags & KVM_USERFAULT_MSG_WRITE,
+            0,
+            "{name}: WRITE in {:#x}",
+            rec.flags
+        );
+        assert_eq!(rec.vcpu_id, 1, "{name}");
+        resolve(fd.as_raw_fd(), gpa, PAGE).unwrap();
+        let (_, r, _) = join(h, name);
+        assert_eq!(expect_sync(r, name), vec![0xabcd], "{name}: stored value");
+    }
+}
+
+/// poll/epoll: no POLLIN while nothing is queued, POLLIN once a record is, none after it was
+/// read. The fd is O_CLOEXEC always and O_NONBLOCK only on request; a non-blocking read with
+/// nothing queued is EAGAIN; a blocking read waits for the record.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn async_poll_epoll_and_blocking() {
+    require_userfault!("userfault::async_poll_epoll_and_blocking");
+    let mut vm = vm_with(gmem(), 2);
+    {
+        let nb = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_NONBLOCK).unwrap();
+        let (fl, fdfl) = fd_flags(nb.as_raw_fd());
+        assert_ne!(fl & libc::O_NONBLOCK, 0, "NONBLOCK flag gives O_NONBLOCK");
+        assert_ne!(
+            fdfl & libc::FD_CLOEXEC,
+            0,
+            "the userfault fd is always O_CLOEXEC"
+        );
+        assert_eq!(
+            read_raw(nb.as_raw_fd(), USERFAULT_MSG_SIZE),
+            Err(Errno::EAGAIN),
+            "empty non-blocking read"
+        );
+    }
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let raw = fd.as_raw_fd();
+    let (fl, fdfl) = fd_flags(raw);
+    assert_eq!(fl & libc::O_NONBLOCK, 0, "no O_NONBLOCK without the flag");
+    assert_ne!(
+        fdfl & libc::FD_CLOEXEC,
+        0,
+        "the userfault fd is always O_CLOEXEC"
+    );
+    assert_eq!(poll_in(raw, 0), 0, "POLLIN with nothing queued");
+
+    // epoll, level triggered.
+    // SAFETY: epoll_create1 takes only flags.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(ep >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 7,
+    };
+    // SAFETY: valid epoll fd, target fd and event.
+    assert_eq!(
+        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, &mut ev) },
+        0,
+        "epoll_ctl: {}",
+        Errno::last()
+    );
+    let epoll_wait = |ms: i32| {
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // SAFETY: `out` has room for 2 events.
+        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 2, ms) };
+        assert!(n >= 0, "epoll_wait: {}", Errno::last());
+        out[..n as usize]
+            .iter()
+            .map(|e| (e.events, e.u64))
+            .collect::<Vec<_>>()
+    };
+    assert!(epoll_wait(0).is_empty(), "EPOLLIN with nothing queued");
+
+    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    // A blocking read started before the fault returns the record.
+    let reader = std::thread::spawn(move || read_records(raw, 4));
+    std::thread::sleep(settle());
+    assert!(
+        !reader.is_finished(),
+        "a blocking read with nothing queued must wait"
+    );
+    let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 2]).unwrap());
+    let recs = join(reader, "blocking read").expect("blocking read");
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].gfn, TEST_GPA / PAGE);
+    assert_eq!(poll_in(raw, 0), 0, "POLLIN after the only record was read");
+    fill(&vm, TEST_GPA);
+    resolve(raw, TEST_GPA, PAGE).unwrap();
+    let (vcpu, r, _) = join(h, "first page");
+    assert_eq!(expect_sync(r, "first page"), vec![page_value(TEST_GPA)]);
+    // The second page: now observe POLLIN and EPOLLIN before reading.
+    let h = run_async(vcpu);
+    let deadline = timeout().as_millis() as i32;
+    assert_ne!(
+        poll_in(raw, deadline) & libc::POLLIN,
+        0,
+        "POLLIN for the second fault"
+    );
+    let evs = epoll_wait(deadline);
+    assert_eq!(evs.len(), 1, "epoll events {evs:?}");
+    assert_ne!(evs[0].0 & libc::EPOLLIN as u32, 0);
+    assert_eq!(evs[0].1, 7);
+    let rec = read_one(raw, "second page");
+    assert_eq!(rec.gfn, TEST_GPA / PAGE + 1);
+    assert!(
+        epoll_wait(0).is_empty(),
+        "EPOLLIN after the record was read"
+    );
+    fill(&vm, TEST_GPA + PAGE);
+    resolve(raw, TEST_GPA + PAGE, PAGE).unwrap();
+    let (_, r, _) = join(h, "second page");
+    assert_eq!(
+        expect_sync(r, "second page"),
+        vec![page_value(TEST_GPA + PAGE)]
+    );
+}
+
+/// `read(2)` returns whole records, as many as fit; a buffer smaller than one record is
+/// EINVAL.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn async_read_sizes() {
+    require_userfault!("userfault::async_read_sizes");
+    let mut vm = vm_with(gmem(), 4);
+    let fd = create_fd(
+        &vm.fd,
+        KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
+    )
+    .unwrap();
+    let raw = fd.as_raw_fd();
+    assert_eq!(
+        read_raw(raw, USERFAULT_MSG_SIZE - 1),
+        Err(Errno::EINVAL),
+        "buffer smaller than a record"
+    );
+    set_userfault(&vm.fd, TEST_GPA, 4 * PAGE).unwrap();
+    // Three vCPUs fault on three different pages: three records queue up.
+    let hs: Vec<_> = (0..3)
+        .map(|i| {
+            run_async(
+                vm.add_vcpu_with(guest_read, &[TEST_GPA + i * PAGE, 1])
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + timeout();
+    let mut got: Vec<kvm_userfault_msg> = Vec::new();
+    // Read with a buffer of 1.5 records: exactly one whole record each time.
+    while got.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 3 records arrived",
+            got.len()
+        );
+        match read_raw(raw, USERFAULT_MSG_SIZE * 3 / 2) {
+            Ok(b) => {
+                assert_eq!(
+                    b.len(),
+                    USERFAULT_MSG_SIZE,
+                    "a 1.5-record buffer returns one whole record"
+                );
+                got.extend(uf::decode(&b));
+            }
+            Err(Errno::EAGAIN) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    assert_eq!(
+        read_raw(raw, USERFAULT_MSG_SIZE),
+        Err(Errno::EAGAIN),
+        "no fourth record"
+    );
+    let mut gfns: Vec<u64> = got.iter().map(|r| r.gfn).collect();
+    gfns.sort();
+    assert_eq!(
+        gfns,
+        (0..3).map(|i| TEST_GPA / PAGE + i).collect::<Vec<_>>()
+    );
+    let mut ids: Vec<u32> = got.iter().map(|r| r.vcpu_id).collect();
+    ids.sort();
+    assert_eq!(ids, vec![0, 1, 2], "vcpu_id of each record");
+    // One resolve over the whole range wakes all three.
+    for i in 0..3 {
+        fill(&vm, TEST_GPA + i * PAGE);
+    }
+    resolve(raw, TEST_GPA, 4 * PAGE).unwrap();
+    for (i, h) in hs.into_iter().enumerate() {
+        let (_, r, _) = join(h, "batched resolve");
+        assert_eq!(
+            expect_sync(r, "batched resolve"),
+            vec![page_value(TEST_GPA + i as u64 * PAGE)]
+        );
+    }
+}
+
+/// io_uring IORING_OP_READ on the fd completes with a record.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn async_io_uring_read() {
+    require_userfault!("userfault::async_io_uring_read");
+    let mut vm = vm_with(gmem(), 1);
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let mut ring = io_uring::IoUring::new(8).expect("io_uring_setup");
+    let mut buf = vec![0u8; 4 * USERFAULT_MSG_SIZE];
+    let sqe = io_uring::opcode::Read::new(
+        io_uring::types::Fd(fd.as_raw_fd()),
+        buf.as_mut_ptr(),
+        buf.len() as u32,
+    )
+    .build()
+    .user_data(42);
+    // SAFETY: `buf` outlives the request: we wait for its completion below before using or
+    // dropping it.
+    unsafe { ring.submission().push(&sqe).expect("submission queue full") };
+    ring.submit().expect("io_uring_enter");
+    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+    // Wait for the completion with a bound, so a missing wake-up fails instead of hanging.
+    let deadline = Instant::now() + timeout();
+    let cqe = loop {
+        if let Some(c) = ring.completion().next() {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "io_uring read did not complete within {:?}",
+            timeout()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(cqe.user_data(), 42);
+    assert_eq!(
+        cqe.result(),
+        USERFAULT_MSG_SIZE as i32,
+        "io_uring read result (bytes or -errno)"
+    );
+    let recs = uf::decode(&buf[..USERFAULT_MSG_SIZE]);
+    assert_eq!(recs[0].gfn, TEST_GPA / PAGE);
+    check_record_shape(&recs[0], "io_uring");
+    fill(&vm, TEST_GPA);
+    resolve(fd.as_raw_fd(), TEST_GPA, PAGE).unwrap();
+    let (_, r, _) = join(h, "io_uring");
+    assert_eq!(expect_sync(r, "io_uring"), vec![page_value(TEST_GPA)]);
+}
+
+/// Several faults on one outstanding gfn give one record; one resolve wakes every waiter.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn coalescing() {
+    require_userfault!("userfault::coalescing");
+    let mut vm = vm_with(gmem(), 1);
+    let fd = create_fd(
+        &vm.fd,
+        KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
+    )
+    .unwrap();
+    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    // Three guest loads and one KVM (emulator) access, all on the same gfn.
+    let mut hs: Vec<_> = (0..3)
+        .map(|_| run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap()))
+        .collect();
+    let outs = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap());
+    let first = read_one(fd.as_raw_fd(), "coalescing");
+    assert_eq!(first.gfn, TEST_GPA / PAGE);
+    // Give every vCPU time to fault and join the waiters.
+    std::thread::sleep(settle() * 3);
+    for h in &hs {
+        assert!(
+            !h.is_finished(),
+            "a vCPU finished before the gfn was resolved"
+        );
+    }
+    assert!(
+        !outs.is_finished(),
+        "the emulated access finished before the gfn was resolved"
+    );
+    assert_eq!(
+        read_raw(fd.as_raw_fd(), 16 * USERFAULT_MSG_SIZE),
+        Err(Errno::EAGAIN),
+        "further faults on an outstanding gfn must not post records"
+    );
+    fill(&vm, TEST_GPA);
+    resolve(fd.as_raw_fd(), TEST_GPA, PAGE).unwrap();
+    for h in hs.drain(..) {
+        let (_, r, _) = join(h, "coalesced waiter");
+        assert_eq!(
+            expect_sync(r, "coalesced waiter"),
+            vec![page_value(TEST_GPA)]
+        );
+    }
+    let (_, r, data) = join(outs, "coalesced emulator access");
+    assert_eq!(expect_sync(r, "coalesced emulator access"), vec![8]);
+    assert_eq!(data, page_value(TEST_GPA).to_le_bytes().to_vec());
+    assert_eq!(
+        read_raw(fd.as_raw_fd(), USERFAULT_MSG_SIZE),
+        Err(Errno::EAGAIN),
+        "no record after the resolve"
+    );
+}
+
+/// Clearing USERFAULT through KVM_SET_MEMORY_ATTRIBUTES (not the fd) wakes sleepers too, both
+/// a guest fault (VCPU_FAULTS) and a KVM access.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn wake_on_clear_through_attributes() {
+    require_userfault!("userfault::wake_on_clear_through_attributes");
+    let mut vm = vm_with(Backing::Anonymous, 2);
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    let g = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+    let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA + PAGE, 8]).unwrap());
+    let mut gfns: Vec<u64> = read_n(fd.as_raw_fd(), 2, "wake")
+        .iter()
+        .map(|r| r.gfn)
+        .collect();
+    gfns.sort();
+    assert_eq!(gfns, vec![TEST_GPA / PAGE, TEST_GPA / PAGE + 1]);
+    assert_sleeping(&g, "guest fault");
+    assert_sleeping(&e, "KVM access");
+    fill(&vm, TEST_GPA);
+    fill(&vm, TEST_GPA + PAGE);
+    clear_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    let (_, r, _) = join(g, "guest fault woken by KVM_SET_MEMORY_ATTRIBUTES");
+    assert_eq!(expect_sync(r, "guest fault"), vec![page_value(TEST_GPA)]);
+    let (_, r, data) = join(e, "KVM access woken by KVM_SET_MEMORY_ATTRIBUTES");
+    assert_eq!(expect_sync(r, "KVM access"), vec![8]);
+    assert_eq!(data, page_value(TEST_GPA + PAGE).to_le_bytes().to_vec());
+}
+
+/// Closing the fd wakes every waiter: a VCPU_FAULTS vCPU falls back to a synchronous exit,
+/// and KVM's own access fails as for missing memory (the port never sees the bytes).
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn close_wakes_waiters() {
+    require_userfault!("userfault::close_wakes_waiters");
+    let mut vm = vm_with(gmem(), 2);
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    let g = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+    let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA + PAGE, 8]).unwrap());
+    read_n(fd.as_raw_fd(), 2, "close");
+    assert_sleeping(&g, "guest fault");
+    assert_sleeping(&e, "KVM access");
+    drop(fd);
+    let (mut vcpu, r, _) = join(g, "guest fault after close");
+    match r {
+        Ok(Exit::MemoryFault { flags, gpa, size }) => {
+            assert_ne!(flags & KVM_MEMORY_EXIT_FLAG_USERFAULT, 0);
+            assert_eq!((gpa, size), (TEST_GPA, PAGE));
+        }
+        other => panic!("after close, a VCPU_FAULTS vCPU falls back to a sync exit; got {other:?}"),
+    }
+    fill(&vm, TEST_GPA);
+    clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    assert_eq!(vcpu.run_to_sync().unwrap(), vec![page_value(TEST_GPA)]);
+    let (_, r, data) = join(e, "KVM access after close");
+    assert!(
+        data.is_empty(),
+        "the emulated access must not complete with data, got {data:x?}"
+    );
+    assert!(
+        !matches!(r, Ok(Exit::Ucall(Ucall::Sync(_)))),
+        "the emulated access must fail, got {r:?}"
+    );
+    eprintln!("KVM access after close: {r:?}");
+    // The fd can be created again once the first is closed.
+    drop(create_fd(&vm.fd, 0).expect("a new fd after the old one was closed"));
+}
+
+/// With no fd open, KVM's own access to a USERFAULT gfn fails as for missing memory and
+/// never hangs; a guest access still exits synchronously.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn no_fd_kvm_access_fails() {
+    require_userfault!("userfault::no_fd_kvm_access_fails");
+    let mut vm = vm_with(gmem(), 1);
+    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let (_, r, data) = join(
+        run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap()),
+        "KVM access without fd",
+    );
+    assert!(
+        data.is_empty(),
+        "no data may come out of a USERFAULT page, got {data:x?}"
+    );
+    assert!(
+        !matches!(r, Ok(Exit::Ucall(Ucall::Sync(_)))),
+        "the emulated access must fail, got {r:?}"
+    );
+    eprintln!("KVM access without an fd: {r:?}");
+}
+
+fn sigusr1_handler_installed() {
+    extern "C" fn noop(_: libc::c_int) {}
+    // SAFETY: installs an async-signal-safe no-op handler; no SA_RESTART so KVM_RUN sees EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = noop as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
+/// A signal to a vCPU sleeping on a gfn makes KVM_RUN return EINTR; on re-entry the fault is
+/// taken again (joining the still-outstanding record: no new one) and a resolve completes it.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn signal_interrupts_sleeping_vcpu() {
+    require_userfault!("userfault::signal_interrupts_sleeping_vcpu");
+    sigusr1_handler_installed();
+    let mut vm = vm_with(gmem(), 1);
+    let fd = create_fd(
+        &vm.fd,
+        KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
+    )
+    .unwrap();
+    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+    read_one(fd.as_raw_fd(), "signal");
+    assert_sleeping(&h, "before the signal");
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: the thread is alive (asserted above) and SIGUSR1 has a handler.
+    assert_eq!(
+        unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) },
+        0
+    );
+    let (vcpu, r, _) = join(h, "signalled vCPU");
+    assert!(
+        matches!(r, Err(Errno::EINTR) | Ok(Exit::Intr)),
+        "KVM_RUN after a signal: expected EINTR, got {r:?}"
+    );
+    let h = run_async(vcpu);
+    assert_sleeping(&h, "re-entered vCPU");
+    assert_eq!(
+        read_raw(fd.as_raw_fd(), USERFAULT_MSG_SIZE),
+        Err(Errno::EAGAIN),
+        "re-faulting an outstanding gfn posts no record"
+    );
+    fill(&vm, TEST_GPA);
+    resolve(fd.as_raw_fd(), TEST_GPA, PAGE).unwrap();
+    let (_, r, _) = join(h, "re-entered vCPU");
+    assert_eq!(
+        expect_sync(r, "re-entered vCPU"),
+        vec![page_value(TEST_GPA)]
+    );
+}
+
+// ---- a second process ----
+
+const HELPER_ENV: &str = "KVM_SELFTESTS_USERFAULT_HELPER_FD";
+
+fn send_fds(sock: RawFd, fds: &[RawFd], byte: u8) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [IoSlice::new(std::slice::from_ref(&byte))];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::empty(), None).expect("sendmsg(SCM_RIGHTS)");
+}
+
+fn recv_fds(sock: RawFd) -> (u8, Vec<OwnedFd>) {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::empty()).expect("recvmsg");
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().expect("cmsgs") {
+        if let ControlMessageOwned::ScmRights(v) = c {
+            // SAFETY: SCM_RIGHTS installed these descriptors in this process for us.
+            fds.extend(v.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+        }
+    }
+    (byte[0], fds)
+}
+
+/// The resolver process: receives [userfault fd, guest_memfd] over the socket, waits for a
+/// record, fills the page through its own guest_memfd mapping, resolves through the fd (a VM
+/// ioctl is impossible from here: different mm) and reports the gfn back. Runs only when
+/// spawned by `resolve_from_second_process`.
+#[test]
+#[ignore = "helper process of resolve_from_second_process"]
+fn second_process_helper() {
+    let Ok(sock) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let sock: RawFd = sock.parse().expect("helper socket fd");
+    let (_, fds) = recv_fds(sock);
+    assert_eq!(
+        fds.len(),
+        2,
+        "expected the userfault fd and the guest_memfd"
+    );
+    let (ufd, gfd) = (fds[0].as_raw_fd(), fds[1].as_raw_fd());
+    let rec = read_one(ufd, "helper");
+    let gpa = rec.gfn * PAGE;
+    let m =
+        HostMapping::shared(gfd, PAGE as usize, gpa - TEST_GPA).expect("helper: mmap guest_memfd");
+    m.write_u64(0, page_value(gpa) ^ 0x5);
+    resolve(ufd, gpa, PAGE).expect("helper: KVM_USERFAULT_RESOLVE");
+    let reply = rec.gfn.to_le_bytes();
+    // SAFETY: writes 8 bytes from a live array.
+    assert_eq!(unsafe { libc::write(sock, reply.as_ptr().cast(), 8) }, 8);
+}
+
+/// Firecracker's model: another process gets the fd over SCM_RIGHTS, reads the record, fills
+/// the page (through the guest_memfd it also received) and resolves through the fd.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn resolve_from_second_process() {
+    require_userfault!("userfault::resolve_from_second_process");
+    let mut vm = vm_with(gmem(), 1);
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let gfd = vm.region(1).fd.clone().unwrap();
+    let mut pair = [0; 2];
+    // SAFETY: `pair` has room for two descriptors. Only pair[1] is inheritable (no CLOEXEC).
+    assert_eq!(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: fresh descriptors we own.
+    let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(mine.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "second_process_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, theirs.as_raw_fd().to_string())
+        .stdout(Stdio::inherit())
+        .spawn()
+        .expect("spawn the resolver process");
+    drop(theirs);
+    send_fds(mine.as_raw_fd(), &[fd.as_raw_fd(), gfd.as_raw_fd()], 0);
+    // Our copy stays open: the child resolves through its own descriptor of the same file.
+    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+    let (_, r, _) = join(h, "vCPU resolved by the other process");
+    assert_eq!(
+        expect_sync(r, "second process"),
+        vec![page_value(TEST_GPA) ^ 0x5],
+        "contents written by the other process"
+    );
+    let mut reply = [0u8; 8];
+    // SAFETY: reads 8 bytes into a live array.
+    assert_eq!(
+        unsafe { libc::read(mine.as_raw_fd(), reply.as_mut_ptr().cast(), 8) },
+        8,
+        "helper reply"
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply),
+        TEST_GPA / PAGE,
+        "gfn the helper saw"
+    );
+    let status = child.wait().expect("wait for the resolver process");
+    assert!(status.success(), "resolver process failed: {status}");
+}
+
+/// A process whose vCPU sleeps on a gfn dies promptly on SIGKILL (the wait is killable) and
+/// the VM is torn down with the waiter present, without hanging.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn teardown_with_sleeping_waiters() {
+    require_userfault!("userfault::teardown_with_sleeping_waiters");
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "teardown_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KVM_SELFTESTS_TEARDOWN_HELPER", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the teardown helper");
+    // The helper prints READY once its vCPU is asleep on the gfn.
+    let out = child.stdout.take().unwrap();
+    let ready = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("TEARDOWN-READY"))
+    });
+    assert!(
+        join(ready, "teardown helper setup"),
+        "the helper never reported a sleeping vCPU"
+    );
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + timeout();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(st.signal(), Some(libc::SIGKILL), "helper status {st}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a process with a vCPU asleep on a gfn did not die on SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "helper process of teardown_with_sleeping_waiters"]
+fn teardown_helper() {
+    if std::env::var("KVM_SELFTESTS_TEARDOWN_HELPER").is_err() {
+        return;
+    }
+    let mut vm = vm_with(gmem(), 1);
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let _emu = vm.add_vcpu().unwrap();
+    let g = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
+    let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap());
+    read_one(fd.as_raw_fd(), "teardown helper");
+    assert_sleeping(&g, "teardown helper");
+    assert_sleeping(&e, "teardown helper");
+    println!("TEARDOWN-READY");
+    std::thread::sleep(timeout() * 2);
+    panic!("teardown helper was not killed");
+}
+
+// ---- bad input ----
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn bad_input_create_fd() {
+    require_userfault!("userfault::bad_input_create_fd");
+    let kvm = open_kvm().unwrap();
+    let vm = create_barebones(&kvm, 0).unwrap();
+    let supported = vm.check_extension_raw(KVM_CAP_USERFAULT as libc::c_ulong) as u64;
+    for bit in 0..64 {
+        let f = 1u64 << bit;
+        if supported & f == 0 {
+            assert_eq!(
+                create_fd(&vm, f).err(),
+                Some(Errno::EINVAL),
+                "unknown flag {f:#x}"
+            );
+        }
+    }
+    for i in 0..7 {
+        let mut arg = kvm_create_userfault_fd::default();
+        arg.reserved[i] = 1;
+        assert_eq!(
+            create_fd_raw(&vm, &arg).err(),
+            Some(Errno::EINVAL),
+            "non-zero reserved[{i}]"
+        );
+    }
+    let first = create_fd(&vm, 0).unwrap();
+    assert_eq!(
+        create_fd(&vm, 0).err(),
+        Some(Errno::EBUSY),
+        "a second fd while one is open"
+    );
+    assert_eq!(
+        create_fd(&vm, KVM_USERFAULT_FD_FLAG_NONBLOCK).err(),
+        Some(Errno::EBUSY),
+        "a second fd, other flags"
+    );
+    drop(first);
+    drop(create_fd(&vm, 0).expect("a new fd once the first is closed"));
+    // Another VM has its own fd.
+    let vm2 = create_barebones(&kvm, 0).unwrap();
+    let _a = create_fd(&vm, 0).unwrap();
+    let _b = create_fd(&vm2, 0).expect("fds are per VM");
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn bad_input_vm_types() {
+    require_userfault!("userfault::bad_input_vm_types");
+    let kvm: Kvm = open_kvm().unwrap();
+    let types = kvm.check_extension_raw(KVM_CAP_VM_TYPES as libc::c_ulong) as u64;
+    let mut unsupported = 0;
+    for t in (0..64).filter(|t| types & (1 << t) != 0) {
+        let Ok(vm) = create_barebones(&kvm, t) else {
+            // Some types need hardware (SEV, TDX) to be created at all.
+            continue;
+        };
+        let cap = vm.check_extension_raw(KVM_CAP_USERFAULT as libc::c_ulong);
+        let attrs = vm.check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES as libc::c_ulong) as u64;
+        if cap <= 0 {
+            unsupported += 1;
+            assert_eq!(
+                create_fd(&vm, 0).err(),
+                Some(Errno::EOPNOTSUPP),
+                "VM type {t} without userfault"
+            );
+            assert_eq!(
+                attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT,
+                0,
+                "VM type {t}: USERFAULT attribute advertised without the capability"
+            );
+        } else {
+            assert_ne!(
+                attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT,
+                0,
+                "VM type {t}: capability without the attribute"
+            );
+            drop(
+                create_fd(&vm, 0)
+                    .unwrap_or_else(|e| panic!("VM type {t} advertises userfault but: {e}")),
+            );
+        }
+    }
+    if unsupported == 0 {
+        skip(
+            "userfault::bad_input_vm_types (EOPNOTSUPP part)",
+            "every creatable VM type supports userfault here",
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn bad_input_attributes() {
+    require_userfault!("userfault::bad_input_attributes");
+    let vm = vm_with(gmem(), 4);
+    let uf_attr = KVM_MEMORY_ATTRIBUTE_USERFAULT;
+    let set = KVM_MEMORY_ATTRIBUTES_FLAG_SET;
+    let clear = KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR;
+    let cases: [(&str, u64, u64, u64, u64); 9] = [
+        ("unaligned gpa", TEST_GPA + 1, PAGE, uf_attr, set),
+        ("unaligned size", TEST_GPA, PAGE + 1, uf_attr, set),
+        ("zero size", TEST_GPA, 0, uf_attr, set),
+        (
+            "gpa + size overflows",
+            u64::MAX & !(PAGE - 1),
+            2 * PAGE,
+            uf_attr,
+            set,
+        ),
+        (
+            "SET and CLEAR together",
+            TEST_GPA,
+            PAGE,
+            uf_attr,
+            set | clear,
+        ),
+        ("unknown flag", TEST_GPA, PAGE, uf_attr, 1 << 2),
+        ("unknown flag (high)", TEST_GPA, PAGE, uf_attr, 1 << 63),
+        ("unknown attribute", TEST_GPA, PAGE, 1 << 5, set),
+        (
+            "PRIVATE on a default VM",
+            TEST_GPA,
+            PAGE,
+            KVM_MEMORY_ATTRIBUTE_PRIVATE,
+            set,
+        ),
+    ];
+    for (what, gpa, size, attrs, flags) in cases {
+        assert_eq!(
+            set_attributes(&vm.fd, gpa, size, attrs, flags),
+            Err(Errno::EINVAL),
+            "{what}"
+        );
+    }
+    // The valid forms are accepted: exact value, SET, CLEAR, over both slot kinds and over gfns
+    // with no memslot (attributes are per gfn).
+    set_attributes(&vm.fd, TEST_GPA, PAGE, uf_attr, 0).expect("exact value");
+    set_attributes(&vm.fd, TEST_GPA, PAGE, 0, 0).expect("exact value 0");
+    set_attributes(&vm.fd, TEST_GPA, 4 * PAGE, uf_attr, set).expect("FLAG_SET");
+    set_attributes(&vm.fd, TEST_GPA, 4 * PAGE, uf_attr, clear).expect("FLAG_CLEAR");
+    set_attributes(&vm.fd, 0, PAGE, uf_attr, set).expect("FLAG_SET on the anonymous system slot");
+    set_attributes(&vm.fd, 0, PAGE, uf_attr, clear)
+        .expect("FLAG_CLEAR on the anonymous system slot");
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn bad_input_resolve_and_read() {
+    require_userfault!("userfault::bad_input_resolve_and_read");
+    let vm = vm_with(gmem(), 4);
+    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_NONBLOCK).unwrap();
+    let raw = fd.as_raw_fd();
+    let r = |gpa, size, flags, reserved| kvm_userfault_range {
+        gpa,
+        size,
+        flags,
+        reserved,
+    };
+    let cases = [
+        ("unaligned gpa", r(TEST_GPA + 8, PAGE, 0, 0)),
+        ("unaligned size", r(TEST_GPA, PAGE - 1, 0, 0)),
+        ("zero size", r(TEST_GPA, 0, 0, 0)),
+        (
+            "gpa + size overflows",
+            r(u64::MAX & !(PAGE - 1), 2 * PAGE, 0, 0),
+        ),
+        ("non-zero flags", r(TEST_GPA, PAGE, 1, 0)),
+        ("non-zero reserved", r(TEST_GPA, PAGE, 0, 1)),
+    ];
+    for (what, range) in cases {
+        assert_eq!(
+            resolve_raw(raw, &range),
+            Err(Errno::EINVAL),
+            "KVM_USERFAULT_RESOLVE with {what}"
+        );
+    }
+    // Resolving a range without USERFAULT is harmless.
+    resolve(raw, TEST_GPA, 4 * PAGE).expect("resolve of a range that is not USERFAULT");
+    for len in [1, 8, USERFAULT_MSG_SIZE - 1] {
+        assert_eq!(
+            read_raw(raw, len),
+            Err(Errno::EINVAL),
+            "read buffer of {len} bytes (smaller than a record)"
+        );
+    }
+    // The fd rejects writes and unknown ioctls.
+    // SAFETY: writing from a live buffer to our fd.
+    assert!(
+        unsafe { libc::write(raw, [0u8; 24].as_ptr().cast(), 24) } < 0,
+        "write(2) on the userfault fd"
+    );
+    // SAFETY: an unknown ioctl number with no argument.
+    assert!(
+        unsafe { libc::ioctl(raw, 0xaed8 as libc::c_ulong, 0) } < 0,
+        "unknown ioctl on the userfault fd"
+    );
+}
+
+/// Sanity check that the skip path itself works on kernels without the series: when
+/// `KVM_CAP_USERFAULT` is absent the probe says so (not ignored; runs everywhere).
+#[test]
+fn probe_matches_capabilities() {
+    let cap = kvm_selftests::caps::kvm_check_cap(KVM_CAP_USERFAULT as u64);
+    let why = kvm_selftests::caps::userfault_unsupported();
+    if cap <= 0 {
+        let why = why.expect("no KVM_CAP_USERFAULT, but the probe says supported");
+        assert!(
+            why.contains("KVM_CAP_USERFAULT") || why.contains("/dev/kvm"),
+            "{why}"
+        );
+    }
+}
