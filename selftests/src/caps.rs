@@ -6,7 +6,6 @@ use crate::vm::open_kvm;
 /// Prints the kselftest-style skip line. Tests call it and return, so that running an
 /// ignored test on a kernel without the series says why instead of failing obscurely.
 pub fn skip(test: &str, why: &str) {
-    eprintln!("[SKIP] {test}: {why}");
     println!("[SKIP] {test}: {why}");
 }
 

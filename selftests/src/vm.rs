@@ -781,7 +781,19 @@ pub fn describe_code(rip: u64) -> String {
     };
     // SAFETY: dladdr only inspects the loader's tables; `info` is a valid out-parameter.
     if unsafe { libc::dladdr(rip as *const libc::c_void, &mut info) } == 0 {
-        return String::new();
+        // Static binaries have no dladdr; fall back to the main executable's load range.
+        return match main_executable() {
+            Some((base, start, end)) if (start..end).contains(&rip) => {
+                let off = rip - base;
+                let exe = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                format!(
+                    " (in the test executable {exe}+{off:#x}; try addr2line -fCe {exe} {off:#x})"
+                )
+            }
+            _ => " (outside the test executable)".to_string(),
+        };
     }
     let cstr = |p: *const libc::c_char| {
         if p.is_null() {
@@ -801,6 +813,34 @@ pub fn describe_code(rip: u64) -> String {
     }
     let off = rip.wrapping_sub(info.dli_saddr as u64);
     format!(" (in {file}: {}+{off:#x})", cstr(info.dli_sname))
+}
+
+/// (load bias, start, end) of the main executable's loaded segments: the first object
+/// `dl_iterate_phdr` reports.
+pub fn main_executable() -> Option<(u64, u64, u64)> {
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: valid for the callback's duration; `data` is the Option we passed.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Option<(u64, u64, u64)>)) };
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD {
+                lo = lo.min(info.dlpi_addr + ph.p_vaddr);
+                hi = hi.max(info.dlpi_addr + ph.p_vaddr + ph.p_memsz);
+            }
+        }
+        *out = Some((info.dlpi_addr, lo, hi));
+        1 // stop after the first object, the executable
+    }
+    let mut out: Option<(u64, u64, u64)> = None;
+    // SAFETY: the callback only reads loader data and writes `out`.
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&mut out as *mut Option<(u64, u64, u64)>).cast()) };
+    out
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
