@@ -1317,7 +1317,7 @@ fn bad_input_attributes() {
         ("zero size", TEST_GPA, 0, uf_attr, set),
         (
             "gpa + size overflows",
-            u64::MAX & !(PAGE - 1),
+            !(PAGE - 1),
             2 * PAGE,
             uf_attr,
             set,
@@ -1377,7 +1377,7 @@ fn bad_input_resolve_and_read() {
         ("zero size", r(TEST_GPA, 0, 0, 0)),
         (
             "gpa + size overflows",
-            r(u64::MAX & !(PAGE - 1), 2 * PAGE, 0, 0),
+            r(!(PAGE - 1), 2 * PAGE, 0, 0),
         ),
         ("non-zero flags", r(TEST_GPA, PAGE, 1, 0)),
         ("non-zero reserved", r(TEST_GPA, PAGE, 0, 1)),
