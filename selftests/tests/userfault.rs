@@ -1315,13 +1315,7 @@ fn bad_input_attributes() {
         ("unaligned gpa", TEST_GPA + 1, PAGE, uf_attr, set),
         ("unaligned size", TEST_GPA, PAGE + 1, uf_attr, set),
         ("zero size", TEST_GPA, 0, uf_attr, set),
-        (
-            "gpa + size overflows",
-            !(PAGE - 1),
-            2 * PAGE,
-            uf_attr,
-            set,
-        ),
+        ("gpa + size overflows", !(PAGE - 1), 2 * PAGE, uf_attr, set),
         (
             "SET and CLEAR together",
             TEST_GPA,
@@ -1375,10 +1369,7 @@ fn bad_input_resolve_and_read() {
         ("unaligned gpa", r(TEST_GPA + 8, PAGE, 0, 0)),
         ("unaligned size", r(TEST_GPA, PAGE - 1, 0, 0)),
         ("zero size", r(TEST_GPA, 0, 0, 0)),
-        (
-            "gpa + size overflows",
-            r(!(PAGE - 1), 2 * PAGE, 0, 0),
-        ),
+        ("gpa + size overflows", r(!(PAGE - 1), 2 * PAGE, 0, 0)),
         ("non-zero flags", r(TEST_GPA, PAGE, 1, 0)),
         ("non-zero reserved", r(TEST_GPA, PAGE, 0, 1)),
     ];
