@@ -558,3 +558,86 @@ fn kvm_async_guest_memfd() {
     require_userfault!("demand_paging::kvm_async_guest_memfd");
     run_test(&Params::from_env(Mode::KvmAsync, gmem())).unwrap();
 }
+
+// ---- the same workload through the runtime (kvm_userfault::runner) ----
+//
+// The modes above drive userfaultfd and the KVM userfault uAPI directly, exactly as the C test
+// does. These run the runtime library's own fault handling (its Handler, userfaultfd layer,
+// sync-exit loop and io_uring reader) on the same sizes, so that `cargo test -- --ignored` in
+// the patched kernel exercises the runtime too, and print the C test's rate lines.
+
+fn run_runtime(mode: kvm_userfault::runner::Mode) {
+    use kvm_userfault::guest::fill_pattern_page;
+    use kvm_userfault::runner::{run_workload, RunConfig};
+    use kvm_userfault::source::MemorySource;
+
+    let mut p = Params::from_env(Mode::None, Backing::Anonymous);
+    // The runtime's workload guest reports progress through port I/O per page, which is
+    // slow under nested virtualization: a smaller default unless DEMAND_PAGING_BYTES is set.
+    p.bytes_per_vcpu = env_size("DEMAND_PAGING_BYTES", 256 << 10);
+    let pages = p.vcpus * p.bytes_per_vcpu / PAGE;
+    let seed = 0x5e1f_7e57;
+    let mut image = vec![0u8; (pages * PAGE) as usize];
+    for (i, page) in image.chunks_exact_mut(PAGE as usize).enumerate() {
+        fill_pattern_page(seed, i as u64, page);
+    }
+    let source = Arc::new(MemorySource::new(image).expect("memory page source"));
+    let mut cfg = RunConfig::new(mode, source, seed);
+    cfg.vcpus = p.vcpus as usize;
+    cfg.pages = pages;
+    cfg.timeout = Duration::from_secs(env_u64("KVM_SELFTESTS_TIMEOUT_SECS", 600));
+    println!(
+        "Testing runtime mode {mode:?}, {} vCPUs, {} bytes per vCPU",
+        p.vcpus, p.bytes_per_vcpu
+    );
+    let r = run_workload(&cfg).unwrap_or_else(|e| panic!("runtime {mode:?}: {e:#}"));
+    for (i, d) in r.vcpu_times.iter().enumerate() {
+        println!(
+            "vCPU {i} execution time: {}.{:09}s",
+            d.as_secs(),
+            d.subsec_nanos()
+        );
+    }
+    println!(
+        "Total guest execution time:\t{}.{:09}s",
+        r.elapsed.as_secs(),
+        r.elapsed.subsec_nanos()
+    );
+    let rate = (pages / p.vcpus) as f64 / r.elapsed.as_secs_f64();
+    println!("Per-vcpu demand paging rate:\t{rate:.6} pgs/sec/vcpu");
+    println!(
+        "Overall demand paging rate:\t{:.6} pgs/sec",
+        r.pages_per_sec()
+    );
+    println!("runtime stats: {}", r.stats);
+    // The runtime's guest checked every page; every page was filled on demand exactly once.
+    assert_eq!(r.pages, pages, "pages checked by the guest");
+    assert_eq!(
+        r.demand_pages, pages,
+        "pages filled on demand (no prefetch)"
+    );
+}
+
+#[test]
+fn runtime_uffd_missing() {
+    run_runtime(kvm_userfault::runner::Mode::UffdMissing);
+}
+
+#[test]
+fn runtime_uffd_minor() {
+    run_runtime(kvm_userfault::runner::Mode::UffdMinor);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn runtime_kvm_sync() {
+    require_userfault!("demand_paging::runtime_kvm_sync");
+    run_runtime(kvm_userfault::runner::Mode::KvmSync);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn runtime_kvm_async() {
+    require_userfault!("demand_paging::runtime_kvm_async");
+    run_runtime(kvm_userfault::runner::Mode::KvmAsync);
+}
