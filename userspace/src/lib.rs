@@ -1,1 +1,22 @@
-//! KVM userfault runtime.
+//! kvm-userfault: a demand-paging runtime for KVM guest memory.
+//!
+//! Faults come in from three places — synchronous `KVM_EXIT_MEMORY_FAULT` exits on vCPU
+//! threads, asynchronous records from the KVM userfault fd (read over io_uring), and
+//! userfaultfd on stock kernels — and all go through one [`handler::Handler`], which claims
+//! each missing page once ([`state`]), fills it from a [`source::PageSource`], makes it visible
+//! with as few kernel calls as contiguous runs allow, and records [`stats`].
+//!
+//! See docs/runtime.md for the architecture and how a VMM embeds it.
+
+pub mod fault;
+pub mod guest;
+pub mod handler;
+pub mod runner;
+pub mod source;
+pub mod state;
+pub mod stats;
+pub mod uapi;
+pub mod vm;
+
+/// The page size this runtime works in (x86_64 base pages).
+pub const PAGE_SIZE: usize = 4096;

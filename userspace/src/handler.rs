@@ -1,0 +1,740 @@
+//! The fault handler shared by every input: claim missing pages once, fill them from the
+//! source, make them visible with one kernel call per contiguous run, account.
+//!
+//! Ordering guarantee: a page is made visible (attribute cleared / UFFDIO_COPY / CONTINUE) only
+//! after its full contents were written and the source reported success; it is marked present
+//! in the [`crate::state`] only after that kernel call succeeded.
+
+use crate::fault::uffd::{Installed, Uffd};
+use crate::source::{PageSource, SourceError, Urgency};
+use crate::state::{coalesce, Claim, MissingMap, SlotState};
+use crate::stats::Stats;
+use crate::PAGE_SIZE;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Makes a range of guest memory visible after it was written (clears USERFAULT).
+pub trait Resolver: Send + Sync {
+    /// Resolves `[gpa, gpa+size)`.
+    fn resolve(&self, gpa: u64, size: u64) -> io::Result<()>;
+}
+
+/// A resolver that does nothing: for memory that is not protected (benchmarks, tests).
+#[derive(Debug, Default)]
+pub struct NoopResolver;
+
+impl Resolver for NoopResolver {
+    fn resolve(&self, _gpa: u64, _size: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How pages become visible to the guest.
+pub enum Install {
+    /// Write straight into the guest-visible mapping (guest_memfd mmap), then resolve.
+    Direct(Box<dyn Resolver>),
+    /// Write into a staging buffer, then UFFDIO_COPY into the registered mapping.
+    UffdCopy(Arc<Uffd>),
+    /// Write into the region's fill alias (second mapping of the same shmem), then
+    /// UFFDIO_CONTINUE on the registered mapping.
+    UffdContinue(Arc<Uffd>),
+}
+
+/// A demand-paged range of guest memory (usually one memslot).
+#[derive(Debug, Clone)]
+pub struct Region {
+    /// Guest physical address of the first byte (page aligned).
+    pub gpa: u64,
+    /// Size in bytes (page multiple).
+    pub size: u64,
+    /// Host address of the guest-visible mapping.
+    pub host: usize,
+    /// Host address of a second mapping to fill through (UFFDIO_CONTINUE mode only).
+    pub fill_alias: Option<usize>,
+    /// The source page backing the region's first page.
+    pub source_first_page: u64,
+}
+
+impl Region {
+    fn pages(&self) -> usize {
+        (self.size / PAGE_SIZE as u64) as usize
+    }
+}
+
+/// A handler failure.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// A fault outside every demand-paged region.
+    #[error("fault on gpa {0:#x}, which is outside every demand-paged region")]
+    UnknownGpa(u64),
+    /// A fault on a host address outside every region (userfaultfd).
+    #[error("userfaultfd fault at host address {0:#x}, outside every region")]
+    UnknownHostAddress(u64),
+    /// The source could not supply a page.
+    #[error("filling gpa {gpa:#x}: {source}")]
+    Source {
+        /// The page.
+        gpa: u64,
+        /// Why.
+        #[source]
+        source: SourceError,
+    },
+    /// The kernel refused to install a page.
+    #[error("making gpa {gpa:#x} (+{size:#x}) visible: {source}")]
+    Install {
+        /// First byte of the range.
+        gpa: u64,
+        /// Bytes.
+        size: u64,
+        /// The ioctl error.
+        #[source]
+        source: io::Error,
+    },
+    /// The runtime is stopping (another thread failed or the VM is done).
+    #[error("handler stopped: {0}")]
+    Stopped(String),
+}
+
+/// Per-thread scratch buffers, so the fault path does not allocate.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    claimed: Vec<(usize, usize)>,
+    pages: Vec<usize>,
+    staging: Vec<u8>,
+    indices: Vec<u64>,
+    waits: Vec<(usize, usize)>,
+}
+
+/// Longest run written by one install call (bounds the staging buffer: 1 MiB).
+const MAX_RUN_PAGES: usize = 256;
+
+struct RegionState {
+    region: Region,
+    state: SlotState,
+}
+
+/// The handler.
+pub struct Handler {
+    regions: Vec<RegionState>,
+    source: Arc<dyn PageSource>,
+    install: Install,
+    /// Counters and latency.
+    pub stats: Stats,
+    stopped: AtomicBool,
+    failure: Mutex<Option<String>>,
+    prefetch_cursor: Mutex<(usize, usize)>,
+}
+
+impl Handler {
+    /// A handler over `regions`, every page initially missing.
+    pub fn new(
+        regions: Vec<Region>,
+        source: Arc<dyn PageSource>,
+        install: Install,
+    ) -> anyhow::Result<Self> {
+        let mut out = Vec::new();
+        for r in regions {
+            anyhow::ensure!(
+                r.gpa % PAGE_SIZE as u64 == 0 && r.size % PAGE_SIZE as u64 == 0 && r.size > 0,
+                "region at {:#x} of {:#x} bytes is not page aligned",
+                r.gpa,
+                r.size
+            );
+            let last = r.source_first_page + r.size / PAGE_SIZE as u64;
+            anyhow::ensure!(
+                last <= source.page_count(),
+                "region at gpa {:#x} needs source pages up to {last}, but {} has {}",
+                r.gpa,
+                source.describe(),
+                source.page_count()
+            );
+            if matches!(install, Install::UffdContinue(_)) {
+                anyhow::ensure!(r.fill_alias.is_some(), "UFFDIO_CONTINUE needs a fill alias");
+            }
+            let pages = r.pages();
+            out.push(RegionState {
+                region: r,
+                state: SlotState::new(MissingMap::all_missing(pages)),
+            });
+        }
+        Ok(Self {
+            regions: out,
+            source,
+            install,
+            stats: Stats::default(),
+            stopped: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            prefetch_cursor: Mutex::new((0, 0)),
+        })
+    }
+
+    /// The regions handled.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.iter().map(|r| &r.region)
+    }
+
+    /// Pages still missing, over all regions.
+    pub fn missing_pages(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| r.state.lock().missing_count())
+            .sum()
+    }
+
+    /// Is the page at `gpa` still missing?
+    pub fn is_missing(&self, gpa: u64) -> bool {
+        self.lookup_gpa(gpa)
+            .is_some_and(|(r, p)| self.regions[r].state.lock().is_missing(p))
+    }
+
+    /// Stops the handler: later calls fail with `Stopped`, waiters give up.
+    pub fn stop(&self, reason: &str) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert_with(|| reason.to_string());
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// True once stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// The first failure recorded with [`Handler::fail`] or [`Handler::stop`].
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records a fatal error and stops.
+    pub fn fail(&self, err: &anyhow::Error) {
+        self.stop(&format!("{err:#}"));
+    }
+
+    /// Maps a guest physical address to (region, page).
+    pub fn lookup_gpa(&self, gpa: u64) -> Option<(usize, usize)> {
+        self.regions
+            .iter()
+            .position(|r| gpa >= r.region.gpa && gpa - r.region.gpa < r.region.size)
+            .map(|i| {
+                (
+                    i,
+                    ((gpa - self.regions[i].region.gpa) / PAGE_SIZE as u64) as usize,
+                )
+            })
+    }
+
+    /// Maps a host address of a guest-visible mapping to a guest physical address.
+    pub fn host_to_gpa(&self, addr: u64) -> Result<u64, HandlerError> {
+        for r in &self.regions {
+            let base = r.region.host as u64;
+            if addr >= base && addr - base < r.region.size {
+                return Ok(r.region.gpa + ((addr - base) & !(PAGE_SIZE as u64 - 1)));
+            }
+        }
+        Err(HandlerError::UnknownHostAddress(addr))
+    }
+
+    /// Handles faults on `gpas` (any order, duplicates allowed), `faulted_at` being when they
+    /// were observed. Every page is filled and visible on return, except pages another thread
+    /// is filling: with `wait`, those are waited for (sync exits must not re-enter early);
+    /// without, the other filler's install wakes the kernel waiters.
+    pub fn handle_gpas(
+        &self,
+        gpas: &[u64],
+        faulted_at: Instant,
+        wait: bool,
+        scratch: &mut Scratch,
+    ) -> Result<(), HandlerError> {
+        if self.is_stopped() {
+            return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
+        }
+        let _span = tracing::debug_span!("fault_batch", n = gpas.len()).entered();
+        Stats::add(&self.stats.faults, gpas.len() as u64);
+        scratch.claimed.clear();
+        scratch.waits.clear();
+        let mut present_wakes: Vec<u64> = Vec::new();
+        for &gpa in gpas {
+            let (ri, page) = self.lookup_gpa(gpa).ok_or(HandlerError::UnknownGpa(gpa))?;
+            let claim = self.regions[ri]
+                .state
+                .lock()
+                .try_claim(page)
+                .map_err(|_| HandlerError::UnknownGpa(gpa))?;
+            match claim {
+                Claim::Fill => scratch.claimed.push((ri, page)),
+                Claim::InFlight => {
+                    Stats::add(&self.stats.duplicate_faults, 1);
+                    scratch.waits.push((ri, page));
+                }
+                Claim::Present => {
+                    Stats::add(&self.stats.already_present, 1);
+                    present_wakes.push(gpa);
+                }
+            }
+        }
+        tracing::trace!(claimed = scratch.claimed.len(), "claimed");
+        // A userfaultfd waiter may have queued before the page was installed by someone else;
+        // an extra wake is harmless, a missing one would hang it.
+        if let Install::UffdCopy(u) | Install::UffdContinue(u) = &self.install {
+            for gpa in present_wakes {
+                if let Some((ri, page)) = self.lookup_gpa(gpa) {
+                    let host = self.regions[ri].region.host + page * PAGE_SIZE;
+                    u.wake(host, PAGE_SIZE).ok();
+                }
+            }
+        }
+        let claimed = std::mem::take(&mut scratch.claimed);
+        let res = self.fill_claimed(&claimed, Urgency::Demand, scratch);
+        scratch.claimed = claimed;
+        let filled = res?;
+        Stats::add(&self.stats.demand_pages, filled as u64);
+        let lat = faulted_at.elapsed();
+        for _ in 0..filled {
+            self.stats.latency.record(lat);
+        }
+        if wait {
+            for &(ri, page) in &scratch.waits {
+                let st = &self.regions[ri].state;
+                if st.wait_settled(page, Duration::from_millis(50), || self.is_stopped())
+                    != Claim::Present
+                {
+                    if self.is_stopped() {
+                        return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
+                    }
+                    // The other filler aborted: fill it ourselves.
+                    let gpa = self.regions[ri].region.gpa + (page * PAGE_SIZE) as u64;
+                    return self.handle_gpas(&[gpa], faulted_at, wait, scratch);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills up to `max` pages nobody asked for yet (background prefetch). Returns how many
+    /// were filled; 0 means every page is present or in flight.
+    pub fn prefetch(&self, max: usize, scratch: &mut Scratch) -> Result<usize, HandlerError> {
+        if self.is_stopped() {
+            return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
+        }
+        let mut claimed = std::mem::take(&mut scratch.claimed);
+        claimed.clear();
+        {
+            let mut cur = self
+                .prefetch_cursor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut tried = 0;
+            while claimed.len() < max && tried <= self.regions.len() {
+                let (ri, from) = *cur;
+                let mut map = self.regions[ri].state.lock();
+                let mut next = from;
+                while claimed.len() < max {
+                    match map.next_unclaimed(next) {
+                        Some(p) if p >= next => {
+                            if map.try_claim(p) == Ok(Claim::Fill) {
+                                claimed.push((ri, p));
+                            }
+                            next = p + 1;
+                        }
+                        _ => break,
+                    }
+                }
+                if claimed.len() < max {
+                    *cur = ((ri + 1) % self.regions.len(), 0);
+                    tried += 1;
+                } else {
+                    *cur = (ri, next);
+                }
+            }
+        }
+        let _span = tracing::debug_span!("prefetch", n = claimed.len()).entered();
+        let res = self.fill_claimed(&claimed, Urgency::Prefetch, scratch);
+        scratch.claimed = claimed;
+        let n = res?;
+        Stats::add(&self.stats.prefetched_pages, n as u64);
+        Ok(n)
+    }
+
+    /// Fills and installs claimed pages; on failure every claim not completed is released.
+    fn fill_claimed(
+        &self,
+        claimed: &[(usize, usize)],
+        urgency: Urgency,
+        scratch: &mut Scratch,
+    ) -> Result<usize, HandlerError> {
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        scratch.indices.clear();
+        scratch.indices.extend(
+            claimed
+                .iter()
+                .map(|&(ri, p)| self.regions[ri].region.source_first_page + p as u64),
+        );
+        self.source.request(&scratch.indices, urgency);
+        let mut filled = 0;
+        for ri in 0..self.regions.len() {
+            scratch.pages.clear();
+            scratch
+                .pages
+                .extend(claimed.iter().filter(|c| c.0 == ri).map(|c| c.1));
+            if scratch.pages.is_empty() {
+                continue;
+            }
+            let runs = coalesce(&scratch.pages);
+            for (k, run) in runs.iter().enumerate() {
+                let mut start = run.start;
+                while start < run.end {
+                    let chunk = start..(start + MAX_RUN_PAGES).min(run.end);
+                    if let Err(e) = self.fill_run(ri, chunk.clone(), scratch) {
+                        // Release this chunk and every later claim.
+                        let st = &self.regions[ri].state;
+                        st.abort(chunk.start..run.end).ok();
+                        for r in &runs[k + 1..] {
+                            st.abort(r.clone()).ok();
+                        }
+                        for other in ri + 1..self.regions.len() {
+                            for &(_, p) in claimed.iter().filter(|c| c.0 == other) {
+                                self.regions[other].state.abort(p..p + 1).ok();
+                            }
+                        }
+                        return Err(e);
+                    }
+                    filled += chunk.len();
+                    start = chunk.end;
+                }
+            }
+        }
+        Ok(filled)
+    }
+
+    fn fill_run(
+        &self,
+        ri: usize,
+        pages: Range<usize>,
+        scratch: &mut Scratch,
+    ) -> Result<(), HandlerError> {
+        let rs = &self.regions[ri];
+        let r = &rs.region;
+        let gpa = r.gpa + (pages.start * PAGE_SIZE) as u64;
+        let len = pages.len() * PAGE_SIZE;
+        let _span = tracing::trace_span!("fill_run", gpa, pages = pages.len()).entered();
+        // Where the contents are written before being made visible.
+        let target: *mut u8 = match &self.install {
+            Install::Direct(_) => (r.host + pages.start * PAGE_SIZE) as *mut u8,
+            Install::UffdContinue(_) => {
+                (r.fill_alias.expect("checked in new") + pages.start * PAGE_SIZE) as *mut u8
+            }
+            Install::UffdCopy(_) => {
+                if scratch.staging.len() < len {
+                    scratch.staging.resize(MAX_RUN_PAGES * PAGE_SIZE, 0);
+                }
+                scratch.staging.as_mut_ptr()
+            }
+        };
+        for (k, page) in pages.clone().enumerate() {
+            // SAFETY: target..target+len lies inside the region's mapping (or the staging
+            // buffer sized above). The page is claimed by this thread and still USERFAULT /
+            // unmapped in the registered range, so neither the guest nor another filler
+            // accesses these bytes while we write them; no Rust reference to them exists.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(target.add(k * PAGE_SIZE), PAGE_SIZE) };
+            let index = r.source_first_page + page as u64;
+            self.source
+                .read_page(index, dst)
+                .map_err(|source| HandlerError::Source {
+                    gpa: r.gpa + (page * PAGE_SIZE) as u64,
+                    source,
+                })?;
+        }
+        let ierr = |source| HandlerError::Install {
+            gpa,
+            size: len as u64,
+            source,
+        };
+        match &self.install {
+            Install::Direct(res) => res.resolve(gpa, len as u64).map_err(ierr)?,
+            Install::UffdCopy(u) => {
+                let host = r.host + pages.start * PAGE_SIZE;
+                // SAFETY: the staging buffer holds `len` initialised bytes.
+                let how = unsafe { u.copy(host, target, len) }.map_err(ierr)?;
+                if how == Installed::AlreadyMapped {
+                    tracing::debug!(gpa, "range was already mapped");
+                }
+            }
+            Install::UffdContinue(u) => {
+                let host = r.host + pages.start * PAGE_SIZE;
+                u.cont(host, len).map_err(ierr)?;
+            }
+        }
+        Stats::add(&self.stats.install_calls, 1);
+        rs.state
+            .complete(pages)
+            .map_err(|_| HandlerError::UnknownGpa(gpa))?;
+        Ok(())
+    }
+
+    /// Runs prefetch until every page is present or the handler stops; errors stop the handler.
+    pub fn prefetch_all(&self, batch: usize) {
+        let mut scratch = Scratch::default();
+        loop {
+            match self.prefetch(batch, &mut scratch) {
+                Ok(0) => {
+                    if self.missing_pages() == 0 || self.is_stopped() {
+                        return;
+                    }
+                    // Everything left is in flight elsewhere.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(_) => {}
+                Err(HandlerError::Stopped(_)) => return,
+                Err(e) => {
+                    tracing::error!("prefetch failed: {e}");
+                    self.fail(&e.into());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::MemorySource;
+    use std::sync::atomic::AtomicUsize;
+
+    struct CountingResolver(Arc<Mutex<Vec<(u64, u64)>>>);
+    impl Resolver for CountingResolver {
+        fn resolve(&self, gpa: u64, size: u64) -> io::Result<()> {
+            self.0.lock().unwrap().push((gpa, size));
+            Ok(())
+        }
+    }
+
+    struct Fixture {
+        mem: Vec<u8>,
+        img: Arc<MemorySource>,
+        calls: Arc<Mutex<Vec<(u64, u64)>>>,
+        h: Handler,
+    }
+
+    const GPA: u64 = 0x10_0000;
+
+    fn fixture(pages: usize, src: Option<Arc<dyn PageSource>>) -> Fixture {
+        let data: Vec<u8> = (0..pages * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 ^ (i as u8).wrapping_mul(3))
+            .collect();
+        let img = Arc::new(MemorySource::new(data).unwrap());
+        let mut mem = vec![0u8; pages * PAGE_SIZE];
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let region = Region {
+            gpa: GPA,
+            size: (pages * PAGE_SIZE) as u64,
+            host: mem.as_mut_ptr() as usize,
+            fill_alias: None,
+            source_first_page: 0,
+        };
+        let h = Handler::new(
+            vec![region],
+            src.unwrap_or_else(|| img.clone()),
+            Install::Direct(Box::new(CountingResolver(calls.clone()))),
+        )
+        .unwrap();
+        Fixture { mem, img, calls, h }
+    }
+
+    #[test]
+    fn batch_is_filled_coalesced_and_correct() {
+        let f = fixture(64, None);
+        let mut s = Scratch::default();
+        let gpas: Vec<u64> = [5u64, 3, 4, 10, 4, 11, 12, 40]
+            .iter()
+            .map(|p| GPA + p * PAGE_SIZE as u64 + 17)
+            .collect();
+        f.h.handle_gpas(&gpas, Instant::now(), false, &mut s)
+            .unwrap();
+        let calls = f.calls.lock().unwrap().clone();
+        let ps = PAGE_SIZE as u64;
+        assert_eq!(
+            calls,
+            vec![
+                (GPA + 3 * ps, 3 * ps),
+                (GPA + 10 * ps, 3 * ps),
+                (GPA + 40 * ps, ps)
+            ]
+        );
+        for p in [3usize, 4, 5, 10, 11, 12, 40] {
+            assert_eq!(
+                &f.mem[p * PAGE_SIZE..][..PAGE_SIZE],
+                &f.img.bytes()[p * PAGE_SIZE..][..PAGE_SIZE]
+            );
+            assert!(!f.h.is_missing(GPA + (p * PAGE_SIZE) as u64));
+        }
+        assert!(f.h.is_missing(GPA + 6 * ps));
+        assert_eq!(f.h.missing_pages(), 64 - 7);
+        assert_eq!(f.h.stats.demand_pages.load(Ordering::Relaxed), 7);
+        // The duplicate gfn 4 in one batch was deduplicated by the claim.
+        assert_eq!(f.h.stats.already_present.load(Ordering::Relaxed), 0);
+        assert_eq!(f.h.stats.duplicate_faults.load(Ordering::Relaxed), 1);
+        // Faulting again on a present page is counted and harmless.
+        f.h.handle_gpas(&[GPA + 3 * ps], Instant::now(), true, &mut s)
+            .unwrap();
+        assert_eq!(f.h.stats.already_present.load(Ordering::Relaxed), 1);
+        assert_eq!(f.calls.lock().unwrap().len(), 3);
+        drop(f.mem);
+    }
+
+    #[test]
+    fn unknown_gpa_is_an_error() {
+        let f = fixture(4, None);
+        let e =
+            f.h.handle_gpas(&[0x1000], Instant::now(), false, &mut Scratch::default());
+        assert!(matches!(e, Err(HandlerError::UnknownGpa(0x1000))));
+        assert!(f.h.host_to_gpa(1).is_err());
+        drop(f.mem);
+    }
+
+    #[test]
+    fn prefetch_fills_everything_and_faults_then_find_pages_present() {
+        let f = fixture(100, None);
+        let mut s = Scratch::default();
+        let mut total = 0;
+        loop {
+            let n = f.h.prefetch(16, &mut s).unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        assert_eq!(total, 100);
+        assert_eq!(f.mem, f.img.bytes());
+        f.h.handle_gpas(&[GPA], Instant::now(), true, &mut s)
+            .unwrap();
+        assert_eq!(f.h.stats.already_present.load(Ordering::Relaxed), 1);
+        drop(f.mem);
+    }
+
+    #[test]
+    fn faults_racing_prefetch_on_many_threads_fill_each_page_once() {
+        let f = fixture(512, None);
+        let h = &f.h;
+        std::thread::scope(|sc| {
+            sc.spawn(|| h.prefetch_all(8));
+            for t in 0..3u64 {
+                sc.spawn(move || {
+                    let mut s = Scratch::default();
+                    for p in (0..512u64).rev() {
+                        if p % 3 == t || p % 7 == 0 {
+                            h.handle_gpas(
+                                &[GPA + p * PAGE_SIZE as u64],
+                                Instant::now(),
+                                true,
+                                &mut s,
+                            )
+                            .unwrap();
+                            assert!(!h.is_missing(GPA + p * PAGE_SIZE as u64));
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(h.missing_pages(), 0);
+        assert_eq!(f.mem, f.img.bytes());
+        let st = &h.stats;
+        let filled =
+            st.demand_pages.load(Ordering::Relaxed) + st.prefetched_pages.load(Ordering::Relaxed);
+        assert_eq!(filled, 512, "every page filled exactly once");
+        let covered: u64 = f.calls.lock().unwrap().iter().map(|c| c.1).sum();
+        assert_eq!(
+            covered,
+            512 * PAGE_SIZE as u64,
+            "every page resolved exactly once"
+        );
+        drop(f.mem);
+    }
+
+    /// A source that fails on one page and counts reads.
+    struct Flaky {
+        inner: Arc<MemorySource>,
+        bad: u64,
+        reads: AtomicUsize,
+    }
+    impl PageSource for Flaky {
+        fn page_count(&self) -> u64 {
+            self.inner.page_count()
+        }
+        fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read_page(index, dst)?;
+            if index == self.bad {
+                dst[..100].fill(0xEE); // partial garbage written before failing
+                return Err(SourceError::Corrupt {
+                    index,
+                    expected: 1,
+                    found: 2,
+                });
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    #[test]
+    fn failing_source_never_resolves_the_page() {
+        let data = vec![9u8; 8 * PAGE_SIZE];
+        let flaky = Arc::new(Flaky {
+            inner: Arc::new(MemorySource::new(data).unwrap()),
+            bad: 5,
+            reads: AtomicUsize::new(0),
+        });
+        let f = fixture(8, Some(flaky.clone()));
+        let mut s = Scratch::default();
+        let ps = PAGE_SIZE as u64;
+        let e =
+            f.h.handle_gpas(
+                &[GPA + 4 * ps, GPA + 5 * ps, GPA + 6 * ps],
+                Instant::now(),
+                false,
+                &mut s,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        assert!(
+            e.to_string().contains(&format!("{:#x}", GPA + 5 * ps)),
+            "{e}"
+        );
+        // Nothing of the run 4..7 was resolved, the pages stay missing and claimable.
+        assert!(f.calls.lock().unwrap().is_empty());
+        for p in 4..7 {
+            assert!(f.h.is_missing(GPA + p * ps));
+        }
+        f.h.handle_gpas(&[GPA + 4 * ps], Instant::now(), false, &mut s)
+            .unwrap();
+        assert_eq!(f.calls.lock().unwrap().clone(), vec![(GPA + 4 * ps, ps)]);
+        drop(f.mem);
+    }
+
+    #[test]
+    fn region_larger_than_source_is_rejected() {
+        let img = Arc::new(MemorySource::new(vec![0; PAGE_SIZE]).unwrap());
+        let r = Region {
+            gpa: 0,
+            size: 2 * PAGE_SIZE as u64,
+            host: 0,
+            fill_alias: None,
+            source_first_page: 0,
+        };
+        let e = Handler::new(vec![r], img, Install::Direct(Box::new(NoopResolver)))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs source pages up to 2"), "{e}");
+    }
+}

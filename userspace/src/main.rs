@@ -1,0 +1,209 @@
+//! `kvm-userfault`: run a demand-paged guest, serve an image over TCP, fetch one, make one.
+
+use anyhow::{ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use kvm_userfault::guest::fill_pattern_page;
+use kvm_userfault::runner::{run_workload, Mode, RunConfig};
+use kvm_userfault::source::{
+    serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource, Urgency,
+};
+use kvm_userfault::vm::Backing;
+use kvm_userfault::PAGE_SIZE;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "kvm-userfault",
+    version,
+    about = "Demand paging runtime for KVM guest memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UffdBacking {
+    Anon,
+    Shmem,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the page-checking guest with its memory demand-filled from an image or a server.
+    Run {
+        /// Snapshot file (see `make-image`).
+        #[arg(long, conflicts_with = "remote", required_unless_present = "remote")]
+        image: Option<PathBuf>,
+        /// Fetch pages from a `serve` side at HOST:PORT instead.
+        #[arg(long)]
+        remote: Option<String>,
+        /// How faults are delivered and resolved.
+        #[arg(long, value_enum)]
+        mode: Mode,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=896))]
+        vcpus: u16,
+        /// Pattern seed the image was made with.
+        #[arg(long, default_value_t = 0x5eed, value_parser = parse_u64)]
+        seed: u64,
+        /// Prefetch pages in the background.
+        #[arg(long)]
+        prefetch: bool,
+        /// Data slot backing for uffd-missing.
+        #[arg(long, value_enum, default_value = "anon")]
+        backing: UffdBacking,
+        /// io_uring reads in flight (kvm-async).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        ring_depth: u16,
+        /// Fail if not done after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// Write a snapshot whose pages hold the pattern the guest checks.
+    MakeImage {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Size in MiB.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        size_mib: u64,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 0x5eed, value_parser = parse_u64)]
+        seed: u64,
+    },
+    /// Export a snapshot to remote `fetch`/`run --remote` clients over TCP.
+    Serve {
+        /// Snapshot file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7788")]
+        listen: String,
+    },
+    /// Fetch a whole image from a server (prefetch + demand) into a snapshot file.
+    Fetch {
+        /// Server HOST:PORT.
+        #[arg(long)]
+        remote: String,
+        /// Output snapshot file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("`{s}` is not a number: {e}"))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run {
+            image,
+            remote,
+            mode,
+            vcpus,
+            seed,
+            prefetch,
+            backing,
+            ring_depth,
+            timeout_secs,
+        } => {
+            let source: Arc<dyn PageSource> = match (image, remote) {
+                (Some(p), _) => Arc::new(SnapshotSource::open(&p)?),
+                (None, Some(addr)) => Arc::new(RemoteSource::connect(
+                    addr.as_str(),
+                    RemoteOptions::default(),
+                )?),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let mut cfg = RunConfig::new(mode, source, seed);
+            cfg.vcpus = vcpus as usize;
+            cfg.prefetch = prefetch;
+            cfg.ring_depth = ring_depth as usize;
+            cfg.timeout = Duration::from_secs(timeout_secs);
+            cfg.uffd_backing = match backing {
+                UffdBacking::Anon => Backing::Anon,
+                UffdBacking::Shmem => Backing::Shmem,
+            };
+            let r = run_workload(&cfg)?;
+            println!(
+                "{:?}: {} pages verified by {} vCPU(s) in {:?} ({:.0} pages/s)",
+                mode,
+                r.pages,
+                cfg.vcpus,
+                r.elapsed,
+                r.pages_per_sec()
+            );
+            for (i, t) in r.vcpu_times.iter().enumerate() {
+                println!("  vCPU {i}: {t:?}");
+            }
+            println!("  {}", r.stats);
+        }
+        Cmd::MakeImage {
+            out,
+            size_mib,
+            seed,
+        } => {
+            let pages = size_mib * (1 << 20) / PAGE_SIZE as u64;
+            write_snapshot(&out, pages, |i, b| fill_pattern_page(seed, i, b))?;
+            println!("wrote {} ({pages} pages, seed {seed:#x})", out.display());
+        }
+        Cmd::Serve { image, listen } => {
+            let src = Arc::new(SnapshotSource::open(&image)?);
+            let l = TcpListener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
+            eprintln!("serving {} on {}", src.describe(), l.local_addr()?);
+            serve(l, src)?;
+        }
+        Cmd::Fetch { remote, out } => {
+            let src = RemoteSource::connect(remote.as_str(), RemoteOptions::default())?;
+            let pages = src.page_count();
+            let t = Instant::now();
+            // Pipeline the whole image as prefetch, in windows so memory stays bounded.
+            const WINDOW: u64 = 1024;
+            let mut buf = vec![0u8; PAGE_SIZE];
+            let mut data = Vec::new();
+            for w in (0..pages).step_by(WINDOW as usize) {
+                let idx: Vec<u64> = (w..(w + WINDOW).min(pages)).collect();
+                src.request(&idx, Urgency::Prefetch);
+                for &i in &idx {
+                    src.read_page(i, &mut buf)?;
+                    data.extend_from_slice(&buf);
+                }
+            }
+            ensure!(data.len() as u64 == pages * PAGE_SIZE as u64, "short fetch");
+            write_snapshot(&out, pages, |i, b| {
+                b.copy_from_slice(&data[i as usize * PAGE_SIZE..][..PAGE_SIZE])
+            })?;
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "fetched {pages} pages in {secs:.3}s ({:.0} pages/s) into {}",
+                pages as f64 / secs,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,758 @@
+//! Remote postcopy source over TCP: a `serve` side exporting any [`PageSource`], and a fetch
+//! side ([`RemoteSource`]) with pipelined requests and demand-before-prefetch priority.
+//!
+//! Wire format (all little endian):
+//! ```text
+//! client hello   magic "KUFR" u32 | version u16 | 0 u16                                  8 B
+//! server hello   magic "KUFR" u32 | version u16 | 0 u16 | page_size u32 | 0 u32 | pages u64  24 B
+//! request        magic "KUFQ" u32 | urgency u8 (0 demand, 1 prefetch) | 0 u8×3 | count u32 | first u64   20 B
+//! page           magic "KUFP" u32 | status u32 (0 ok, else error) | index u64 | checksum u64 | 4096 B if ok
+//! ```
+//! The server answers demand requests before queued prefetch requests (one page at a time, so
+//! a demand request waits behind at most one prefetch page), like QEMU postcopy's urgent pages.
+//! The client checks every header, that each page was requested, and each page's checksum; any
+//! violation fails the source with a clear error, and the page is never handed out.
+
+use super::{check_args, page_checksum, PageSource, SourceError, Urgency};
+use crate::PAGE_SIZE;
+use anyhow::{bail, ensure, Context, Result};
+use bitvec::prelude::*;
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The protocol version spoken.
+pub const PROTOCOL_VERSION: u16 = 1;
+const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KUFR");
+const REQ_MAGIC: u32 = u32::from_le_bytes(*b"KUFQ");
+const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"KUFP");
+/// Most pages one request may ask for.
+pub const MAX_REQUEST_PAGES: u32 = 256;
+const STATUS_OK: u32 = 0;
+const STATUS_OUT_OF_RANGE: u32 = 1;
+const STATUS_READ_ERROR: u32 = 2;
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+// ------------------------------------------------------------------------------------------
+// Server
+// ------------------------------------------------------------------------------------------
+
+/// Accepts connections forever, serving each on its own thread.
+pub fn serve(listener: TcpListener, source: Arc<dyn PageSource>) -> Result<()> {
+    for conn in listener.incoming() {
+        let stream = conn.context("accepting a connection")?;
+        let source = source.clone();
+        std::thread::spawn(move || {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            match serve_connection(stream, source) {
+                Ok(pages) => tracing::info!(%peer, pages, "client done"),
+                Err(e) => tracing::warn!(%peer, "client dropped: {e:#}"),
+            }
+        });
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Queues {
+    demand: VecDeque<u64>,
+    prefetch: VecDeque<u64>,
+    closed: bool,
+}
+
+/// Serves one client until it disconnects; returns the number of pages sent.
+pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Result<u64> {
+    stream.set_nodelay(true).ok();
+    let mut reader = BufReader::new(stream.try_clone().context("cloning socket")?);
+    let mut writer = BufWriter::with_capacity(64 << 10, stream.try_clone()?);
+    let mut hello = [0u8; 8];
+    reader
+        .read_exact(&mut hello)
+        .context("reading client hello")?;
+    ensure!(le32(&hello) == HELLO_MAGIC, "client hello has bad magic");
+    let version = u16::from_le_bytes([hello[4], hello[5]]);
+    ensure!(
+        version == PROTOCOL_VERSION,
+        "client speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
+    );
+    let pages = source.page_count();
+    let mut reply = [0u8; 24];
+    reply[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+    reply[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    reply[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    reply[16..24].copy_from_slice(&pages.to_le_bytes());
+    writer.write_all(&reply)?;
+    writer.flush()?;
+
+    // A reader thread queues requests so that the writer can always pick demand pages first.
+    let queues = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
+    let q2 = queues.clone();
+    let reader_thread = std::thread::spawn(move || -> Result<()> {
+        let res = (|| -> Result<()> {
+            loop {
+                let mut req = [0u8; 20];
+                match reader.read_exact(&mut req) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e).context("reading request"),
+                }
+                ensure!(le32(&req) == REQ_MAGIC, "request has bad magic");
+                let urgency = req[4];
+                ensure!(urgency <= 1, "request has unknown urgency {urgency}");
+                let count = le32(&req[8..]);
+                ensure!(
+                    (1..=MAX_REQUEST_PAGES).contains(&count),
+                    "request for {count} pages (1..={MAX_REQUEST_PAGES} allowed)"
+                );
+                let first = le64(&req[12..]);
+                let (lock, cv) = &*q2;
+                let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let list = if urgency == 0 {
+                    &mut q.demand
+                } else {
+                    &mut q.prefetch
+                };
+                // Indices past the end are answered with an error status, not dropped.
+                list.extend((0..count as u64).map(|i| first.saturating_add(i)));
+                cv.notify_one();
+            }
+        })();
+        let (lock, cv) = &*q2;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        cv.notify_one();
+        res
+    });
+
+    let mut sent = 0u64;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let write_result = (|| -> Result<()> {
+        loop {
+            let next = {
+                let (lock, cv) = &*queues;
+                let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if let Some(i) = q.demand.pop_front().or_else(|| q.prefetch.pop_front()) {
+                        break Some((i, q.demand.is_empty() && q.prefetch.is_empty()));
+                    }
+                    if q.closed {
+                        break None;
+                    }
+                    q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let Some((index, idle)) = next else {
+                return Ok(());
+            };
+            let status = if index >= pages {
+                STATUS_OUT_OF_RANGE
+            } else {
+                match source.read_page(index, &mut page) {
+                    Ok(()) => STATUS_OK,
+                    Err(e) => {
+                        tracing::error!("serving page {index}: {e}");
+                        STATUS_READ_ERROR
+                    }
+                }
+            };
+            let mut hdr = [0u8; 24];
+            hdr[0..4].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
+            hdr[4..8].copy_from_slice(&status.to_le_bytes());
+            hdr[8..16].copy_from_slice(&index.to_le_bytes());
+            if status == STATUS_OK {
+                hdr[16..24].copy_from_slice(&page_checksum(&page).to_le_bytes());
+            }
+            writer.write_all(&hdr)?;
+            if status == STATUS_OK {
+                writer.write_all(&page)?;
+                sent += 1;
+            }
+            // Flush when nothing else is queued, so pipelined pages share segments.
+            if idle {
+                writer.flush()?;
+            }
+        }
+    })();
+    writer.flush().ok();
+    stream.shutdown(Shutdown::Both).ok();
+    let read_result = reader_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("request reader panicked"))?;
+    write_result.context("sending pages")?;
+    read_result?;
+    Ok(sent)
+}
+
+// ------------------------------------------------------------------------------------------
+// Client
+// ------------------------------------------------------------------------------------------
+
+/// Tunables of the fetch side.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// How long `read_page` waits for a page before failing the source.
+    pub page_timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self {
+            page_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct ClientState {
+    /// Pages received and not yet handed out.
+    ready: HashMap<u64, Box<[u8]>>,
+    /// Pages requested and not yet received.
+    requested: BitVec<u64, Lsb0>,
+    /// The first fatal error; every later read fails with it.
+    error: Option<String>,
+}
+
+struct Shared {
+    pages: u64,
+    state: Mutex<ClientState>,
+    arrived: Condvar,
+    writer: Mutex<BufWriter<TcpStream>>,
+    opts: RemoteOptions,
+    peer: String,
+}
+
+/// The fetch side of the remote source.
+pub struct RemoteSource {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    receiver: Option<JoinHandle<()>>,
+}
+
+impl RemoteSource {
+    /// Connects to a `serve` side and performs the handshake.
+    pub fn connect(addr: impl ToSocketAddrs, opts: RemoteOptions) -> Result<Self> {
+        let addr = addr
+            .to_socket_addrs()
+            .context("resolving server address")?
+            .next()
+            .context("server address resolves to nothing")?;
+        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout)
+            .with_context(|| format!("connecting to {addr}"))?;
+        Self::handshake(stream, opts).with_context(|| format!("remote source {addr}"))
+    }
+
+    fn handshake(stream: TcpStream, opts: RemoteOptions) -> Result<Self> {
+        stream.set_nodelay(true).ok();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut hello = [0u8; 8];
+        hello[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        hello[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        (&stream).write_all(&hello).context("sending hello")?;
+        stream.set_read_timeout(Some(opts.page_timeout))?;
+        let mut reply = [0u8; 24];
+        (&stream)
+            .read_exact(&mut reply)
+            .context("reading server hello")?;
+        stream.set_read_timeout(None)?;
+        ensure!(
+            le32(&reply) == HELLO_MAGIC,
+            "server hello has bad magic (not a kvm-userfault server?)"
+        );
+        let version = u16::from_le_bytes([reply[4], reply[5]]);
+        ensure!(
+            version == PROTOCOL_VERSION,
+            "server speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
+        );
+        let page_size = le32(&reply[8..]);
+        ensure!(
+            page_size as usize == PAGE_SIZE,
+            "server page size {page_size} is not {PAGE_SIZE}"
+        );
+        let pages = le64(&reply[16..]);
+        if pages == 0 || pages > (1 << 28) {
+            bail!("server announces {pages} pages (out of range)");
+        }
+        let shared = Arc::new(Shared {
+            pages,
+            state: Mutex::new(ClientState {
+                ready: HashMap::new(),
+                requested: bitvec![u64, Lsb0; 0; pages as usize],
+                error: None,
+            }),
+            arrived: Condvar::new(),
+            writer: Mutex::new(BufWriter::new(stream.try_clone()?)),
+            opts,
+            peer,
+        });
+        let rx = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+        let s2 = shared.clone();
+        let receiver = std::thread::Builder::new()
+            .name("kuf-remote-rx".into())
+            .spawn(move || receive_loop(rx, s2))?;
+        Ok(Self {
+            shared,
+            stream,
+            receiver: Some(receiver),
+        })
+    }
+
+    fn send_requests(&self, indices: &[u64], urgency: Urgency) -> Result<(), SourceError> {
+        let mut fresh: Vec<usize> = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            if let Some(e) = &st.error {
+                return Err(SourceError::Remote(e.clone()));
+            }
+            for &i in indices {
+                if i < self.shared.pages && !st.requested[i as usize] && !st.ready.contains_key(&i)
+                {
+                    st.requested.set(i as usize, true);
+                    fresh.push(i as usize);
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let res = (|| -> std::io::Result<()> {
+            for run in crate::state::coalesce(&fresh) {
+                let mut start = run.start;
+                while start < run.end {
+                    let n = (run.end - start).min(MAX_REQUEST_PAGES as usize);
+                    let mut req = [0u8; 20];
+                    req[0..4].copy_from_slice(&REQ_MAGIC.to_le_bytes());
+                    req[4] = match urgency {
+                        Urgency::Demand => 0,
+                        Urgency::Prefetch => 1,
+                    };
+                    req[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+                    req[12..20].copy_from_slice(&(start as u64).to_le_bytes());
+                    w.write_all(&req)?;
+                    start += n;
+                }
+            }
+            w.flush()
+        })();
+        res.map_err(|e| {
+            self.shared
+                .fail(format!("sending requests to {}: {e}", self.shared.peer))
+        })
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClientState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Records the first fatal error and wakes every reader.
+    fn fail(&self, msg: String) -> SourceError {
+        let mut st = self.lock();
+        let msg = st.error.get_or_insert(msg).clone();
+        drop(st);
+        self.arrived.notify_all();
+        SourceError::Remote(msg)
+    }
+}
+
+fn receive_loop(mut rx: BufReader<TcpStream>, shared: Arc<Shared>) {
+    let res = (|| -> Result<(), String> {
+        loop {
+            let mut hdr = [0u8; 24];
+            match rx.read_exact(&mut hdr) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(format!("server {} closed the connection", shared.peer))
+                }
+                Err(e) => return Err(format!("reading from server {}: {e}", shared.peer)),
+            }
+            if le32(&hdr) != PAGE_MAGIC {
+                return Err(format!(
+                    "server {} sent a frame with bad magic",
+                    shared.peer
+                ));
+            }
+            let status = le32(&hdr[4..]);
+            let index = le64(&hdr[8..]);
+            let checksum = le64(&hdr[16..]);
+            {
+                let st = shared.lock();
+                if index >= shared.pages || !st.requested[index as usize] {
+                    return Err(format!(
+                        "server sent page {index}, which was never requested"
+                    ));
+                }
+            }
+            match status {
+                STATUS_OK => {}
+                STATUS_OUT_OF_RANGE => return Err(format!("server has no page {index}")),
+                STATUS_READ_ERROR => return Err(format!("server failed to read page {index}")),
+                s => return Err(format!("server sent unknown status {s} for page {index}")),
+            }
+            let mut page = vec![0u8; PAGE_SIZE].into_boxed_slice();
+            rx.read_exact(&mut page)
+                .map_err(|e| format!("page {index} cut short: {e}"))?;
+            let found = page_checksum(&page);
+            if found != checksum {
+                return Err(format!(
+                    "page {index} is corrupt: checksum {found:#018x}, expected {checksum:#018x}"
+                ));
+            }
+            let mut st = shared.lock();
+            st.requested.set(index as usize, false);
+            st.ready.insert(index, page);
+            drop(st);
+            shared.arrived.notify_all();
+        }
+    })();
+    if let Err(msg) = res {
+        shared.fail(msg);
+    }
+}
+
+impl PageSource for RemoteSource {
+    fn page_count(&self) -> u64 {
+        self.shared.pages
+    }
+
+    fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        check_args(index, self.shared.pages, dst)?;
+        self.send_requests(&[index], Urgency::Demand)?;
+        let deadline = Instant::now() + self.shared.opts.page_timeout;
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(page) = st.ready.remove(&index) {
+                dst.copy_from_slice(&page);
+                return Ok(());
+            }
+            if let Some(e) = &st.error {
+                return Err(SourceError::Remote(e.clone()));
+            }
+            if !st.requested[index as usize] {
+                // Consumed by someone else meanwhile (duplicate reader): ask again.
+                drop(st);
+                self.send_requests(&[index], Urgency::Demand)?;
+                st = self.shared.lock();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(st);
+                return Err(self.shared.fail(format!(
+                    "timed out after {:?} waiting for page {index} from {}",
+                    self.shared.opts.page_timeout, self.shared.peer
+                )));
+            }
+            st = self
+                .shared
+                .arrived
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn request(&self, indices: &[u64], urgency: Urgency) {
+        // Errors are reported by the read that needs the page.
+        let _ = self.send_requests(indices, urgency);
+    }
+
+    fn describe(&self) -> String {
+        format!("remote {} ({} pages)", self.shared.peer, self.shared.pages)
+    }
+}
+
+impl Drop for RemoteSource {
+    fn drop(&mut self) {
+        self.stream.shutdown(Shutdown::Both).ok();
+        if let Some(h) = self.receiver.take() {
+            h.join().ok();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::MemorySource;
+
+    fn image(pages: usize) -> Arc<MemorySource> {
+        let data = (0..pages * PAGE_SIZE)
+            .map(|i| ((i / PAGE_SIZE) as u8).wrapping_mul(31) ^ (i as u8))
+            .collect();
+        Arc::new(MemorySource::new(data).unwrap())
+    }
+
+    fn start_server(src: Arc<dyn PageSource>) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || serve(l, src));
+        addr
+    }
+
+    fn quick() -> RemoteOptions {
+        RemoteOptions {
+            page_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// A fake server: accepts one connection, then runs `script` on it.
+    fn fake_server(script: impl FnOnce(TcpStream) + Send + 'static) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            script(s);
+        });
+        addr
+    }
+
+    fn good_hello(pages: u64) -> [u8; 24] {
+        let mut r = [0u8; 24];
+        r[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        r[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        r[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        r[16..24].copy_from_slice(&pages.to_le_bytes());
+        r
+    }
+
+    /// Reads the client hello, answers it, and waits for the first request.
+    fn greet(s: &mut TcpStream) {
+        let mut hello = [0u8; 8];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&good_hello(4)).unwrap();
+        let mut req = [0u8; 20];
+        s.read_exact(&mut req).unwrap();
+    }
+
+    fn page_frame(index: u64, data: &[u8], checksum: u64) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&PAGE_MAGIC.to_le_bytes());
+        f.extend_from_slice(&STATUS_OK.to_le_bytes());
+        f.extend_from_slice(&index.to_le_bytes());
+        f.extend_from_slice(&checksum.to_le_bytes());
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[test]
+    fn fetches_every_page_with_prefetch_and_demand_mixed() {
+        let img = image(300);
+        let addr = start_server(img.clone());
+        let r = RemoteSource::connect(addr, quick()).unwrap();
+        assert_eq!(r.page_count(), 300);
+        let all: Vec<u64> = (0..300).collect();
+        r.request(&all[100..], Urgency::Prefetch);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for i in (0..300u64).rev() {
+            r.read_page(i, &mut buf).unwrap();
+            assert_eq!(
+                &buf[..],
+                &img.bytes()[i as usize * PAGE_SIZE..][..PAGE_SIZE],
+                "page {i}"
+            );
+        }
+        // A page read twice is fetched again.
+        r.read_page(5, &mut buf).unwrap();
+        assert!(matches!(
+            r.read_page(300, &mut buf),
+            Err(SourceError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_readers_share_one_connection() {
+        let img = image(128);
+        let r = Arc::new(RemoteSource::connect(start_server(img.clone()), quick()).unwrap());
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let r = r.clone();
+                let img = img.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; PAGE_SIZE];
+                    for i in (t..128).step_by(4) {
+                        r.read_page(i, &mut buf).unwrap();
+                        assert_eq!(
+                            &buf[..],
+                            &img.bytes()[i as usize * PAGE_SIZE..][..PAGE_SIZE]
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    fn connect_err(addr: std::net::SocketAddr) -> String {
+        match RemoteSource::connect(addr, quick()) {
+            Ok(_) => panic!("connect should fail"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn first_read_err(addr: std::net::SocketAddr) -> String {
+        let r = RemoteSource::connect(addr, quick()).unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let e = r.read_page(0, &mut buf).unwrap_err().to_string();
+        // The source stays failed.
+        assert!(r.read_page(1, &mut buf).is_err());
+        e
+    }
+
+    #[test]
+    fn bad_server_hellos_are_clear_errors() {
+        let addr = fake_server(|mut s| {
+            let mut h = good_hello(4);
+            h[0] = b'X';
+            s.write_all(&h).unwrap();
+        });
+        assert!(connect_err(addr).contains("bad magic"));
+
+        let addr = fake_server(|mut s| {
+            let mut h = good_hello(4);
+            h[4] = 9;
+            s.write_all(&h).unwrap();
+        });
+        assert!(connect_err(addr).contains("protocol version 9"));
+
+        let addr = fake_server(|mut s| {
+            let mut h = good_hello(4);
+            h[8..12].copy_from_slice(&65536u32.to_le_bytes());
+            s.write_all(&h).unwrap();
+        });
+        assert!(connect_err(addr).contains("page size 65536"));
+
+        let addr = fake_server(|mut s| s.write_all(&good_hello(0)).unwrap());
+        assert!(connect_err(addr).contains("0 pages"));
+
+        let addr = fake_server(|mut s| s.write_all(&good_hello(4)[..10]).unwrap());
+        assert!(connect_err(addr).contains("server hello"));
+
+        // Nothing listening.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        assert!(connect_err(addr).contains("connecting"));
+    }
+
+    #[test]
+    fn bad_pages_are_never_handed_out() {
+        let page = vec![7u8; PAGE_SIZE];
+        let sum = page_checksum(&page);
+
+        // Corrupt payload.
+        let p2 = page.clone();
+        let addr = fake_server(move |mut s| {
+            greet(&mut s);
+            let mut f = page_frame(0, &p2, sum);
+            f[100] ^= 1;
+            s.write_all(&f).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        assert!(first_read_err(addr).contains("corrupt"));
+
+        // Short payload, then close.
+        let p2 = page.clone();
+        let addr = fake_server(move |mut s| {
+            greet(&mut s);
+            s.write_all(&page_frame(0, &p2, sum)[..1000]).unwrap();
+        });
+        assert!(first_read_err(addr).contains("cut short"));
+
+        // A page nobody asked for.
+        let p2 = page.clone();
+        let addr = fake_server(move |mut s| {
+            greet(&mut s);
+            s.write_all(&page_frame(3, &p2, sum)).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        assert!(first_read_err(addr).contains("never requested"));
+
+        // Garbage frame.
+        let addr = fake_server(move |mut s| {
+            greet(&mut s);
+            s.write_all(&[0xAB; 64]).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        assert!(first_read_err(addr).contains("bad magic"));
+
+        // Disconnect.
+        let addr = fake_server(move |mut s| {
+            greet(&mut s);
+        });
+        assert!(first_read_err(addr).contains("closed the connection"));
+
+        // Silent peer: times out instead of hanging.
+        let addr = fake_server(move |mut s| {
+            greet(&mut s);
+            std::thread::sleep(Duration::from_secs(4));
+        });
+        assert!(first_read_err(addr).contains("timed out"));
+    }
+
+    #[test]
+    fn server_reports_source_failures_and_rejects_bad_clients() {
+        // The server's own source is shorter than a request: error status -> clear client error.
+        struct Failing;
+        impl PageSource for Failing {
+            fn page_count(&self) -> u64 {
+                4
+            }
+            fn read_page(&self, index: u64, _: &mut [u8]) -> Result<(), SourceError> {
+                Err(SourceError::Remote(format!("disk on fire at {index}")))
+            }
+            fn describe(&self) -> String {
+                "failing".into()
+            }
+        }
+        let addr = start_server(Arc::new(Failing));
+        assert!(first_read_err(addr).contains("failed to read page 0"));
+
+        // A client with a bad hello / bad request is dropped with an error.
+        let (a, b) = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (c, l.accept().unwrap().0)
+        };
+        let srv = std::thread::spawn(move || serve_connection(b, image(2)));
+        (&a).write_all(b"HELLO!!!").unwrap();
+        let e = srv.join().unwrap().unwrap_err();
+        assert!(format!("{e:#}").contains("bad magic"));
+
+        let (a, b) = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (c, l.accept().unwrap().0)
+        };
+        let srv = std::thread::spawn(move || serve_connection(b, image(2)));
+        let mut hello = [0u8; 8];
+        hello[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        hello[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        (&a).write_all(&hello).unwrap();
+        let mut req = [0u8; 20];
+        req[0..4].copy_from_slice(&REQ_MAGIC.to_le_bytes());
+        req[8..12].copy_from_slice(&100_000u32.to_le_bytes());
+        (&a).write_all(&req).unwrap();
+        let e = srv.join().unwrap().unwrap_err();
+        assert!(format!("{e:#}").contains("100000 pages"), "{e:#}");
+    }
+}

@@ -1,0 +1,196 @@
+//! End-to-end: a guest whose data memory is demand-filled checks every page.
+//!
+//! The userfaultfd tests run on a stock KVM; the kvm-sync/kvm-async ones need the KVM
+//! userfault series and are `#[ignore]`d (run inside the patched VM by `cargo xtask test`).
+
+use kvm_userfault::guest::fill_pattern_page;
+use kvm_userfault::runner::{run_workload, Mode, RunConfig};
+use kvm_userfault::source::{
+    serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource,
+};
+use kvm_userfault::vm::{Backing, Vm, NO_USERFAULT_MSG};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SEED: u64 = 0xC0FFEE;
+const SERIES: &str = "needs the KVM userfault kernel (cargo xtask test)";
+
+fn kvm_available() -> bool {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("SKIP: /dev/kvm not available");
+        return false;
+    }
+    true
+}
+
+fn snapshot(name: &str, pages: u64) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kuf-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    write_snapshot(&p, pages, |i, b| fill_pattern_page(SEED, i, b)).unwrap();
+    p
+}
+
+fn image_source(name: &str, pages: u64) -> Arc<dyn PageSource> {
+    Arc::new(SnapshotSource::open(&snapshot(name, pages)).unwrap())
+}
+
+fn check(cfg: &RunConfig) {
+    let r = run_workload(cfg).unwrap_or_else(|e| panic!("{:?}: {e:#}", cfg.mode));
+    eprintln!(
+        "{:?}: {} pages in {:?}; {}",
+        cfg.mode, r.pages, r.elapsed, r.stats
+    );
+    assert_eq!(r.pages, cfg.pages);
+    if !cfg.prefetch {
+        // The guest touched every page and nothing else filled them.
+        assert_eq!(r.demand_pages, cfg.pages);
+    } else {
+        assert_eq!(r.demand_pages + r.prefetched_pages, cfg.pages);
+    }
+}
+
+#[test]
+fn uffd_missing_anon_from_snapshot_every_page_checked() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cfg = RunConfig::new(Mode::UffdMissing, image_source("anon.snap", 1024), SEED);
+    cfg.vcpus = 2;
+    check(&cfg);
+}
+
+#[test]
+fn uffd_missing_shmem_with_prefetch() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cfg = RunConfig::new(Mode::UffdMissing, image_source("shmem.snap", 512), SEED);
+    cfg.uffd_backing = Backing::Shmem;
+    cfg.prefetch = true;
+    check(&cfg);
+}
+
+#[test]
+fn uffd_minor_shmem_from_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    let cfg = RunConfig::new(Mode::UffdMinor, image_source("minor.snap", 512), SEED);
+    check(&cfg);
+}
+
+#[test]
+fn uffd_missing_from_remote_source_over_loopback() {
+    if !kvm_available() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let img = image_source("remote.snap", 512);
+    std::thread::spawn(move || serve(l, img));
+    let remote = Arc::new(RemoteSource::connect(addr, RemoteOptions::default()).unwrap());
+    let mut cfg = RunConfig::new(Mode::UffdMissing, remote, SEED);
+    cfg.prefetch = true;
+    check(&cfg);
+}
+
+#[test]
+fn wrong_image_is_detected_by_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    // An image made with another seed: the guest must report the first wrong word.
+    let cfg = RunConfig::new(
+        Mode::UffdMissing,
+        image_source("wrongseed.snap", 64),
+        SEED ^ 1,
+    );
+    let e = format!("{:#}", run_workload(&cfg).unwrap_err());
+    assert!(e.contains("wrong contents at gpa 0x40000000"), "{e}");
+}
+
+#[test]
+fn corrupt_snapshot_page_fails_the_run_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let p = snapshot("corrupt.snap", 64);
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    // Flip a byte in the last page.
+    f.write_all_at(&[0xAA], len - 100).unwrap();
+    let src = Arc::new(SnapshotSource::open(&p).unwrap());
+    let mut cfg = RunConfig::new(Mode::UffdMissing, src, SEED);
+    cfg.timeout = Duration::from_secs(60);
+    let e = format!("{:#}", run_workload(&cfg).unwrap_err());
+    assert!(e.contains("page 63 is corrupt"), "{e}");
+}
+
+fn series_present() -> bool {
+    if !kvm_available() {
+        return false;
+    }
+    match Vm::new().and_then(|vm| vm.require_userfault()) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP: {e:#}");
+            assert!(e.to_string().contains(NO_USERFAULT_MSG) || !e.to_string().is_empty());
+            false
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_sync_guest_memfd_every_page_checked() {
+    let _ = SERIES;
+    if !series_present() {
+        return;
+    }
+    let mut cfg = RunConfig::new(Mode::KvmSync, image_source("sync.snap", 1024), SEED);
+    cfg.vcpus = 2;
+    check(&cfg);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_async_guest_memfd_every_page_checked() {
+    if !series_present() {
+        return;
+    }
+    let mut cfg = RunConfig::new(Mode::KvmAsync, image_source("async.snap", 1024), SEED);
+    cfg.vcpus = 2;
+    check(&cfg);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_sync_with_prefetch_races() {
+    if !series_present() {
+        return;
+    }
+    let mut cfg = RunConfig::new(Mode::KvmSync, image_source("syncpf.snap", 1024), SEED);
+    cfg.vcpus = 2;
+    cfg.prefetch = true;
+    check(&cfg);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_async_from_remote_source_over_loopback() {
+    if !series_present() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let img = image_source("asyncremote.snap", 1024);
+    std::thread::spawn(move || serve(l, img));
+    let remote = Arc::new(RemoteSource::connect(addr, RemoteOptions::default()).unwrap());
+    let mut cfg = RunConfig::new(Mode::KvmAsync, remote, SEED);
+    cfg.prefetch = true;
+    check(&cfg);
+}
