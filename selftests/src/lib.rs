@@ -4,14 +4,13 @@
 //! The library is the equivalent of the C selftests' `lib/`: [`vm`] builds x86_64 long-mode
 //! VMs (page tables, GDT, IDT reporting exceptions, vCPUs), [`guest`] is the code that runs
 //! inside them (ucalls over port I/O, guest assertions), [`mem`] the memory backings,
-//! [`uffd`] userfaultfd plumbing and [`caps`] capability probes and skip helpers.
+//! [`caps`] capability probes and skip helpers.
 //! The tests themselves live in `tests/*.rs`, one file per C test.
 
 pub mod caps;
 pub mod guest;
 pub mod mem;
 pub mod uapi;
-pub mod uffd;
 pub mod userfault;
 pub mod vm;
 

@@ -26,13 +26,11 @@ use kvm_selftests::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_EXIT_FLAG_USERFAULT,
     KVM_USERFAULT_FD_FLAG_NONBLOCK, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS,
 };
-use kvm_selftests::uffd::{
-    Uffd, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFD_FEATURE_MINOR_SHMEM,
-};
 use kvm_selftests::vm::{Region, TEST_GPA};
 use kvm_selftests::{
     guest_assert_eq, require_userfault, userfault, Backing, Exit, HostMapping, TestVm, Ucall,
 };
+use kvm_userfault::fault::uffd::{Uffd, UffdMode, UffdMsg, UFFD_EVENT_PAGEFAULT};
 
 const PAGE: u64 = 4096;
 const SEED: u64 = 0x5eed_0bad_c0de_f00d;
@@ -195,35 +193,48 @@ impl Supplied {
     }
 }
 
-/// One uffd reader thread (uffd_handler_thread_fn() + handle_uffd_page_request()).
+/// One uffd reader thread (uffd_handler_thread_fn() + handle_uffd_page_request()), on the
+/// runtime's userfaultfd layer (`kvm_userfault::fault::uffd`).
 fn uffd_reader(
     uffd: Arc<Uffd>,
     stop: RawFd,
     region: Arc<Region>,
-    mode: u64,
+    mode: UffdMode,
     delay: Duration,
 ) -> Result<u64> {
     let mut buf = vec![0u8; PAGE as usize];
+    let mut msgs = [UffdMsg::default(); 16];
     let mut n = 0;
     while wait_readable(uffd.as_raw_fd(), stop)? {
-        while let Some(msg) = uffd.read_msg()? {
-            ensure!(
-                msg.event == kvm_selftests::uffd::UFFD_EVENT_PAGEFAULT,
-                "unexpected uffd event {:#x}",
-                msg.event
-            );
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
+        loop {
+            let got = uffd.read_msgs(&mut msgs).context("read(userfaultfd)")?;
+            if got == 0 {
+                break;
             }
-            let addr = msg.address & !(PAGE - 1);
-            if mode == UFFDIO_REGISTER_MODE_MISSING {
-                let gpa = region.gpa + (addr - region.mapping.addr());
-                fill_page(&mut buf, gpa);
-                uffd.copy(addr, buf.as_ptr(), PAGE)?;
-            } else {
-                uffd.cont(addr, PAGE)?;
+            for msg in &msgs[..got] {
+                ensure!(
+                    msg.event == UFFD_EVENT_PAGEFAULT,
+                    "unexpected uffd event {:#x}",
+                    msg.event
+                );
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                let addr = msg.pf_address & !(PAGE - 1);
+                // EEXIST (another reader installed the page first) comes back as
+                // AlreadyMapped, which the C test tolerates too.
+                if mode == UffdMode::Missing {
+                    let gpa = region.gpa + (addr - region.mapping.addr());
+                    fill_page(&mut buf, gpa);
+                    // SAFETY: `buf` holds PAGE readable bytes for the duration of the call.
+                    unsafe { uffd.copy(addr as usize, buf.as_ptr(), PAGE as usize) }
+                        .with_context(|| format!("UFFDIO_COPY at {addr:#x}"))?;
+                } else {
+                    uffd.cont(addr as usize, PAGE as usize)
+                        .with_context(|| format!("UFFDIO_CONTINUE at {addr:#x}"))?;
+                }
+                n += 1;
             }
-            n += 1;
         }
     }
     Ok(n)
@@ -344,16 +355,20 @@ fn run_test(p: &Params) -> Result<()> {
     let mut ufd: Option<OwnedFd> = None;
     match p.mode {
         Mode::UffdMissing | Mode::UffdMinor => {
-            let (mode, features) = if p.mode == Mode::UffdMissing {
-                (UFFDIO_REGISTER_MODE_MISSING, 0)
+            let mode = if p.mode == Mode::UffdMissing {
+                UffdMode::Missing
             } else {
-                (UFFDIO_REGISTER_MODE_MINOR, UFFD_FEATURE_MINOR_SHMEM)
+                UffdMode::Minor
             };
             let nr = if p.single_uffd { 1 } else { p.vcpus };
             let len = total / nr;
             for i in 0..nr {
-                let uffd = Arc::new(Uffd::new(features)?);
-                uffd.register(region.mapping.addr() + i * len, len, mode)?;
+                let uffd = Arc::new(Uffd::new()?);
+                uffd.register(
+                    (region.mapping.addr() + i * len) as usize,
+                    len as usize,
+                    mode,
+                )?;
                 for _ in 0..p.readers {
                     let (u, r, s, d) = (uffd.clone(), region.clone(), stop.as_raw_fd(), p.delay);
                     handlers.push(std::thread::spawn(move || uffd_reader(u, s, r, mode, d)));
