@@ -221,8 +221,9 @@ impl Vcpu {
     /// address reports DONE.
     pub fn set_entry(&self, entry: GuestFn, args: &[u64]) -> Result<()> {
         ensure!(args.len() <= 4, "at most four guest arguments");
-        // The return address sits at the top of the stack, as if `entry` had been called.
-        let rsp = self.stack_top - 16;
+        // The return address sits at the top of the stack, as if `entry` had been called:
+        // the SysV ABI wants RSP + 8 16-byte aligned at function entry (SSE spills use movaps).
+        let rsp = self.stack_top - 8;
         {
             let a = self.aspace.lock().unwrap();
             let gpa = a.gva_to_gpa(rsp, 8).context("stack not mapped")?;

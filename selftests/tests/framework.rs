@@ -212,3 +212,30 @@ fn signal_interrupts_kvm_run() {
         "KVM_RUN after a signal: {r:?}"
     );
 }
+
+extern "C" fn guest_stack_alignment(_: u64, _: u64, _: u64, _: u64) {
+    let rsp: u64;
+    // SAFETY: reads RSP only.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
+    // Report RSP and the address of a 16-byte-aligned local: the compiler places it relative
+    // to RSP assuming the ABI's entry alignment, so a misaligned entry shows up here.
+    let local = core::hint::black_box(0u128);
+    guest::sync(&[rsp, &local as *const u128 as u64]);
+}
+
+/// Entry points start with the SysV stack alignment (RSP + 8 16-byte aligned at entry), so
+/// compiler-generated aligned SSE spills cannot fault.
+#[test]
+fn entry_stack_is_abi_aligned() {
+    let mut vm = TestVm::new().unwrap();
+    let mut vcpu = vm.add_vcpu_with(guest_stack_alignment, &[]).unwrap();
+    let a = vcpu.run_to_sync().unwrap();
+    assert_eq!(
+        a[1] % 16,
+        0,
+        "a u128 local must be 16-byte aligned (rsp {:#x}, local {:#x})",
+        a[0],
+        a[1]
+    );
+    vcpu.run_to_done().unwrap();
+}
