@@ -7,7 +7,7 @@
 
 use crate::fault::uffd::{Installed, Uffd};
 use crate::source::{PageSource, SourceError, Urgency};
-use crate::state::{coalesce, Claim, MissingMap, SlotState};
+use crate::state::{coalesce_into, Claim, MissingMap, SlotState};
 use crate::stats::Stats;
 use crate::PAGE_SIZE;
 use std::io;
@@ -106,6 +106,7 @@ pub struct Scratch {
     staging: Vec<u8>,
     indices: Vec<u64>,
     waits: Vec<(usize, usize)>,
+    runs: Vec<Range<usize>>,
 }
 
 /// Longest run written by one install call (bounds the staging buffer: 1 MiB).
@@ -386,7 +387,25 @@ impl Handler {
             if scratch.pages.is_empty() {
                 continue;
             }
-            let runs = coalesce(&scratch.pages);
+            let mut runs = std::mem::take(&mut scratch.runs);
+            runs.clear();
+            coalesce_into(&mut scratch.pages, &mut runs);
+            let res = self.fill_runs(ri, &runs, claimed, scratch);
+            scratch.runs = runs;
+            filled += res?;
+        }
+        Ok(filled)
+    }
+
+    fn fill_runs(
+        &self,
+        ri: usize,
+        runs: &[Range<usize>],
+        claimed: &[(usize, usize)],
+        scratch: &mut Scratch,
+    ) -> Result<usize, HandlerError> {
+        let mut filled = 0;
+        {
             for (k, run) in runs.iter().enumerate() {
                 let mut start = run.start;
                 while start < run.end {

@@ -8,6 +8,7 @@
 
 use bitvec::prelude::*;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -142,17 +143,22 @@ impl MissingMap {
 /// Coalesces page indices into maximal runs of contiguous pages (input in any order, duplicates
 /// ignored), so that one kernel call clears a whole run.
 pub fn coalesce(pages: &[usize]) -> Vec<Range<usize>> {
-    let mut sorted: Vec<usize> = pages.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out: Vec<Range<usize>> = Vec::new();
-    for p in sorted {
+    let mut sorted = pages.to_vec();
+    let mut out = Vec::new();
+    coalesce_into(&mut sorted, &mut out);
+    out
+}
+
+/// [`coalesce`] without allocating: sorts `pages` in place and appends the runs to `out`.
+pub fn coalesce_into(pages: &mut [usize], out: &mut Vec<Range<usize>>) {
+    pages.sort_unstable();
+    for &p in pages.iter() {
         match out.last_mut() {
+            Some(r) if r.contains(&p) => {}
             Some(r) if r.end == p => r.end = p + 1,
             _ => out.push(p..p + 1),
         }
     }
-    out
 }
 
 /// A bad index handed to the state (a bug in the caller or a bogus record).
@@ -175,6 +181,9 @@ pub enum StateError {
 pub struct SlotState {
     map: Mutex<MissingMap>,
     changed: Condvar,
+    /// Threads in `wait_settled`: notifying a condvar is a futex syscall even with nobody
+    /// waiting, which would dominate the fault path, so it is skipped when this is zero.
+    waiters: AtomicUsize,
 }
 
 impl SlotState {
@@ -183,6 +192,7 @@ impl SlotState {
         Self {
             map: Mutex::new(map),
             changed: Condvar::new(),
+            waiters: AtomicUsize::new(0),
         }
     }
 
@@ -194,34 +204,45 @@ impl SlotState {
     /// Marks pages present and wakes waiters.
     pub fn complete(&self, r: Range<usize>) -> Result<(), StateError> {
         self.lock().complete(r)?;
-        self.changed.notify_all();
+        self.wake();
         Ok(())
     }
 
     /// Releases a claim after a failure and wakes waiters (they may claim it themselves).
     pub fn abort(&self, r: Range<usize>) -> Result<(), StateError> {
         self.lock().abort(r)?;
-        self.changed.notify_all();
+        self.wake();
         Ok(())
+    }
+
+    fn wake(&self) {
+        // SeqCst pairs with the increment in wait_settled, which happens under the lock
+        // before the waiter re-checks the map: a waiter either sees the update or is counted.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// Waits until `page` is present or no longer in flight; returns the claim state then.
     /// `give_up` is polled every `tick` so a stopping runtime never hangs here.
     pub fn wait_settled(&self, page: usize, tick: Duration, give_up: impl Fn() -> bool) -> Claim {
         let mut g = self.lock();
-        loop {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
             if !g.is_missing(page) {
-                return Claim::Present;
+                break Claim::Present;
             }
             if !g.in_flight[page] || give_up() {
-                return Claim::InFlight;
+                break Claim::InFlight;
             }
             g = self
                 .changed
                 .wait_timeout(g, tick)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 }
 
