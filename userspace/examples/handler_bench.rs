@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10);
 
     let image: Vec<u8> = (0..pages * PAGE_SIZE)
-        .map(|i| (i * 131 >> 7) as u8)
+        .map(|i| ((i * 131) >> 7) as u8)
         .collect();
     let source = Arc::new(MemorySource::new(image)?);
     let mut guest = vec![0u8; pages * PAGE_SIZE];

@@ -107,6 +107,7 @@ pub struct Scratch {
     indices: Vec<u64>,
     waits: Vec<(usize, usize)>,
     runs: Vec<Range<usize>>,
+    done: Vec<Range<usize>>,
 }
 
 /// Longest run written by one install call (bounds the staging buffer: 1 MiB).
@@ -259,11 +260,18 @@ impl Handler {
         scratch.claimed.clear();
         scratch.waits.clear();
         let mut present_wakes: Vec<u64> = Vec::new();
+        let mut locked: Option<(usize, std::sync::MutexGuard<'_, MissingMap>)> = None;
         for &gpa in gpas {
             let (ri, page) = self.lookup_gpa(gpa).ok_or(HandlerError::UnknownGpa(gpa))?;
-            let claim = self.regions[ri]
-                .state
-                .lock()
+            // One lock acquisition for a run of records on the same region.
+            let map = match &mut locked {
+                Some((r, g)) if *r == ri => g,
+                _ => {
+                    locked = None;
+                    &mut locked.insert((ri, self.regions[ri].state.lock())).1
+                }
+            };
+            let claim = map
                 .try_claim(page)
                 .map_err(|_| HandlerError::UnknownGpa(gpa))?;
             match claim {
@@ -278,6 +286,7 @@ impl Handler {
                 }
             }
         }
+        drop(locked);
         tracing::trace!(claimed = scratch.claimed.len(), "claimed");
         // A userfaultfd waiter may have queued before the page was installed by someone else;
         // an extra wake is harmless, a missing one would hang it.
@@ -294,10 +303,9 @@ impl Handler {
         scratch.claimed = claimed;
         let filled = res?;
         Stats::add(&self.stats.demand_pages, filled as u64);
-        let lat = faulted_at.elapsed();
-        for _ in 0..filled {
-            self.stats.latency.record(lat);
-        }
+        self.stats
+            .latency
+            .record_n(faulted_at.elapsed(), filled as u64);
         if wait {
             for &(ri, page) in &scratch.waits {
                 let st = &self.regions[ri].state;
@@ -404,32 +412,42 @@ impl Handler {
         claimed: &[(usize, usize)],
         scratch: &mut Scratch,
     ) -> Result<usize, HandlerError> {
-        let mut filled = 0;
-        {
-            for (k, run) in runs.iter().enumerate() {
-                let mut start = run.start;
-                while start < run.end {
-                    let chunk = start..(start + MAX_RUN_PAGES).min(run.end);
-                    if let Err(e) = self.fill_run(ri, chunk.clone(), scratch) {
-                        // Release this chunk and every later claim.
-                        let st = &self.regions[ri].state;
-                        st.abort(chunk.start..run.end).ok();
-                        for r in &runs[k + 1..] {
-                            st.abort(r.clone()).ok();
+        let st = &self.regions[ri].state;
+        let mut done = std::mem::take(&mut scratch.done);
+        done.clear();
+        let mut result = Ok(0);
+        'runs: for (k, run) in runs.iter().enumerate() {
+            let mut start = run.start;
+            while start < run.end {
+                let chunk = start..(start + MAX_RUN_PAGES).min(run.end);
+                if let Err(e) = self.fill_run(ri, chunk.clone(), scratch) {
+                    // Installed chunks become present; this chunk and every later claim are
+                    // released so that a retry can claim them again.
+                    let mut failed = Vec::with_capacity(runs.len() - k);
+                    failed.push(chunk.start..run.end);
+                    failed.extend(runs[k + 1..].iter().cloned());
+                    st.settle(&done, &failed).ok();
+                    for other in ri + 1..self.regions.len() {
+                        for &(_, p) in claimed.iter().filter(|c| c.0 == other) {
+                            self.regions[other].state.abort(p..p + 1).ok();
                         }
-                        for other in ri + 1..self.regions.len() {
-                            for &(_, p) in claimed.iter().filter(|c| c.0 == other) {
-                                self.regions[other].state.abort(p..p + 1).ok();
-                            }
-                        }
-                        return Err(e);
                     }
-                    filled += chunk.len();
-                    start = chunk.end;
+                    done.clear();
+                    result = Err(e);
+                    break 'runs;
                 }
+                done.push(chunk.clone());
+                start = chunk.end;
             }
         }
-        Ok(filled)
+        if result.is_ok() {
+            // One lock for the whole batch: mark every installed page present.
+            st.settle(&done, &[])
+                .map_err(|_| HandlerError::UnknownGpa(self.regions[ri].region.gpa))?;
+            result = Ok(done.iter().map(|r| r.len()).sum());
+        }
+        scratch.done = done;
+        result
     }
 
     fn fill_run(
@@ -492,9 +510,6 @@ impl Handler {
             }
         }
         Stats::add(&self.stats.install_calls, 1);
-        rs.state
-            .complete(pages)
-            .map_err(|_| HandlerError::UnknownGpa(gpa))?;
         Ok(())
     }
 

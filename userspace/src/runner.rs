@@ -141,7 +141,7 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
         "need at least one page per vCPU"
     );
     ensure!(
-        cfg.data_gpa % (2 << 20) == 0 && cfg.data_gpa >= guest::SYSTEM_SIZE,
+        cfg.data_gpa.is_multiple_of(2 << 20) && cfg.data_gpa >= guest::SYSTEM_SIZE,
         "data region must be 2 MiB aligned above the system memory"
     );
     let size = cfg.pages * PAGE_SIZE as u64;

@@ -215,6 +215,23 @@ impl SlotState {
         Ok(())
     }
 
+    /// Marks `done` present and releases `failed` claims under one lock, then wakes waiters.
+    pub fn settle(&self, done: &[Range<usize>], failed: &[Range<usize>]) -> Result<(), StateError> {
+        let res = {
+            let mut g = self.lock();
+            let mut res = Ok(());
+            for r in done {
+                res = res.and(g.complete(r.clone()));
+            }
+            for r in failed {
+                res = res.and(g.abort(r.clone()));
+            }
+            res
+        };
+        self.wake();
+        res
+    }
+
     fn wake(&self) {
         // SeqCst pairs with the increment in wait_settled, which happens under the lock
         // before the waiter re-checks the map: a waiter either sees the update or is counted.

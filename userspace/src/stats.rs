@@ -30,11 +30,19 @@ impl Default for Histogram {
 impl Histogram {
     /// Records one sample.
     pub fn record(&self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `n` samples of the same value (a batch resolved together).
+    pub fn record_n(&self, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
         let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         let b = (63 - ns.max(1).leading_zeros() as usize).min(BUCKETS - 1);
-        self.buckets[b].fetch_add(1, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(ns, Relaxed);
+        self.buckets[b].fetch_add(n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+        self.sum_ns.fetch_add(ns.saturating_mul(n), Relaxed);
         self.max_ns.fetch_max(ns, Relaxed);
     }
 
@@ -63,12 +71,12 @@ impl Histogram {
 
     /// Mean of the samples.
     pub fn mean(&self) -> Duration {
-        let n = self.count();
-        if n == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos(self.sum_ns.load(Relaxed) / n)
-        }
+        Duration::from_nanos(
+            self.sum_ns
+                .load(Relaxed)
+                .checked_div(self.count())
+                .unwrap_or(0),
+        )
     }
 
     /// Largest sample.

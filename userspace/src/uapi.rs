@@ -113,8 +113,11 @@ pub const KVM_CREATE_USERFAULT_FD: u64 =
 pub const KVM_USERFAULT_RESOLVE: u64 =
     ioc(IOC_WRITE, KVMIO, 0xd7, size_of::<kvm_userfault_range>());
 
-/// (name, size, [(field, offset)]) of the series' structs as this crate lays them out.
-pub fn struct_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
+/// (name, size, [(field, offset)]) of one struct.
+pub type StructLayout = (&'static str, usize, Vec<(&'static str, usize)>);
+
+/// The layouts of the series' structs as this crate lays them out.
+pub fn struct_layouts() -> Vec<StructLayout> {
     vec![
         (
             "kvm_create_userfault_fd",

@@ -50,7 +50,7 @@ pub enum RecordError {
 
 /// Parses the bytes of one `read()` into records, appending to `out`.
 pub fn parse_records(bytes: &[u8], out: &mut Vec<Record>) -> Result<(), RecordError> {
-    if bytes.len() % USERFAULT_MSG_SIZE != 0 {
+    if !bytes.len().is_multiple_of(USERFAULT_MSG_SIZE) {
         return Err(RecordError::Partial(bytes.len()));
     }
     let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);

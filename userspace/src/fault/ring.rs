@@ -159,8 +159,8 @@ impl AsyncReader {
             if eof {
                 return Ok(());
             }
-            for k in 0..done.len() {
-                self.push_read(done[k])?;
+            for &i in &done {
+                self.push_read(i)?;
             }
         }
     }

@@ -277,7 +277,7 @@ impl Uffd {
             return Err(e);
         }
         let n = n as usize;
-        if n % size_of::<UffdMsg>() != 0 {
+        if !n.is_multiple_of(size_of::<UffdMsg>()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("userfaultfd returned {n} bytes, not a whole number of messages"),

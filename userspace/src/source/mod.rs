@@ -119,7 +119,7 @@ impl MemorySource {
     /// Wraps `data`, whose length must be a multiple of the page size.
     pub fn new(data: Vec<u8>) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            data.len() % PAGE_SIZE == 0,
+            data.len().is_multiple_of(PAGE_SIZE),
             "in-memory image of {} bytes is not a whole number of pages",
             data.len()
         );
