@@ -66,6 +66,7 @@ const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
 
 /// A memslot and its host side.
 #[derive(Debug)]
@@ -179,6 +180,12 @@ pub enum Exit {
         port: u16,
         data: Vec<u8>,
     },
+    /// Port input from a port other than the ucall port; `len` bytes of
+    /// [`Vcpu::io_in_fill`] were supplied.
+    IoIn {
+        port: u16,
+        len: usize,
+    },
     Other(String),
 }
 
@@ -212,6 +219,8 @@ pub fn vector_name(v: u64) -> &'static str {
 pub struct Vcpu {
     pub id: u64,
     pub fd: VcpuFd,
+    /// The byte returned for guest port input (see [`Exit::IoIn`]).
+    pub io_in_fill: u8,
     aspace: Arc<Mutex<AddressSpace>>,
     stack_top: u64,
 }
@@ -247,6 +256,7 @@ impl Vcpu {
     /// One `KVM_RUN`. `Err` carries the errno of a failed KVM_RUN other than a memory fault
     /// exit (e.g. EINTR, EFAULT without KVM_EXIT_MEMORY_FAULT).
     pub fn run(&mut self) -> std::result::Result<Exit, kvm_ioctls::Error> {
+        let fill = self.io_in_fill;
         let exit = match self.fd.run()? {
             VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) if port == UCALL_PORT => None,
             VcpuExit::IoOut(port, data) => {
@@ -254,6 +264,15 @@ impl Vcpu {
                     port,
                     data: data.to_vec(),
                 })
+            }
+            VcpuExit::IoIn(port, data) => {
+                // Port input (e.g. a guest `rep insb`): supply `io_in_fill` bytes; KVM stores
+                // them into guest memory when the vCPU is re-entered.
+                data.fill(fill);
+                return Ok(Exit::IoIn {
+                    port,
+                    len: data.len(),
+                });
             }
             VcpuExit::MemoryFault { flags, gpa, size } => {
                 return Ok(Exit::MemoryFault { flags, gpa, size })
@@ -713,7 +732,14 @@ impl TestVm {
         sregs.cr0 = CR0_PE | CR0_MP | CR0_NE | CR0_WP | CR0_PG;
         sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | if has_xsave { CR4_OSXSAVE } else { 0 };
         sregs.cr3 = self.pml4;
-        sregs.efer = EFER_LME | EFER_LMA;
+        // NXE as in the C selftests (vcpu_init_sregs): besides allowing NX, it makes
+        // instruction fetches identifiable in page-fault error codes.
+        let has_nx = self
+            .cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 20) != 0);
+        sregs.efer = EFER_LME | EFER_LMA | if has_nx { EFER_NXE } else { 0 };
         fd.set_sregs(&sregs).context("KVM_SET_SREGS")?;
         if has_xsave {
             // Enable every user state KVM supports so that host-compiled code (e.g. libc
@@ -736,6 +762,7 @@ impl TestVm {
         Ok(Vcpu {
             id,
             fd,
+            io_in_fill: 0,
             aspace: self.aspace.clone(),
             stack_top: SYS_GVA + STACKS_GPA + (id + 1) * STACK_SIZE,
         })

@@ -239,3 +239,61 @@ fn entry_stack_is_abi_aligned() {
     );
     vcpu.run_to_done().unwrap();
 }
+
+extern "C" fn guest_ins(gva: u64, len: u64, _: u64, _: u64) {
+    // SAFETY: string port input into mapped guest memory; only traps to the host.
+    unsafe {
+        core::arch::asm!("rep insb", inout("rdi") gva => _, inout("rcx") len => _,
+                         in("dx") OUTS_PORT, options(nostack, preserves_flags));
+        guest::sync(&[read_u64(gva)]);
+    }
+}
+
+/// `rep insb` is emulated too: KVM writes the bytes userspace supplied into guest memory
+/// (the KVM-write path of the userfault tests).
+#[test]
+fn string_input_is_emulated_into_guest_memory() {
+    let mut vm = TestVm::new().unwrap();
+    let region = vm
+        .add_mapped_region(1, TEST_GPA, 4096, Backing::Anonymous)
+        .unwrap();
+    let m = region.mapping.clone();
+    let mut vcpu = vm.add_vcpu_with(guest_ins, &[TEST_GPA + 8, 8]).unwrap();
+    vcpu.io_in_fill = 0xab;
+    let mut supplied = 0;
+    loop {
+        match vcpu.run().unwrap() {
+            kvm_selftests::Exit::IoIn { port, len } => {
+                assert_eq!(port, OUTS_PORT);
+                supplied += len;
+            }
+            kvm_selftests::Exit::Ucall(Ucall::Sync(a)) => {
+                assert_eq!(a, vec![0xabab_abab_abab_abab]);
+                break;
+            }
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+    assert_eq!(supplied, 8);
+    assert_eq!(m.read_u64(8), 0xabab_abab_abab_abab);
+    assert_eq!(m.read_u64(0), 0, "bytes before the destination untouched");
+}
+
+extern "C" fn guest_call(gva: u64, _: u64, _: u64, _: u64) {
+    // SAFETY: the test put a `ret` at `gva`, identity mapped and executable.
+    let f: extern "C" fn() = unsafe { core::mem::transmute(gva as usize) };
+    f();
+    guest::sync(&[gva]);
+}
+
+/// Guest code can run from test memory (the exec-fault path of the userfault tests).
+#[test]
+fn execute_from_test_memory() {
+    let mut vm = TestVm::new().unwrap();
+    let region = vm
+        .add_mapped_region(1, TEST_GPA, 4096, Backing::Anonymous)
+        .unwrap();
+    region.mapping.write(0x10, &[0xc3]); // ret
+    let mut vcpu = vm.add_vcpu_with(guest_call, &[TEST_GPA + 0x10]).unwrap();
+    assert_eq!(vcpu.run_to_sync().unwrap(), vec![TEST_GPA + 0x10]);
+}
