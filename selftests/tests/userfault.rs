@@ -1207,6 +1207,12 @@ fn signal_interrupts_sleeping_vcpu() {
 
 // ---- a second process ----
 
+/// This test binary, to re-execute as a helper process: /proc/self/exe, or argv[0] where
+/// /proc is not mounted (a minimal initramfs).
+fn self_exe() -> std::path::PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| std::env::args_os().next().expect("argv[0]").into())
+}
+
 const HELPER_ENV: &str = "KVM_SELFTESTS_USERFAULT_HELPER_FD";
 
 fn send_fds(sock: RawFd, fds: &[RawFd], byte: u8) {
@@ -1280,7 +1286,7 @@ fn resolve_from_second_process() {
     let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
     // SAFETY: fcntl on our own descriptor.
     unsafe { libc::fcntl(mine.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    let exe = std::env::current_exe().unwrap();
+    let exe = self_exe();
     let mut child = Command::new(exe)
         .args([
             "--exact",
@@ -1326,7 +1332,7 @@ fn resolve_from_second_process() {
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn teardown_with_sleeping_waiters() {
     require_userfault!("userfault::teardown_with_sleeping_waiters");
-    let exe = std::env::current_exe().unwrap();
+    let exe = self_exe();
     let mut child = Command::new(exe)
         .args([
             "--exact",
