@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 /// How faults are delivered and resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// guest_memfd + USERFAULT attribute; vCPU threads handle KVM_EXIT_MEMORY_FAULT exits.
+    /// guest_memfd + USERFAULT attribute; vCPU threads handle KVM_EXIT_MEMORY_FAULT exits
+    /// (KVM's own accesses, which cannot exit, come through a userfault fd without
+    /// VCPU_FAULTS); resolved with KVM_SET_MEMORY_ATTRIBUTES(FLAG_CLEAR).
     KvmSync,
     /// guest_memfd + USERFAULT; faults (vCPU and KVM's own) read from the userfault fd over
     /// io_uring and resolved with KVM_USERFAULT_RESOLVE.
@@ -182,6 +184,10 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
     let install = match cfg.mode {
         Mode::KvmSync => {
             vm.set_userfault(cfg.data_gpa, size, true)?;
+            // vCPU faults exit synchronously; KVM's own accesses (emulator, kvm_read_guest)
+            // cannot exit, so an fd without VCPU_FAULTS reports just those to the reader.
+            ufd = Some(Arc::new(vm.create_userfault_fd(0)?));
+            // Resolve with the attribute ioctl (FLAG_CLEAR), which also wakes fd waiters.
             Install::Direct(Box::new(AttributeResolver(vm.fd.clone())))
         }
         Mode::KvmAsync => {
