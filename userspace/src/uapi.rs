@@ -330,6 +330,11 @@ pub mod header {
             return Some(super::ioc(super::IOC_WRITE, super::KVMIO, nr, size));
         }
         let e = strip_parens(e);
+        for bit in ["_BITULL(", "_BITUL(", "BIT_ULL(", "BIT("] {
+            if let Some(n) = e.strip_prefix(bit).and_then(|r| r.strip_suffix(')')) {
+                return 1u64.checked_shl(eval(h, n)? as u32);
+            }
+        }
         if let Some((a, b)) = split_top(e, "|") {
             return Some(eval(h, a)? | eval(h, b)?);
         }
@@ -539,6 +544,19 @@ struct kvm_userfault_range {
             problems.is_empty(),
             "uAPI drift vs the series: {problems:#?}"
         );
+    }
+
+    #[test]
+    fn header_reader_evaluates_kernel_styles() {
+        let text = "#define A _BITULL(4)\n#define B (1U << 3)\n#define C 0xd6\n#define D (A | B)\n#define E 252UL";
+        let lines: Vec<String> = text.lines().map(String::from).collect();
+        let h = header::parse(&lines);
+        let v = |n: &str| header::eval(&h, &h.defines[n]);
+        assert_eq!(v("A"), Some(16));
+        assert_eq!(v("B"), Some(8));
+        assert_eq!(v("C"), Some(0xd6));
+        assert_eq!(v("D"), Some(24));
+        assert_eq!(v("E"), Some(252));
     }
 
     #[test]

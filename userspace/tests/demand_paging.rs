@@ -151,7 +151,7 @@ fn kvm_sync_guest_memfd_every_page_checked() {
     if !series_present() {
         return;
     }
-    let mut cfg = RunConfig::new(Mode::KvmSync, image_source("sync.snap", 1024), SEED);
+    let mut cfg = RunConfig::new(Mode::KvmSync, image_source("sync.snap", 512), SEED);
     cfg.vcpus = 2;
     check(&cfg);
 }
@@ -162,7 +162,7 @@ fn kvm_async_guest_memfd_every_page_checked() {
     if !series_present() {
         return;
     }
-    let mut cfg = RunConfig::new(Mode::KvmAsync, image_source("async.snap", 1024), SEED);
+    let mut cfg = RunConfig::new(Mode::KvmAsync, image_source("async.snap", 512), SEED);
     cfg.vcpus = 2;
     check(&cfg);
 }
@@ -173,7 +173,7 @@ fn kvm_sync_with_prefetch_races() {
     if !series_present() {
         return;
     }
-    let mut cfg = RunConfig::new(Mode::KvmSync, image_source("syncpf.snap", 1024), SEED);
+    let mut cfg = RunConfig::new(Mode::KvmSync, image_source("syncpf.snap", 512), SEED);
     cfg.vcpus = 2;
     cfg.prefetch = true;
     check(&cfg);
@@ -187,7 +187,7 @@ fn kvm_async_from_remote_source_over_loopback() {
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let img = image_source("asyncremote.snap", 1024);
+    let img = image_source("asyncremote.snap", 512);
     std::thread::spawn(move || serve(l, img));
     let remote = Arc::new(RemoteSource::connect(addr, RemoteOptions::default()).unwrap());
     let mut cfg = RunConfig::new(Mode::KvmAsync, remote, SEED);
