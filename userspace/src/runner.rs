@@ -238,18 +238,7 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
         );
         service_threads.push(std::thread::Builder::new().name("kuf-async".into()).spawn(
             move || {
-                let res = (|| -> Result<()> {
-                    let mut reader = AsyncReader::new(fd.as_raw_fd(), depth, per, stop)?;
-                    let mut scratch = Scratch::default();
-                    let mut gpas = Vec::new();
-                    reader.run(|batch| {
-                        let t = Instant::now();
-                        gpas.clear();
-                        gpas.extend(batch.iter().map(|r| r.gfn << 12));
-                        h.handle_gpas(&gpas, t, false, &mut scratch)?;
-                        Ok(())
-                    })
-                })();
+                let res = serve_userfault_fd(&h, fd.as_raw_fd(), stop, depth, per);
                 if let Err(e) = res {
                     h.fail(&e.context("async userfault reader"));
                 }
@@ -260,7 +249,7 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
         let (h, u, stop) = (handler.clone(), u.clone(), stop.clone());
         service_threads.push(std::thread::Builder::new().name("kuf-uffd".into()).spawn(
             move || {
-                if let Err(e) = uffd_loop(&h, &u, &stop) {
+                if let Err(e) = serve_uffd(&h, &u, &stop) {
                     h.fail(&e.context("userfaultfd handler"));
                 }
             },
@@ -398,7 +387,29 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
     })
 }
 
-fn uffd_loop(h: &Handler, u: &Uffd, stop: &StopSignal) -> Result<()> {
+/// Serves a KVM userfault fd (or anything producing `kvm_userfault_msg` records) until `stop`
+/// fires or the fd reports EOF: io_uring reads, each batch handed to the handler.
+pub fn serve_userfault_fd(
+    h: &Handler,
+    fd: std::os::fd::RawFd,
+    stop: StopSignal,
+    depth: usize,
+    records_per_read: usize,
+) -> Result<()> {
+    let mut reader = AsyncReader::new(fd, depth, records_per_read, stop)?;
+    let mut scratch = Scratch::default();
+    let mut gpas = Vec::new();
+    reader.run(|batch| {
+        let t = Instant::now();
+        gpas.clear();
+        gpas.extend(batch.iter().map(|r| r.gfn << 12));
+        h.handle_gpas(&gpas, t, false, &mut scratch)?;
+        Ok(())
+    })
+}
+
+/// Serves a userfaultfd until `stop` fires: poll, drain messages in batches, handle.
+pub fn serve_uffd(h: &Handler, u: &Uffd, stop: &StopSignal) -> Result<()> {
     let mut msgs = [UffdMsg::default(); 64];
     let mut scratch = Scratch::default();
     let mut gpas = Vec::with_capacity(64);

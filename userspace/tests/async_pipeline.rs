@@ -1,0 +1,185 @@
+//! The kvm-async pipeline on a stock host, against a mock of the kernel side of the uAPI:
+//! "vCPU" threads fault on USERFAULT pages, the mock reports each outstanding gfn once as a
+//! `kvm_userfault_msg` on a socket (standing in for the userfault fd), sleeps until the gfn is
+//! resolved, then reads the page. The runtime's io_uring reader + handler + prefetch serve it.
+
+use kvm_userfault::fault::records::encode_record;
+use kvm_userfault::fault::StopSignal;
+use kvm_userfault::guest::{fill_pattern_page, pattern_word};
+use kvm_userfault::handler::{Handler, Install, Region, Resolver};
+use kvm_userfault::runner::serve_userfault_fd;
+use kvm_userfault::source::MemorySource;
+use kvm_userfault::uapi::{
+    KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ, KVM_USERFAULT_MSG_VCPU,
+};
+use kvm_userfault::vm::Mapping;
+use kvm_userfault::PAGE_SIZE;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+const GPA: u64 = 1 << 30;
+const SEED: u64 = 77;
+
+struct MockKernel {
+    /// (USERFAULT attribute, reported-and-unresolved) per page.
+    pages: Mutex<Vec<(bool, bool)>>,
+    resolved: Condvar,
+    fd: Mutex<UnixStream>,
+    double_resolves: AtomicU64,
+    records: AtomicU64,
+}
+
+impl MockKernel {
+    /// A guest access from `vcpu`: report once, sleep until resolved.
+    fn access(&self, page: usize, vcpu: u32) {
+        let mut g = self.pages.lock().unwrap();
+        if g[page].0 && !g[page].1 {
+            g[page].1 = true;
+            let flags = KVM_USERFAULT_MSG_READ | KVM_USERFAULT_MSG_VCPU | KVM_USERFAULT_MSG_GUEST;
+            let rec = encode_record((GPA >> 12) + page as u64, flags, vcpu);
+            self.fd.lock().unwrap().write_all(&rec).unwrap();
+            self.records.fetch_add(1, Ordering::Relaxed);
+        }
+        while g[page].0 {
+            g = self.resolved.wait(g).unwrap();
+        }
+    }
+}
+
+struct MockResolve(Arc<MockKernel>);
+
+impl Resolver for MockResolve {
+    fn resolve(&self, gpa: u64, size: u64) -> std::io::Result<()> {
+        let first = ((gpa - GPA) / PAGE_SIZE as u64) as usize;
+        let mut g = self.0.pages.lock().unwrap();
+        for p in first..first + (size / PAGE_SIZE as u64) as usize {
+            if !g[p].0 {
+                self.0.double_resolves.fetch_add(1, Ordering::Relaxed);
+            }
+            g[p] = (false, false);
+        }
+        self.0.resolved.notify_all();
+        Ok(())
+    }
+}
+
+fn setup(pages: usize) -> (Arc<MockKernel>, UnixStream, Mapping, Arc<Handler>) {
+    let mut img = vec![0u8; pages * PAGE_SIZE];
+    for (i, p) in img.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        fill_pattern_page(SEED, i as u64, p);
+    }
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let kernel = Arc::new(MockKernel {
+        pages: Mutex::new(vec![(true, false); pages]),
+        resolved: Condvar::new(),
+        fd: Mutex::new(tx),
+        double_resolves: AtomicU64::new(0),
+        records: AtomicU64::new(0),
+    });
+    let mem = Mapping::new(pages * PAGE_SIZE, None).unwrap();
+    let region = Region {
+        gpa: GPA,
+        size: (pages * PAGE_SIZE) as u64,
+        host: mem.addr(),
+        fill_alias: None,
+        source_first_page: 0,
+    };
+    let h = Handler::new(
+        vec![region],
+        Arc::new(MemorySource::new(img).unwrap()),
+        Install::Direct(Box::new(MockResolve(kernel.clone()))),
+    )
+    .unwrap();
+    (kernel, rx, mem, Arc::new(h))
+}
+
+fn run(pages: usize, vcpus: usize, prefetch: bool) {
+    let (kernel, rx, mem, h) = setup(pages);
+    let stop = StopSignal::new().unwrap();
+    std::thread::scope(|s| {
+        let reader = {
+            let (h, stop) = (h.clone(), stop.clone());
+            let fd = rx.as_raw_fd();
+            s.spawn(move || serve_userfault_fd(&h, fd, stop, 4, 16))
+        };
+        if prefetch {
+            let h = h.clone();
+            s.spawn(move || h.prefetch_all(8));
+        }
+        let workers: Vec<_> = (0..vcpus)
+            .map(|v| {
+                let (kernel, mem) = (kernel.clone(), &mem);
+                s.spawn(move || {
+                    // Interleaved and overlapping: every vCPU touches every page, in its own
+                    // order, so duplicate faults on one gfn are common.
+                    let mut word = [0u8; 8];
+                    for k in 0..pages {
+                        let page = (k * (2 * v + 1) + v * 7) % pages;
+                        kernel.access(page, v as u32);
+                        for off in [0usize, 8, PAGE_SIZE - 8] {
+                            mem.read(page * PAGE_SIZE + off, &mut word).unwrap();
+                            let o = (page * PAGE_SIZE + off) as u64;
+                            assert_eq!(
+                                u64::from_le_bytes(word),
+                                pattern_word(SEED, o),
+                                "page {page}"
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.stop();
+        reader.join().unwrap().unwrap();
+    });
+    let mut full = vec![0u8; pages * PAGE_SIZE];
+    mem.read(0, &mut full).unwrap();
+    for (i, p) in full.chunks_exact(PAGE_SIZE).enumerate() {
+        let mut want = vec![0u8; PAGE_SIZE];
+        fill_pattern_page(SEED, i as u64, &mut want);
+        assert_eq!(p, &want[..], "page {i}");
+    }
+    assert_eq!(h.missing_pages(), 0);
+    assert_eq!(
+        kernel.double_resolves.load(Ordering::Relaxed),
+        0,
+        "a gfn was resolved twice"
+    );
+    let st = &h.stats;
+    let filled =
+        st.demand_pages.load(Ordering::Relaxed) + st.prefetched_pages.load(Ordering::Relaxed);
+    assert_eq!(filled, pages as u64);
+    eprintln!(
+        "records {} ; {}",
+        kernel.records.load(Ordering::Relaxed),
+        h.stats
+    );
+}
+
+#[test]
+fn async_pipeline_every_page_once_with_duplicate_faults() {
+    run(600, 4, false);
+}
+
+#[test]
+fn async_pipeline_with_prefetch_racing_faults() {
+    run(600, 3, true);
+}
+
+#[test]
+fn record_for_an_unknown_gfn_is_a_clear_error() {
+    let (kernel, rx, _mem, h) = setup(8);
+    let rec = encode_record(5, KVM_USERFAULT_MSG_READ, 0);
+    kernel.fd.lock().unwrap().write_all(&rec).unwrap();
+    let e = serve_userfault_fd(&h, rx.as_raw_fd(), StopSignal::new().unwrap(), 2, 4).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("gpa 0x5000, which is outside every demand-paged region"),
+        "{e:#}"
+    );
+}
