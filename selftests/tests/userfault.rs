@@ -1596,3 +1596,100 @@ fn probe_matches_capabilities() {
         );
     }
 }
+
+/// Wake-up races: several vCPUs read the same pages (so faults on one gfn coalesce while others
+/// are being resolved) and two reader threads resolve records as they come, for several
+/// rounds, re-arming USERFAULT on every page between rounds. Each round every gfn must be
+/// reported exactly once and every vCPU must finish (a lost wake-up is a timeout failure).
+/// `KVM_SELFTESTS_STRESS_ROUNDS` (default 4) sets the rounds.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn stress_wake_races() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    require_userfault!("userfault::stress_wake_races");
+    let pages = 32;
+    let nr_vcpus = 4;
+    let rounds = env_u64("KVM_SELFTESTS_STRESS_ROUNDS", 4);
+    let mut vm = vm_with(gmem(), pages);
+    for p in 0..pages {
+        fill(&vm, TEST_GPA + p * PAGE);
+    }
+    let sum = (0..pages)
+        .map(|p| page_value(TEST_GPA + p * PAGE))
+        .fold(0, u64::wrapping_add);
+    let fd = Arc::new(
+        create_fd(
+            &vm.fd,
+            KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
+        )
+        .unwrap(),
+    );
+    let counts = Arc::new(Mutex::new(vec![0u32; pages as usize]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (fd, counts, stop) = (fd.clone(), counts.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    if poll_in(fd.as_raw_fd(), 10) & libc::POLLIN == 0 {
+                        continue;
+                    }
+                    let recs = match read_records(fd.as_raw_fd(), 8) {
+                        Ok(r) => r,
+                        Err(Errno::EAGAIN) => continue,
+                        Err(e) => panic!("reader: {e}"),
+                    };
+                    for r in recs {
+                        let idx = (r.gfn - TEST_GPA / PAGE) as usize;
+                        counts.lock().unwrap()[idx] += 1;
+                        resolve(fd.as_raw_fd(), r.gfn * PAGE, PAGE).expect("resolve");
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut vcpus: Vec<Vcpu> = (0..nr_vcpus).map(|_| vm.add_vcpu().unwrap()).collect();
+    for round in 0..rounds {
+        counts.lock().unwrap().iter_mut().for_each(|c| *c = 0);
+        set_userfault(&vm.fd, TEST_GPA, pages * PAGE).unwrap();
+        let hs: Vec<_> = vcpus
+            .drain(..)
+            .map(|v| {
+                v.set_entry(guest_sum, &[TEST_GPA, pages]).unwrap();
+                run_async(v)
+            })
+            .collect();
+        for h in hs {
+            let (v, r, _) = join(h, &format!("round {round}"));
+            assert_eq!(
+                expect_sync(r, "stress"),
+                vec![sum],
+                "round {round}: vCPU {}",
+                v.id
+            );
+            vcpus.push(v);
+        }
+        // Every gfn was faulted by someone, and reported exactly once.
+        let deadline = Instant::now() + timeout();
+        loop {
+            let c = counts.lock().unwrap().clone();
+            if c.iter().all(|&n| n == 1) {
+                break;
+            }
+            assert!(
+                c.iter().all(|&n| n <= 1),
+                "round {round}: a gfn was reported twice: {c:?}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: records per gfn {c:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    stop.store(true, Ordering::Release);
+    for r in readers {
+        r.join().expect("reader panicked");
+    }
+}
