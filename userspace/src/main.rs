@@ -59,6 +59,9 @@ enum Cmd {
         /// io_uring reads in flight (kvm-async).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
         ring_depth: u16,
+        /// Threads serving the userfault fd / userfaultfd.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        handler_threads: u16,
         /// Fail if not done after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
@@ -129,6 +132,7 @@ fn real_main(cli: Cli) -> Result<()> {
             prefetch,
             backing,
             ring_depth,
+            handler_threads,
             timeout_secs,
         } => {
             let source: Arc<dyn PageSource> = match (image, remote) {
@@ -143,6 +147,7 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.vcpus = vcpus as usize;
             cfg.prefetch = prefetch;
             cfg.ring_depth = ring_depth as usize;
+            cfg.handler_threads = handler_threads as usize;
             cfg.timeout = Duration::from_secs(timeout_secs);
             cfg.uffd_backing = match backing {
                 UffdBacking::Anon => Backing::Anon,

@@ -68,6 +68,9 @@ pub struct RunConfig {
     pub records_per_read: usize,
     /// Give up (and fail) after this long.
     pub timeout: Duration,
+    /// Threads reading the userfault fd / userfaultfd (each with its own io_uring or poll loop;
+    /// the kernel hands each record to exactly one of them).
+    pub handler_threads: usize,
 }
 
 impl RunConfig {
@@ -86,6 +89,7 @@ impl RunConfig {
             ring_depth: 8,
             records_per_read: 64,
             timeout: Duration::from_secs(600),
+            handler_threads: 1,
         }
     }
 }
@@ -228,32 +232,37 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
 
     let stop = StopSignal::new()?;
     let mut service_threads = Vec::new();
-    if let Some(fd) = &ufd {
-        let (h, fd, stop, depth, per) = (
-            handler.clone(),
-            fd.clone(),
-            stop.clone(),
-            cfg.ring_depth,
-            cfg.records_per_read,
-        );
-        service_threads.push(std::thread::Builder::new().name("kuf-async".into()).spawn(
-            move || {
-                let res = serve_userfault_fd(&h, fd.as_raw_fd(), stop, depth, per);
-                if let Err(e) = res {
-                    h.fail(&e.context("async userfault reader"));
-                }
-            },
-        )?);
-    }
-    if let Some(u) = &uffd {
-        let (h, u, stop) = (handler.clone(), u.clone(), stop.clone());
-        service_threads.push(std::thread::Builder::new().name("kuf-uffd".into()).spawn(
-            move || {
-                if let Err(e) = serve_uffd(&h, &u, &stop) {
-                    h.fail(&e.context("userfaultfd handler"));
-                }
-            },
-        )?);
+    ensure!(
+        (1..=64).contains(&cfg.handler_threads),
+        "handler threads must be 1..=64"
+    );
+    for t in 0..cfg.handler_threads {
+        if let Some(fd) = &ufd {
+            let (h, fd, stop) = (handler.clone(), fd.clone(), stop.clone());
+            let (depth, per) = (cfg.ring_depth, cfg.records_per_read);
+            service_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("kuf-async{t}"))
+                    .spawn(move || {
+                        let res = serve_userfault_fd(&h, fd.as_raw_fd(), stop, depth, per);
+                        if let Err(e) = res {
+                            h.fail(&e.context("async userfault reader"));
+                        }
+                    })?,
+            );
+        }
+        if let Some(u) = &uffd {
+            let (h, u, stop) = (handler.clone(), u.clone(), stop.clone());
+            service_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("kuf-uffd{t}"))
+                    .spawn(move || {
+                        if let Err(e) = serve_uffd(&h, &u, &stop) {
+                            h.fail(&e.context("userfaultfd handler"));
+                        }
+                    })?,
+            );
+        }
     }
     if cfg.prefetch {
         let h = handler.clone();

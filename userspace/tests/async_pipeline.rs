@@ -100,11 +100,14 @@ fn run(pages: usize, vcpus: usize, prefetch: bool) {
     let (kernel, rx, mem, h) = setup(pages);
     let stop = StopSignal::new().unwrap();
     std::thread::scope(|s| {
-        let reader = {
-            let (h, stop) = (h.clone(), stop.clone());
-            let fd = rx.as_raw_fd();
-            s.spawn(move || serve_userfault_fd(&h, fd, stop, 4, 16))
-        };
+        // Two readers with their own rings on one fd: each record goes to one of them.
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (h, stop) = (h.clone(), stop.clone());
+                let fd = rx.as_raw_fd();
+                s.spawn(move || serve_userfault_fd(&h, fd, stop, 4, 16))
+            })
+            .collect();
         if prefetch {
             let h = h.clone();
             s.spawn(move || h.prefetch_all(8));
@@ -136,7 +139,9 @@ fn run(pages: usize, vcpus: usize, prefetch: bool) {
             w.join().unwrap();
         }
         stop.stop();
-        reader.join().unwrap().unwrap();
+        for r in readers {
+            r.join().unwrap().unwrap();
+        }
     });
     let mut full = vec![0u8; pages * PAGE_SIZE];
     mem.read(0, &mut full).unwrap();

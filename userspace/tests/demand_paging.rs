@@ -59,6 +59,7 @@ fn uffd_missing_anon_from_snapshot_every_page_checked() {
     }
     let mut cfg = RunConfig::new(Mode::UffdMissing, image_source("anon.snap", 1024), SEED);
     cfg.vcpus = 2;
+    cfg.handler_threads = 2;
     check(&cfg);
 }
 
@@ -164,6 +165,7 @@ fn kvm_async_guest_memfd_every_page_checked() {
     }
     let mut cfg = RunConfig::new(Mode::KvmAsync, image_source("async.snap", 512), SEED);
     cfg.vcpus = 2;
+    cfg.handler_threads = 2;
     check(&cfg);
 }
 

@@ -24,8 +24,10 @@ pub struct StopSignal {
 impl StopSignal {
     /// A new, unsignalled stop signal.
     pub fn new() -> Result<Self> {
+        // Semaphore mode: every reader's read consumes 1 of the large count `stop` adds, so
+        // any number of readers (each with its own ring) see the one stop.
         // SAFETY: eventfd takes an initial value and flags; returns a new fd or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
         if raw < 0 {
             return Err(std::io::Error::last_os_error()).context("eventfd");
         }
@@ -35,9 +37,9 @@ impl StopSignal {
         })
     }
 
-    /// Signals every reader waiting on it.
+    /// Signals every reader waiting on it (now or later).
     pub fn stop(&self) {
-        let one = 1u64.to_ne_bytes();
+        let one = (1u64 << 32).to_ne_bytes();
         // SAFETY: writes 8 bytes from a local array to our eventfd.
         unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
@@ -200,6 +202,27 @@ mod tests {
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
         assert!(reader.wakeups < 1000, "one wake-up per record is too many");
         drop(rx);
+    }
+
+    #[test]
+    fn one_stop_reaches_every_reader() {
+        let stop = StopSignal::new().unwrap();
+        let pairs: Vec<_> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = pairs
+                .iter()
+                .map(|(_, rx)| {
+                    let stop = stop.clone();
+                    let fd = rx.as_raw_fd();
+                    s.spawn(move || AsyncReader::new(fd, 2, 8, stop).unwrap().run(|_| Ok(())))
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            stop.stop();
+            for h in hs {
+                h.join().unwrap().unwrap();
+            }
+        });
     }
 
     #[test]
