@@ -21,6 +21,7 @@ const KERNEL_BUILD: &[Need] = &[
     Need { package: "libssl-dev", probe: "/usr/include/openssl/ssl.h" },
     Need { package: "xz-utils", probe: "/usr/bin/xz" },
     Need { package: "perl", probe: "/usr/bin/perl" },
+    Need { package: "rsync", probe: "/usr/bin/rsync" },
 ];
 
 const VM: &[Need] = &[
