@@ -757,6 +757,73 @@ mod tests {
     }
 
     #[test]
+    fn two_regions_batches_and_prefetch_cover_both() {
+        let pages = 40usize;
+        let data: Vec<u8> = (0..pages * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8)
+            .collect();
+        let img = Arc::new(MemorySource::new(data).unwrap());
+        let mut a = vec![0u8; 10 * PAGE_SIZE];
+        let mut b = vec![0u8; 30 * PAGE_SIZE];
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let ps = PAGE_SIZE as u64;
+        let regions = vec![
+            Region {
+                gpa: 0x10_0000,
+                size: 10 * ps,
+                host: a.as_mut_ptr() as usize,
+                fill_alias: None,
+                source_first_page: 0,
+            },
+            Region {
+                gpa: 0x80_0000,
+                size: 30 * ps,
+                host: b.as_mut_ptr() as usize,
+                fill_alias: None,
+                source_first_page: 10,
+            },
+        ];
+        let h = Handler::new(
+            regions,
+            img,
+            Install::Direct(Box::new(CountingResolver(calls.clone()))),
+        )
+        .unwrap();
+        let mut s = Scratch::default();
+        // One batch spanning both regions, interleaved.
+        h.handle_gpas(
+            &[
+                0x80_0000 + 2 * ps,
+                0x10_0000 + ps,
+                0x80_0000 + 3 * ps,
+                0x10_0000,
+            ],
+            Instant::now(),
+            false,
+            &mut s,
+        )
+        .unwrap();
+        assert_eq!(
+            calls.lock().unwrap().clone(),
+            vec![(0x10_0000, 2 * ps), (0x80_0000 + 2 * ps, 2 * ps)]
+        );
+        while h.prefetch(7, &mut s).unwrap() > 0 {}
+        assert_eq!(h.missing_pages(), 0);
+        for (i, p) in a.chunks_exact(PAGE_SIZE).enumerate() {
+            assert!(p.iter().all(|&x| x == i as u8), "region a page {i}");
+        }
+        for (i, p) in b.chunks_exact(PAGE_SIZE).enumerate() {
+            assert!(p.iter().all(|&x| x == (i + 10) as u8), "region b page {i}");
+        }
+        let covered: u64 = calls.lock().unwrap().iter().map(|c| c.1).sum();
+        assert_eq!(covered, 40 * ps);
+        assert_eq!(
+            h.host_to_gpa(b.as_ptr() as u64 + 5 * ps + 3).unwrap(),
+            0x80_0000 + 5 * ps
+        );
+    }
+
+    #[test]
     fn region_larger_than_source_is_rejected() {
         let img = Arc::new(MemorySource::new(vec![0; PAGE_SIZE]).unwrap());
         let r = Region {

@@ -198,3 +198,53 @@ fn serve_and_fetch_over_loopback() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("fetched 512 pages"));
     assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&out).unwrap());
 }
+
+#[test]
+fn run_from_a_remote_server_over_loopback() {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("SKIP: no /dev/kvm");
+        return;
+    }
+    let img = tmp("remote-run.snap");
+    assert!(run(&[
+        "make-image",
+        "--out",
+        img.to_str().unwrap(),
+        "--size-mib",
+        "1"
+    ])
+    .status
+    .success());
+    let mut server = bin()
+        .args([
+            "serve",
+            "--image",
+            img.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let o = run(&[
+        "run",
+        "--remote",
+        &addr,
+        "--mode",
+        "uffd-missing",
+        "--prefetch",
+        "--handler-threads",
+        "2",
+    ]);
+    server.kill().ok();
+    server.wait().ok();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("256 pages verified"), "{out}");
+    assert!(out.contains("fault->resolved latency"), "{out}");
+}
