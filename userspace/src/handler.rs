@@ -474,21 +474,24 @@ impl Handler {
                 scratch.staging.as_mut_ptr()
             }
         };
-        for (k, page) in pages.clone().enumerate() {
-            // SAFETY: target..target+len lies inside the region's mapping (or the staging
-            // buffer sized above). The page is claimed by this thread and still USERFAULT /
-            // unmapped in the registered range, so neither the guest nor another filler
-            // accesses these bytes while we write them; no Rust reference to them exists.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(target.add(k * PAGE_SIZE), PAGE_SIZE) };
-            let index = r.source_first_page + page as u64;
-            self.source
-                .read_page(index, dst)
-                .map_err(|source| HandlerError::Source {
-                    gpa: r.gpa + (page * PAGE_SIZE) as u64,
-                    source,
-                })?;
-        }
+        // SAFETY: target..target+len lies inside the region's mapping (or the staging buffer
+        // sized above). The pages are claimed by this thread and still USERFAULT / unmapped in
+        // the registered range, so neither the guest nor another filler accesses these bytes
+        // while we write them; no Rust reference to them exists.
+        let dst = unsafe { std::slice::from_raw_parts_mut(target, len) };
+        let first = r.source_first_page + pages.start as u64;
+        self.source.read_pages(first, dst).map_err(|source| {
+            let bad = match &source {
+                SourceError::Corrupt { index, .. } | SourceError::OutOfRange { index, .. } => {
+                    index.saturating_sub(r.source_first_page)
+                }
+                _ => pages.start as u64,
+            };
+            HandlerError::Source {
+                gpa: r.gpa + bad * PAGE_SIZE as u64,
+                source,
+            }
+        })?;
         let ierr = |source| HandlerError::Install {
             gpa,
             size: len as u64,

@@ -66,6 +66,17 @@ pub trait PageSource: Send + Sync {
     /// Writes page `index` into `dst` (exactly [`PAGE_SIZE`] bytes). On error `dst` may hold
     /// anything; the caller must not expose it.
     fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError>;
+    /// Writes pages `first..first + dst.len() / PAGE_SIZE` into `dst` (a whole number of
+    /// pages). Sources override it to read a contiguous run with one call.
+    fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        if dst.is_empty() || !dst.len().is_multiple_of(PAGE_SIZE) {
+            return Err(SourceError::BadBuffer(dst.len()));
+        }
+        for (k, page) in dst.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            self.read_page(first + k as u64, page)?;
+        }
+        Ok(())
+    }
     /// Announces pages that will be read soon, so a remote source can pipeline requests.
     fn request(&self, _indices: &[u64], _urgency: Urgency) {}
     /// A short description for logs.
@@ -139,6 +150,22 @@ impl PageSource for MemorySource {
         check_args(index, self.page_count(), dst)?;
         let off = index as usize * PAGE_SIZE;
         dst.copy_from_slice(&self.data[off..off + PAGE_SIZE]);
+        Ok(())
+    }
+    fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        if dst.is_empty() || !dst.len().is_multiple_of(PAGE_SIZE) {
+            return Err(SourceError::BadBuffer(dst.len()));
+        }
+        let n = (dst.len() / PAGE_SIZE) as u64;
+        let last = first.saturating_add(n - 1);
+        if last >= self.page_count() {
+            return Err(SourceError::OutOfRange {
+                index: last,
+                pages: self.page_count(),
+            });
+        }
+        let off = first as usize * PAGE_SIZE;
+        dst.copy_from_slice(&self.data[off..off + dst.len()]);
         Ok(())
     }
     fn describe(&self) -> String {

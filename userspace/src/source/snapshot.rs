@@ -174,6 +174,41 @@ impl PageSource for SnapshotSource {
         Ok(())
     }
 
+    fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        if dst.is_empty() || !dst.len().is_multiple_of(PAGE_SIZE) {
+            return Err(SourceError::BadBuffer(dst.len()));
+        }
+        let n = (dst.len() / PAGE_SIZE) as u64;
+        let last = first.saturating_add(n - 1);
+        if last >= self.pages {
+            return Err(SourceError::OutOfRange {
+                index: last,
+                pages: self.pages,
+            });
+        }
+        // One pread for the run, then every page checked against its own checksum.
+        let off = self.data_offset + first * PAGE_SIZE as u64;
+        self.file
+            .read_exact_at(dst, off)
+            .map_err(|source| SourceError::Io {
+                index: first,
+                source,
+            })?;
+        for (k, page) in dst.chunks_exact(PAGE_SIZE).enumerate() {
+            let index = first + k as u64;
+            let expected = self.checksums[index as usize];
+            let found = page_checksum(page);
+            if found != expected {
+                return Err(SourceError::Corrupt {
+                    index,
+                    expected,
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("snapshot {} ({} pages)", self.path.display(), self.pages)
     }
@@ -281,6 +316,22 @@ mod tests {
         assert!(matches!(
             s.read_page(2, &mut buf),
             Err(SourceError::Corrupt { index: 2, .. })
+        ));
+        // A run read reports the corrupt page inside it, and checks the run's bounds.
+        let mut run = vec![0u8; 3 * PAGE_SIZE];
+        assert!(matches!(
+            s.read_pages(0, &mut run),
+            Err(SourceError::Corrupt { index: 2, .. })
+        ));
+        s.read_pages(0, &mut run[..2 * PAGE_SIZE]).unwrap();
+        assert!(run[..2 * PAGE_SIZE].iter().all(|&b| b == 0x5a || b == 0x5b));
+        assert!(matches!(
+            s.read_pages(2, &mut run),
+            Err(SourceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            s.read_pages(0, &mut run[..10]),
+            Err(SourceError::BadBuffer(10))
         ));
     }
 
