@@ -307,6 +307,7 @@ impl Handler {
             .latency
             .record_n(faulted_at.elapsed(), filled as u64);
         if wait {
+            let mut retry = Vec::new();
             for &(ri, page) in &scratch.waits {
                 let st = &self.regions[ri].state;
                 if st.wait_settled(page, Duration::from_millis(50), || self.is_stopped())
@@ -315,10 +316,12 @@ impl Handler {
                     if self.is_stopped() {
                         return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
                     }
-                    // The other filler aborted: fill it ourselves.
-                    let gpa = self.regions[ri].region.gpa + (page * PAGE_SIZE) as u64;
-                    return self.handle_gpas(&[gpa], faulted_at, wait, scratch);
+                    // The other filler gave up on it: claim and fill it ourselves.
+                    retry.push(self.regions[ri].region.gpa + (page * PAGE_SIZE) as u64);
                 }
+            }
+            if !retry.is_empty() {
+                return self.handle_gpas(&retry, faulted_at, wait, scratch);
             }
         }
         Ok(())
@@ -823,6 +826,56 @@ mod tests {
         assert_eq!(
             h.host_to_gpa(b.as_ptr() as u64 + 5 * ps + 3).unwrap(),
             0x80_0000 + 5 * ps
+        );
+    }
+
+    /// Fails the first read (slowly), succeeds afterwards.
+    struct FailOnce {
+        inner: Arc<MemorySource>,
+        failed: AtomicBool,
+    }
+    impl PageSource for FailOnce {
+        fn page_count(&self) -> u64 {
+            self.inner.page_count()
+        }
+        fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+            if !self.failed.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(SourceError::Remote("transient".into()));
+            }
+            self.inner.read_page(index, dst)
+        }
+        fn describe(&self) -> String {
+            "fail-once".into()
+        }
+    }
+
+    #[test]
+    fn waiter_takes_over_a_page_whose_filler_failed() {
+        let data: Vec<u8> = (0..4 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 + 1)
+            .collect();
+        let src = Arc::new(FailOnce {
+            inner: Arc::new(MemorySource::new(data).unwrap()),
+            failed: AtomicBool::new(false),
+        });
+        let f = fixture(4, Some(src));
+        let h = &f.h;
+        let gpa = GPA + 2 * PAGE_SIZE as u64;
+        std::thread::scope(|s| {
+            let a =
+                s.spawn(|| h.handle_gpas(&[gpa], Instant::now(), false, &mut Scratch::default()));
+            std::thread::sleep(Duration::from_millis(20));
+            // B finds the page in flight, waits, sees A give up, and fills it itself.
+            h.handle_gpas(&[gpa], Instant::now(), true, &mut Scratch::default())
+                .unwrap();
+            assert!(a.join().unwrap().is_err());
+        });
+        assert!(!h.is_missing(gpa));
+        assert!(f.mem[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|&b| b == 3));
+        assert_eq!(
+            f.calls.lock().unwrap().clone(),
+            vec![(gpa, PAGE_SIZE as u64)]
         );
     }
 
