@@ -577,6 +577,48 @@ mod tests {
         ));
     }
 
+    /// A source that takes a while per page, like a disk or a far-away host.
+    struct Slow(Arc<MemorySource>);
+    impl PageSource for Slow {
+        fn page_count(&self) -> u64 {
+            self.0.page_count()
+        }
+        fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+            std::thread::sleep(Duration::from_millis(5));
+            self.0.read_page(index, dst)
+        }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+    }
+
+    #[test]
+    fn demand_requests_overtake_queued_prefetch() {
+        let img = image(300);
+        let r = RemoteSource::connect(start_server(Arc::new(Slow(img.clone()))), quick()).unwrap();
+        // 200 prefetch pages queue up at the server (~1 s of work)...
+        r.request(&(0..200).collect::<Vec<u64>>(), Urgency::Prefetch);
+        std::thread::sleep(Duration::from_millis(20));
+        // ...yet a demand page is served after at most the page in progress.
+        let t = Instant::now();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        r.read_page(250, &mut buf).unwrap();
+        let waited = t.elapsed();
+        assert_eq!(&buf[..], &img.bytes()[250 * PAGE_SIZE..][..PAGE_SIZE]);
+        assert!(
+            waited < Duration::from_millis(300),
+            "demand page waited {waited:?}"
+        );
+        // The prefetched pages still all arrive, intact.
+        for i in [0u64, 100, 199] {
+            r.read_page(i, &mut buf).unwrap();
+            assert_eq!(
+                &buf[..],
+                &img.bytes()[i as usize * PAGE_SIZE..][..PAGE_SIZE]
+            );
+        }
+    }
+
     #[test]
     fn concurrent_readers_share_one_connection() {
         let img = image(128);
