@@ -118,6 +118,9 @@ impl RunReport {
     }
 }
 
+/// How long after a failure stuck vCPU threads are given before the runner gives up on them.
+const STUCK_GRACE: Duration = Duration::from_secs(10);
+
 extern "C" fn noop_signal(_: libc::c_int) {}
 
 /// Installs a no-op SIGUSR1 handler (without SA_RESTART) used to kick vCPUs out of KVM_RUN.
@@ -317,6 +320,7 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
     let mut remaining = cfg.vcpus;
     let deadline = start + cfg.timeout;
     let mut unblocked = false;
+    let mut stopped_at: Option<Instant> = None;
     let data_addr = vm.slots[1].mapping.addr();
     while remaining > 0 {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -363,6 +367,19 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if handler.is_stopped() {
+            stopped_at.get_or_insert_with(Instant::now);
+        }
+        if stopped_at.is_some_and(|t| t.elapsed() > STUCK_GRACE) {
+            // A vCPU did not leave KVM_RUN despite the kicks (a kernel that never wakes it).
+            // Do not hang the caller: stop the service threads and leak the VM, whose memory
+            // the stuck threads may still reference.
+            stop.stop();
+            let cause = handler.failure().unwrap_or_default();
+            std::mem::forget(vm);
+            std::mem::forget(alias);
+            bail!("{remaining} vCPU thread(s) did not stop after the run failed ({cause})");
         }
     }
     let elapsed = start.elapsed();
