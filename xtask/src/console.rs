@@ -50,6 +50,12 @@ pub fn exit_status_in(line: &str) -> Option<i32> {
     line[idx + EXIT_MARKER.len()..].trim().parse().ok()
 }
 
+/// A test's "feature missing, skipping" line (`[SKIP] name: why` or `SKIP: why`).
+pub fn is_skip_line(line: &str) -> bool {
+    let l = line.trim_start();
+    l.starts_with("[SKIP]") || l.starts_with("SKIP:")
+}
+
 /// Counts from a libtest (`cargo test`) closing line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {

@@ -293,7 +293,14 @@ pub fn test_executable_in(json_line: &str) -> Option<(String, PathBuf)> {
     let exe = msg["executable"].as_str()?;
     let name = msg["target"]["name"].as_str()?;
     let kind = msg["target"]["kind"][0].as_str().unwrap_or("test");
-    Some((format!("{name}-{kind}"), PathBuf::from(exe)))
+    // package_id: "path+file:///…/selftests#kvm-selftests@0.1.0" (or "name 0.1.0 (…)" before
+    // cargo 1.77): targets of different packages may share a name.
+    let id = msg["package_id"].as_str().unwrap_or_default();
+    let package = match id.split_once('#') {
+        Some((_, rest)) => rest.split('@').next().unwrap_or(rest),
+        None => id.split_whitespace().next().unwrap_or_default(),
+    };
+    Some((format!("{package}.{name}-{kind}"), PathBuf::from(exe)))
 }
 
 fn guest_suites(layout: &Layout, kernel: &BuiltKernel, opts: &TestOptions) -> Result<Vec<SuiteResult>> {
@@ -371,11 +378,19 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
             if let Some(found) = console::libtest_result_in(line) {
                 counts.add(found);
             }
+            // A test that finds its feature missing prints a skip line and returns: libtest
+            // calls that a pass, the summary calls it a skip.
+            if console::is_skip_line(line) {
+                counts.skipped += 1;
+            }
         }
         let Some(rest) = line.split(console::TEST_END).nth(1) else { continue };
         let rc: Option<i32> = rest.rsplit("rc=").next().and_then(|r| r.trim().parse().ok());
         if rest.starts_with("rust ") {
             let mut counts = current_rust_counts.take().unwrap_or_default();
+            let moved = counts.skipped.min(counts.passed);
+            counts.passed -= moved;
+            counts.skipped = moved;
             if rc != Some(0) && counts.failed == 0 {
                 counts.failed = 1;
             }
@@ -402,6 +417,11 @@ mod tests {
             "KVMUF-TEST-BEGIN rust a-test",
             "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
             "KVMUF-TEST-END rust a-test rc=0",
+            "KVMUF-TEST-BEGIN rust s-test",
+            "[SKIP] one: KVM_CAP_USERFAULT (252) is not supported",
+            "SKIP: no /dev/kvm",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "KVMUF-TEST-END rust s-test rc=0",
             "KVMUF-TEST-BEGIN rust b-test",
             "thread panicked",
             "KVMUF-TEST-END rust b-test rc=101",
@@ -416,18 +436,18 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let (rust, c) = tally(&lines);
-        assert_eq!(rust, Counts { passed: 2, failed: 1, ignored: 0, skipped: 0 });
+        assert_eq!(rust, Counts { passed: 3, failed: 1, ignored: 0, skipped: 2 });
         assert_eq!(c, Counts { passed: 1, failed: 1, ignored: 0, skipped: 1 });
     }
 
     #[test]
     fn cargo_json_test_artifacts() {
-        let line = r#"{"reason":"compiler-artifact","package_id":"x","target":{"kind":["test"],"crate_types":["bin"],"name":"userfault","src_path":"/s"},"profile":{"opt_level":"0","test":true},"executable":"/t/debug/deps/userfault-abc","fresh":true}"#;
+        let line = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/selftests#kvm-selftests@0.1.0","target":{"kind":["test"],"crate_types":["bin"],"name":"userfault","src_path":"/s"},"profile":{"opt_level":"0","test":true},"executable":"/t/debug/deps/userfault-abc","fresh":true}"#;
         let (name, exe) = test_executable_in(line).unwrap();
-        assert_eq!(name, "userfault-test");
+        assert_eq!(name, "kvm-selftests.userfault-test");
         assert_eq!(exe, Path::new("/t/debug/deps/userfault-abc"));
         let lib = line.replace("\"kind\":[\"test\"]", "\"kind\":[\"lib\"]");
-        assert_eq!(test_executable_in(&lib).unwrap().0, "userfault-lib");
+        assert_eq!(test_executable_in(&lib).unwrap().0, "kvm-selftests.userfault-lib");
         let not_test = line.replace("\"opt_level\":\"0\",\"test\":true", "\"opt_level\":\"0\",\"test\":false");
         assert!(test_executable_in(&not_test).is_none());
         assert!(test_executable_in(r#"{"reason":"build-finished","success":true}"#).is_none());
