@@ -11,6 +11,7 @@
 pub mod fault;
 pub mod guest;
 pub mod handler;
+pub mod handoff;
 pub mod runner;
 pub mod source;
 pub mod state;

@@ -67,6 +67,29 @@ impl Mapping {
         })
     }
 
+    /// Maps `len` bytes of `fd` shared, starting at `offset` (page aligned).
+    pub fn with_offset(len: usize, fd: RawFd, offset: i64) -> Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("mmap of {len:#x} bytes at offset {offset:#x}"));
+        }
+        Ok(Self {
+            addr: p as usize,
+            len,
+        })
+    }
+
     /// Host address.
     pub fn addr(&self) -> usize {
         self.addr

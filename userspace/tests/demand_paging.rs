@@ -196,3 +196,99 @@ fn kvm_async_from_remote_source_over_loopback() {
     cfg.prefetch = true;
     check(&cfg);
 }
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
+    use kvm_ioctls::VcpuExit;
+    use kvm_userfault::fault::StopSignal;
+    use kvm_userfault::guest::{self, WorkloadPart};
+    use kvm_userfault::handler::{Handler, Install, Region};
+    use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
+    use kvm_userfault::runner::serve_userfault_fd;
+    use kvm_userfault::uapi::KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
+    use kvm_userfault::vm::{FdResolver, UserfaultFd};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    if !series_present() {
+        return;
+    }
+    let pages = 256u64;
+    let size = pages * 4096;
+    let gpa = 1u64 << 30;
+    let src = image_source("handoff.snap", pages);
+
+    // The VMM: VM, memory, attribute, fd; then it hands the fds away and keeps none.
+    let mut vm = Vm::new().unwrap();
+    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon).unwrap();
+    sys.mapping
+        .write(0, &guest::system_image(2, &guest::workload_code()).unwrap())
+        .unwrap();
+    vm.add_slot(gpa, size, Backing::GuestMemfd).unwrap();
+    vm.set_userfault(gpa, size, true).unwrap();
+    let ufd = vm
+        .create_userfault_fd(KVM_USERFAULT_FD_FLAG_VCPU_FAULTS)
+        .unwrap();
+    let (vmm_sock, handler_sock) = UnixStream::pair().unwrap();
+    let gmem = vm.slots[1].fd.as_ref().unwrap().as_raw_fd();
+    let region = RegionDesc {
+        gpa,
+        size,
+        offset: 0,
+        fd_index: 0,
+    };
+    send_handoff(vmm_sock.as_raw_fd(), ufd.as_raw_fd(), &[gmem], &[region]).unwrap();
+    drop(ufd);
+
+    // The handler side: only what came over the socket.
+    let stop = StopSignal::new().unwrap();
+    let stop2 = stop.clone();
+    let handler_thread = std::thread::spawn(move || {
+        let h = recv_handoff(handler_sock.as_raw_fd()).unwrap();
+        let mem = h.map(0).unwrap();
+        let r = h.regions[0];
+        let ufd = Arc::new(UserfaultFd(h.userfault_fd));
+        let region = Region {
+            gpa: r.gpa,
+            size: r.size,
+            host: mem.addr(),
+            fill_alias: None,
+            source_first_page: 0,
+        };
+        let handler = Handler::new(
+            vec![region],
+            src,
+            Install::Direct(Box::new(FdResolver(ufd.clone()))),
+        )
+        .unwrap();
+        serve_userfault_fd(&handler, ufd.as_raw_fd(), stop2, 4, 32).unwrap();
+        assert_eq!(handler.missing_pages(), 0);
+        handler.stats.summary()
+    });
+
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    guest::setup_long_mode(&vcpu).unwrap();
+    let part = WorkloadPart {
+        gpa,
+        pages,
+        image_offset: 0,
+        seed: SEED,
+        vcpu: 0,
+    };
+    guest::setup_workload_regs(&vcpu, &part).unwrap();
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(guest::PORT_DONE, _)) => break,
+            Ok(VcpuExit::IoOut(guest::PORT_PROGRESS, _)) => {}
+            Ok(VcpuExit::IoOut(guest::PORT_FAIL, _)) => {
+                let m = guest::Mailbox::read(&vm.slots[0].mapping, 0).unwrap();
+                panic!("guest found wrong contents: {m:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    stop.stop();
+    eprintln!("handoff: {}", handler_thread.join().unwrap());
+}

@@ -1,0 +1,286 @@
+//! Handing the fault handling to a separate process (Firecracker-style): the VMM sends the
+//! userfault fd and the memory fds (guest_memfd / memfd) with a region table over a Unix socket
+//! (SCM_RIGHTS); the handler process maps the memory and serves the fd. Every ioctl the
+//! handler needs (`KVM_USERFAULT_RESOLVE`, reads) works on the fd alone, without the VM fd.
+//!
+//! Message: `KUFH` magic u32 | version u16 | 0 u16 | region count u32 | 0 u32, then per region
+//! gpa u64 | size u64 | file offset u64 | memory fd index u32 | 0 u32 (32 bytes); fds: the
+//! userfault fd first, then the memory fds.
+
+use crate::vm::Mapping;
+use crate::PAGE_SIZE;
+use anyhow::{bail, ensure, Context, Result};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"KUFH");
+const VERSION: u16 = 1;
+const HEADER: usize = 16;
+const REGION: usize = 32;
+/// Most regions (and memory fds) one handoff carries.
+pub const MAX_REGIONS: usize = 32;
+
+/// One region of guest memory backed by a memory fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionDesc {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Bytes (page multiple).
+    pub size: u64,
+    /// Offset into the memory fd (page multiple).
+    pub offset: u64,
+    /// Which memory fd (index into the memory fds sent).
+    pub fd_index: u32,
+}
+
+/// What the handler process receives.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The userfault fd.
+    pub userfault_fd: OwnedFd,
+    /// The memory fds.
+    pub memory_fds: Vec<OwnedFd>,
+    /// The regions.
+    pub regions: Vec<RegionDesc>,
+}
+
+impl Handoff {
+    /// Maps region `i` shared, for the handler to write pages into.
+    pub fn map(&self, i: usize) -> Result<Mapping> {
+        let r = self.regions.get(i).context("no such region")?;
+        let fd = &self.memory_fds[r.fd_index as usize];
+        Mapping::with_offset(r.size as usize, fd.as_raw_fd(), r.offset as i64)
+    }
+}
+
+/// Sends the userfault fd, memory fds and region table over a connected Unix socket.
+pub fn send_handoff(
+    sock: RawFd,
+    userfault_fd: RawFd,
+    memory_fds: &[RawFd],
+    regions: &[RegionDesc],
+) -> Result<()> {
+    ensure!(
+        !regions.is_empty() && regions.len() <= MAX_REGIONS && memory_fds.len() <= MAX_REGIONS,
+        "1..={MAX_REGIONS} regions and at most {MAX_REGIONS} memory fds"
+    );
+    let mut msg = Vec::with_capacity(HEADER + REGION * regions.len());
+    msg.extend_from_slice(&MAGIC.to_le_bytes());
+    msg.extend_from_slice(&VERSION.to_le_bytes());
+    msg.extend_from_slice(&0u16.to_le_bytes());
+    msg.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    for r in regions {
+        ensure!(
+            (r.fd_index as usize) < memory_fds.len(),
+            "region refers to memory fd {}",
+            r.fd_index
+        );
+        msg.extend_from_slice(&r.gpa.to_le_bytes());
+        msg.extend_from_slice(&r.size.to_le_bytes());
+        msg.extend_from_slice(&r.offset.to_le_bytes());
+        msg.extend_from_slice(&r.fd_index.to_le_bytes());
+        msg.extend_from_slice(&0u32.to_le_bytes());
+    }
+    let mut fds = vec![userfault_fd];
+    fds.extend_from_slice(memory_fds);
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let n = sendmsg::<()>(sock, &[IoSlice::new(&msg)], &cmsg, MsgFlags::empty(), None)
+        .context("sendmsg of the handoff")?;
+    ensure!(
+        n == msg.len(),
+        "handoff sent short ({n} of {} bytes)",
+        msg.len()
+    );
+    Ok(())
+}
+
+/// Receives a handoff; every malformed message is an error, and every fd received is closed
+/// unless returned.
+pub fn recv_handoff(sock: RawFd) -> Result<Handoff> {
+    let mut buf = vec![0u8; HEADER + REGION * MAX_REGIONS + 1];
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_REGIONS + 1]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock,
+        &mut iov,
+        Some(&mut cmsg_buf),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("recvmsg of the handoff")?;
+    let bytes = msg.bytes;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg
+        .cmsgs()
+        .context("control messages truncated (too many fds)")?
+    {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds in our table for us; nothing else
+            // owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let data = &buf[..bytes];
+    parse(data, fds)
+}
+
+fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
+    let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().expect("8 bytes"));
+    ensure!(
+        data.len() >= HEADER,
+        "handoff of {} bytes is shorter than its header",
+        data.len()
+    );
+    ensure!(u32_at(0) == MAGIC, "handoff has bad magic");
+    let version = u16::from_le_bytes([data[4], data[5]]);
+    ensure!(
+        version == VERSION,
+        "handoff version {version}, expected {VERSION}"
+    );
+    let n = u32_at(8) as usize;
+    ensure!(
+        (1..=MAX_REGIONS).contains(&n),
+        "handoff announces {n} regions"
+    );
+    ensure!(
+        data.len() == HEADER + n * REGION,
+        "handoff of {} bytes, {n} regions need {}",
+        data.len(),
+        HEADER + n * REGION
+    );
+    if fds.is_empty() {
+        bail!("handoff carried no fds");
+    }
+    let userfault_fd = fds.remove(0);
+    let mut regions = Vec::with_capacity(n);
+    for i in 0..n {
+        let o = HEADER + i * REGION;
+        let r = RegionDesc {
+            gpa: u64_at(o),
+            size: u64_at(o + 8),
+            offset: u64_at(o + 16),
+            fd_index: u32_at(o + 24),
+        };
+        let ps = PAGE_SIZE as u64;
+        ensure!(
+            r.size > 0
+                && r.gpa.is_multiple_of(ps)
+                && r.size.is_multiple_of(ps)
+                && r.offset.is_multiple_of(ps),
+            "handoff region {i} is not page aligned: {r:?}"
+        );
+        ensure!(
+            r.gpa.checked_add(r.size).is_some(),
+            "handoff region {i} overflows"
+        );
+        ensure!(
+            (r.fd_index as usize) < fds.len(),
+            "handoff region {i} uses memory fd {} of {}",
+            r.fd_index,
+            fds.len()
+        );
+        regions.push(r);
+    }
+    Ok(Handoff {
+        userfault_fd,
+        memory_fds: fds,
+        regions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn memfd(size: usize) -> OwnedFd {
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"kuf-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our memfd.
+        assert_eq!(
+            unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
+            0
+        );
+        fd
+    }
+
+    #[test]
+    fn fds_and_regions_cross_the_socket_and_memory_is_shared() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (ufd_stand_in, _other) = UnixStream::pair().unwrap();
+        let mem = memfd(8 * PAGE_SIZE);
+        let regions = [
+            RegionDesc {
+                gpa: 0x10_0000,
+                size: 4 * PAGE_SIZE as u64,
+                offset: 0,
+                fd_index: 0,
+            },
+            RegionDesc {
+                gpa: 0x40_0000,
+                size: 4 * PAGE_SIZE as u64,
+                offset: 4 * PAGE_SIZE as u64,
+                fd_index: 0,
+            },
+        ];
+        send_handoff(
+            a.as_raw_fd(),
+            ufd_stand_in.as_raw_fd(),
+            &[mem.as_raw_fd()],
+            &regions,
+        )
+        .unwrap();
+        let h = recv_handoff(b.as_raw_fd()).unwrap();
+        assert_eq!(h.regions, regions);
+        assert_eq!(h.memory_fds.len(), 1);
+        // The receiver writes through its own mapping; the sender's mapping sees it.
+        h.map(1).unwrap().write(8, b"from the handler").unwrap();
+        let mine = Mapping::with_offset(8 * PAGE_SIZE, mem.as_raw_fd(), 0).unwrap();
+        let mut out = [0u8; 16];
+        mine.read(4 * PAGE_SIZE + 8, &mut out).unwrap();
+        assert_eq!(&out, b"from the handler");
+    }
+
+    #[test]
+    fn malformed_handoffs_are_errors() {
+        let region = |size: u64, idx: u32| {
+            let mut v = Vec::new();
+            v.extend_from_slice(&MAGIC.to_le_bytes());
+            v.extend_from_slice(&VERSION.to_le_bytes());
+            v.extend_from_slice(&[0, 0]);
+            v.extend_from_slice(&1u32.to_le_bytes());
+            v.extend_from_slice(&0u32.to_le_bytes());
+            v.extend_from_slice(&0x1000u64.to_le_bytes());
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&0u64.to_le_bytes());
+            v.extend_from_slice(&idx.to_le_bytes());
+            v.extend_from_slice(&0u32.to_le_bytes());
+            v
+        };
+        let two_fds = || vec![memfd(PAGE_SIZE), memfd(PAGE_SIZE)];
+        let err = |d: &[u8], fds| format!("{:#}", parse(d, fds).unwrap_err());
+        assert!(parse(&region(4096, 0), two_fds()).is_ok());
+        assert!(err(&region(4096, 0)[..10], two_fds()).contains("shorter than its header"));
+        assert!(err(&region(4096, 0)[..40], two_fds()).contains("need 48"));
+        assert!(err(&region(100, 0), two_fds()).contains("not page aligned"));
+        assert!(err(&region(4096, 1), two_fds()).contains("uses memory fd 1 of 1"));
+        assert!(err(&region(4096, 0), vec![]).contains("no fds"));
+        let mut bad = region(4096, 0);
+        bad[0] = b'X';
+        assert!(err(&bad, two_fds()).contains("bad magic"));
+        let mut bad = region(4096, 0);
+        bad[4] = 7;
+        assert!(err(&bad, two_fds()).contains("version 7"));
+        let mut bad = region(4096, 0);
+        bad[8] = 0;
+        assert!(err(&bad, two_fds()).contains("0 regions"));
+    }
+}
