@@ -4,7 +4,7 @@
 //! `missing → in flight (claimed by one filler) → present`. It becomes present only after its
 //! contents were completely written *and* the kernel made it visible (attribute cleared,
 //! UFFDIO_COPY/CONTINUE done): see [`MissingMap::complete`]. Threads that find a page in flight
-//! can wait for it ([`SlotState::wait_present`]).
+//! can wait for it ([`SlotState::wait_settled`]).
 
 use bitvec::prelude::*;
 use std::ops::Range;
