@@ -516,6 +516,7 @@ impl Handler {
             }
         }
         Stats::add(&self.stats.install_calls, 1);
+        tracing::trace!(gpa, pages = pages.len(), "installed");
         Ok(())
     }
 

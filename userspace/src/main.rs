@@ -163,7 +163,16 @@ fn real_main(cli: Cli) -> Result<()> {
                 r.pages_per_sec()
             );
             for (i, t) in r.vcpu_times.iter().enumerate() {
-                println!("  vCPU {i}: {t:?}");
+                let part = r.pages / cfg.vcpus as u64
+                    + if i + 1 == cfg.vcpus {
+                        r.pages % cfg.vcpus as u64
+                    } else {
+                        0
+                    };
+                println!(
+                    "  vCPU {i}: {part} pages in {t:?} ({:.0} pages/s)",
+                    part as f64 / t.as_secs_f64().max(1e-9)
+                );
             }
             println!("  {}", r.stats);
         }
