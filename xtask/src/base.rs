@@ -79,14 +79,22 @@ pub fn ensure_base_tree(layout: &Layout, pin: &BasePin) -> Result<PathBuf> {
     let makefile = fs::read_to_string(staging.join("Makefile")).context("no top-level Makefile")?;
     let found = kernel_version_of(&makefile);
     if found.as_deref() != Some(pin.version.as_str()) {
-        bail!("the package holds Linux {found:?}, expected {}", pin.version);
+        bail!(
+            "the package holds Linux {found:?}, expected {}",
+            pin.version
+        );
     }
     eprintln!("[base] committing the base tree to git (about a minute)");
     let git = |args: &[&str]| -> Result<()> {
         host::run_quiet(
             Command::new("git")
                 .current_dir(&staging)
-                .args(["-c", "user.name=kvm-userfault base", "-c", "user.email=base@invalid"])
+                .args([
+                    "-c",
+                    "user.name=kvm-userfault base",
+                    "-c",
+                    "user.email=base@invalid",
+                ])
                 .args(args),
         )
     };
@@ -143,15 +151,26 @@ fn download_package(layout: &Layout, pin: &BasePin) -> Result<PathBuf> {
         return Ok(file);
     }
     let apt_conf = private_apt_config(layout, &pin.suite)?;
-    eprintln!("[base] apt-get update ({} via a private apt config)", pin.suite);
-    host::run_quiet(Command::new("apt-get").env("APT_CONFIG", &apt_conf).args(["update", "-q"]))
-        .context("apt-get update with the private config")?;
+    eprintln!(
+        "[base] apt-get update ({} via a private apt config)",
+        pin.suite
+    );
+    host::run_quiet(
+        Command::new("apt-get")
+            .env("APT_CONFIG", &apt_conf)
+            .args(["update", "-q"]),
+    )
+    .context("apt-get update with the private config")?;
     eprintln!("[base] downloading {}={}", pin.package, pin.package_version);
     host::run_quiet(
         Command::new("apt-get")
             .current_dir(&dir)
             .env("APT_CONFIG", &apt_conf)
-            .args(["download", "-q", &format!("{}={}", pin.package, pin.package_version)]),
+            .args([
+                "download",
+                "-q",
+                &format!("{}={}", pin.package, pin.package_version),
+            ]),
     )
     .with_context(|| {
         format!(
@@ -173,7 +192,11 @@ fn download_package(layout: &Layout, pin: &BasePin) -> Result<PathBuf> {
 
 fn sha256_of(file: &Path) -> Result<String> {
     let out = host::output(Command::new("sha256sum").arg(file))?;
-    Ok(out.split_whitespace().next().unwrap_or_default().to_string())
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Writes an apt configuration that uses only its own lists and cache, with one source: the
@@ -181,7 +204,12 @@ fn sha256_of(file: &Path) -> Result<String> {
 fn private_apt_config(layout: &Layout, suite: &str) -> Result<PathBuf> {
     let mirror = debian_mirror_from_system()?;
     let root = layout.private_apt();
-    for sub in ["lists/partial", "cache/archives/partial", "sources.list.d", "preferences.d"] {
+    for sub in [
+        "lists/partial",
+        "cache/archives/partial",
+        "sources.list.d",
+        "preferences.d",
+    ] {
         fs::create_dir_all(root.join(sub))?;
     }
     let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -215,7 +243,9 @@ fn debian_mirror_from_system() -> Result<String> {
         files.extend(extra);
     }
     for file in files {
-        let Ok(text) = fs::read_to_string(&file) else { continue };
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
         if let Some(uri) = debian_mirror_in(&text) {
             return Ok(uri);
         }
@@ -226,7 +256,9 @@ fn debian_mirror_from_system() -> Result<String> {
 /// Finds a Debian archive URI in one sources file. A Debian archive is recognised by the
 /// Debian keyring or a Debian suite name, not by a host name.
 pub fn debian_mirror_in(text: &str) -> Option<String> {
-    const SUITES: &[&str] = &["bookworm", "trixie", "forky", "sid", "unstable", "stable", "testing"];
+    const SUITES: &[&str] = &[
+        "bookworm", "trixie", "forky", "sid", "unstable", "stable", "testing",
+    ];
     let is_debian_suite = |s: &str| SUITES.contains(&s.split('-').next().unwrap_or(s));
     let usable = |uri: &str| !uri.contains("security") && uri.starts_with("http");
     // deb822 stanzas
@@ -249,13 +281,17 @@ pub fn debian_mirror_in(text: &str) -> Option<String> {
     }
     // one-line format: deb [opts] URI SUITE COMPONENTS…
     for line in text.lines().map(str::trim) {
-        let Some(rest) = line.strip_prefix("deb ") else { continue };
+        let Some(rest) = line.strip_prefix("deb ") else {
+            continue;
+        };
         let rest = match rest.trim_start().strip_prefix('[') {
             Some(r) => r.split_once(']')?.1,
             None => rest,
         };
         let mut words = rest.split_whitespace();
-        let (Some(uri), Some(suite)) = (words.next(), words.next()) else { continue };
+        let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+            continue;
+        };
         if usable(uri) && is_debian_suite(suite) && !suite.contains("security") {
             return Some(uri.trim_end_matches('/').to_string());
         }
@@ -271,7 +307,10 @@ mod tests {
     fn mirror_from_deb822_skips_security_and_foreign_repos() {
         let text = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
                     Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n";
-        assert_eq!(debian_mirror_in(text).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            debian_mirror_in(text).as_deref(),
+            Some("http://mirror.example/debian")
+        );
         let foreign = "Types: deb\nURIs: https://deb.nodesource.example/node_20.x\nSuites: nodistro\nComponents: main\n";
         assert_eq!(debian_mirror_in(foreign), None);
     }
@@ -279,8 +318,14 @@ mod tests {
     #[test]
     fn mirror_from_one_line_format() {
         let text = "# comment\ndeb [arch=amd64] http://m.example/debian/ trixie main\n";
-        assert_eq!(debian_mirror_in(text).as_deref(), Some("http://m.example/debian"));
-        assert_eq!(debian_mirror_in("deb http://m.example/x cloud-sdk main\n"), None);
+        assert_eq!(
+            debian_mirror_in(text).as_deref(),
+            Some("http://m.example/debian")
+        );
+        assert_eq!(
+            debian_mirror_in("deb http://m.example/x cloud-sdk main\n"),
+            None
+        );
     }
 
     #[test]
@@ -289,8 +334,14 @@ mod tests {
         let pin = BasePin::parse(&good).unwrap();
         assert_eq!(pin.version, "7.3.4");
         let bad = good.replace(&"a".repeat(64), "xyz");
-        assert!(BasePin::parse(&bad).unwrap_err().to_string().contains("64 hex"));
-        assert!(BasePin::parse("version = 1").unwrap_err().to_string().contains("package"));
+        assert!(BasePin::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex"));
+        assert!(BasePin::parse("version = 1")
+            .unwrap_err()
+            .to_string()
+            .contains("package"));
     }
 
     #[test]

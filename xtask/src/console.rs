@@ -82,7 +82,9 @@ pub fn libtest_result_in(line: &str) -> Option<Counts> {
     let mut seen = false;
     for field in fields.split(';') {
         let mut words = field.split_whitespace();
-        let (Some(n), Some(what)) = (words.next(), words.next()) else { continue };
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
         let Ok(n) = n.parse::<u64>() else { continue };
         match what {
             "passed" => {
@@ -103,11 +105,22 @@ mod tests {
 
     #[test]
     fn kernel_problems_are_found_only_in_kernel_lines() {
-        assert!(problem_in("[    3.141592] Kernel panic - not syncing: sysrq triggered crash").is_some());
-        assert!(problem_in("[   10.000001] WARNING: CPU: 1 PID: 77 at arch/x86/kvm/mmu/mmu.c:123").is_some());
+        assert!(
+            problem_in("[    3.141592] Kernel panic - not syncing: sysrq triggered crash")
+                .is_some()
+        );
+        assert!(
+            problem_in("[   10.000001] WARNING: CPU: 1 PID: 77 at arch/x86/kvm/mmu/mmu.c:123")
+                .is_some()
+        );
         assert!(problem_in("[ 1.0] BUG: sleeping function called from invalid context").is_some());
-        assert!(problem_in("[ 99.1] INFO: task userfault_test:80 blocked for more than 120 seconds.").is_some());
-        assert!(problem_in("\r[ 5.5] WARNING: possible circular locking dependency detected").is_some());
+        assert!(problem_in(
+            "[ 99.1] INFO: task userfault_test:80 blocked for more than 120 seconds."
+        )
+        .is_some());
+        assert!(
+            problem_in("\r[ 5.5] WARNING: possible circular locking dependency detected").is_some()
+        );
         // A test printing the same words is not a kernel report.
         assert!(problem_in("WARNING: this is test output").is_none());
         assert!(problem_in("[ 1.0] kvm_amd: TSC scaling supported").is_none());
@@ -128,7 +141,15 @@ mod tests {
             "test result: FAILED. 3 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.10s",
         )
         .unwrap();
-        assert_eq!(c, Counts { passed: 3, failed: 2, ignored: 1, skipped: 0 });
+        assert_eq!(
+            c,
+            Counts {
+                passed: 3,
+                failed: 2,
+                ignored: 1,
+                skipped: 0
+            }
+        );
         assert!(libtest_result_in("running 3 tests").is_none());
         let mut sum = c;
         sum.add(c);

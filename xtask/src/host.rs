@@ -13,21 +13,57 @@ struct Need {
 }
 
 const KERNEL_BUILD: &[Need] = &[
-    Need { package: "build-essential", probe: "/usr/bin/make" },
-    Need { package: "flex", probe: "/usr/bin/flex" },
-    Need { package: "bison", probe: "/usr/bin/bison" },
-    Need { package: "bc", probe: "/usr/bin/bc" },
-    Need { package: "libelf-dev", probe: "/usr/include/libelf.h" },
-    Need { package: "libssl-dev", probe: "/usr/include/openssl/ssl.h" },
-    Need { package: "xz-utils", probe: "/usr/bin/xz" },
-    Need { package: "perl", probe: "/usr/bin/perl" },
-    Need { package: "rsync", probe: "/usr/bin/rsync" },
+    Need {
+        package: "build-essential",
+        probe: "/usr/bin/make",
+    },
+    Need {
+        package: "flex",
+        probe: "/usr/bin/flex",
+    },
+    Need {
+        package: "bison",
+        probe: "/usr/bin/bison",
+    },
+    Need {
+        package: "bc",
+        probe: "/usr/bin/bc",
+    },
+    Need {
+        package: "libelf-dev",
+        probe: "/usr/include/libelf.h",
+    },
+    Need {
+        package: "libssl-dev",
+        probe: "/usr/include/openssl/ssl.h",
+    },
+    Need {
+        package: "xz-utils",
+        probe: "/usr/bin/xz",
+    },
+    Need {
+        package: "perl",
+        probe: "/usr/bin/perl",
+    },
+    Need {
+        package: "rsync",
+        probe: "/usr/bin/rsync",
+    },
 ];
 
 const VM: &[Need] = &[
-    Need { package: "qemu-system-x86", probe: "/usr/bin/qemu-system-x86_64" },
-    Need { package: "busybox-static", probe: "/bin/busybox" },
-    Need { package: "cpio", probe: "/usr/bin/cpio" },
+    Need {
+        package: "qemu-system-x86",
+        probe: "/usr/bin/qemu-system-x86_64",
+    },
+    Need {
+        package: "busybox-static",
+        probe: "/bin/busybox",
+    },
+    Need {
+        package: "cpio",
+        probe: "/usr/bin/cpio",
+    },
 ];
 
 /// Which group of tools a step needs.
@@ -56,8 +92,7 @@ pub fn ensure(tools: Tools) -> Result<()> {
     }
     eprintln!("[host] installing: {}", missing.join(" "));
     // An `apt-get update` first: a fresh machine may have no package lists yet.
-    run_quiet(Command::new("apt-get").args(["update", "-q"]))
-        .context("apt-get update failed")?;
+    run_quiet(Command::new("apt-get").args(["update", "-q"])).context("apt-get update failed")?;
     run_quiet(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -98,7 +133,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         .status()
         .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     if !status.success() {
-        bail!("{:?} {:?} exited with {status}", cmd.get_program(), cmd.get_args().collect::<Vec<_>>());
+        bail!(
+            "{:?} {:?} exited with {status}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        );
     }
     Ok(())
 }
@@ -137,7 +176,14 @@ pub fn host_tsc_khz() -> Result<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").context("reading /proc/cpuinfo")?;
     let mhz: f64 = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1)?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("cpu MHz")?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
         .context("no `cpu MHz` line in /proc/cpuinfo")?;
     Ok((mhz * 1000.0).round() as u64)
 }

@@ -74,9 +74,15 @@ pub struct Patch {
 pub fn load_series(layout: &Layout) -> Result<Vec<Patch>> {
     let dir = layout.series_dir();
     let list = dir.join("series");
-    let Ok(text) = fs::read_to_string(&list) else { return Ok(Vec::new()) };
+    let Ok(text) = fs::read_to_string(&list) else {
+        return Ok(Vec::new());
+    };
     let mut patches = Vec::new();
-    for name in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for name in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let path = dir.join(name);
         let body = fs::read_to_string(&path)
             .with_context(|| format!("{} lists {name}, which cannot be read", list.display()))?;
@@ -119,8 +125,12 @@ fn hash_hex(parts: &[&[u8]]) -> String {
 
 fn git(tree: &Path) -> Command {
     let mut cmd = Command::new("git");
-    cmd.current_dir(tree)
-        .args(["-c", "user.name=kvm-userfault xtask", "-c", "user.email=xtask@invalid"]);
+    cmd.current_dir(tree).args([
+        "-c",
+        "user.name=kvm-userfault xtask",
+        "-c",
+        "user.email=xtask@invalid",
+    ]);
     cmd
 }
 
@@ -181,11 +191,7 @@ fn apply_to_external(tree: &Path, series: &[Patch]) -> Result<()> {
     if series.is_empty() {
         return Ok(());
     }
-    let log = host::output(git(tree).args([
-        "log",
-        "--format=%s",
-        &format!("-{}", series.len()),
-    ]))?;
+    let log = host::output(git(tree).args(["log", "--format=%s", &format!("-{}", series.len())]))?;
     let mut recent: Vec<&str> = log.lines().collect();
     recent.reverse();
     let wanted: Vec<&str> = series.iter().map(|p| p.subject.as_str()).collect();
@@ -236,7 +242,13 @@ pub fn describe_am_failure(text: &str, series: &[Patch]) -> (String, Option<Stri
             let subject = s.split_once(' ').map_or(s.as_str(), |(_, r)| r);
             series.iter().find(|p| p.subject == subject)
         })
-        .map(|p| p.path.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .map(|p| {
+            p.path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .or(failed_subject)
         .unwrap_or_else(|| "(unknown)".to_string());
     let file = text.lines().find_map(|l| {
@@ -244,7 +256,10 @@ pub fn describe_am_failure(text: &str, series: &[Patch]) -> (String, Option<Stri
             l.strip_prefix("error: ")
                 .filter(|r| r.ends_with("does not exist in index"))
         })?;
-        Some(rest.trim_end_matches(": does not exist in index").to_string())
+        Some(
+            rest.trim_end_matches(": does not exist in index")
+                .to_string(),
+        )
     });
     (patch, file)
 }
@@ -305,16 +320,32 @@ pub fn configure(layout: &Layout, src: &Path, build: &Path, flavour: Flavour) ->
     if build.join(".config").exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(&key) {
         return Ok(());
     }
-    eprintln!("[kernel] configuring {} (tinyconfig + {:?})", build.display(), flavour.fragments());
+    eprintln!(
+        "[kernel] configuring {} (tinyconfig + {:?})",
+        build.display(),
+        flavour.fragments()
+    );
     let o = format!("O={}", build.display());
-    host::run_quiet(Command::new("make").current_dir(src).args([o.as_str(), "tinyconfig"]))?;
+    host::run_quiet(
+        Command::new("make")
+            .current_dir(src)
+            .args([o.as_str(), "tinyconfig"]),
+    )?;
     let mut merge = Command::new("scripts/kconfig/merge_config.sh");
-    merge.current_dir(src).args(["-m", "-O"]).arg(build).arg(build.join(".config"));
+    merge
+        .current_dir(src)
+        .args(["-m", "-O"])
+        .arg(build)
+        .arg(build.join(".config"));
     for name in flavour.fragments() {
         merge.arg(layout.config_fragment(name));
     }
     host::run_quiet(&mut merge)?;
-    host::run_quiet(Command::new("make").current_dir(src).args([o.as_str(), "olddefconfig"]))?;
+    host::run_quiet(
+        Command::new("make")
+            .current_dir(src)
+            .args([o.as_str(), "olddefconfig"]),
+    )?;
     let config = fs::read_to_string(build.join(".config"))?;
     let missing: Vec<&str> = REQUIRED_SYMBOLS
         .iter()
@@ -410,7 +441,10 @@ pub fn build_c_selftests(kernel: &BuiltKernel, names: &[String]) -> Result<Vec<(
         .arg(format!("-j{jobs}"))
         .arg(format!("OUTPUT={}", out.display()))
         .arg(format!("INSTALL_HDR_PATH={}", hdr.display()))
-        .arg(format!("KHDR_INCLUDES=-isystem {}", hdr.join("include").display()))
+        .arg(format!(
+            "KHDR_INCLUDES=-isystem {}",
+            hdr.join("include").display()
+        ))
         .arg("EXTRA_CFLAGS=-static")
         .args(&targets)
         .output()
@@ -443,8 +477,14 @@ mod tests {
     #[test]
     fn am_failure_names_patch_and_file() {
         let series = vec![
-            Patch { path: "/s/0001-a.patch".into(), subject: "KVM: a".into() },
-            Patch { path: "/s/0002-b.patch".into(), subject: "KVM: x86: b".into() },
+            Patch {
+                path: "/s/0001-a.patch".into(),
+                subject: "KVM: a".into(),
+            },
+            Patch {
+                path: "/s/0002-b.patch".into(),
+                subject: "KVM: x86: b".into(),
+            },
         ];
         let out = "Applying: KVM: a\nApplying: KVM: x86: b\nerror: patch failed: virt/kvm/kvm_main.c:120\n\
                    error: virt/kvm/kvm_main.c: patch does not apply\nPatch failed at 0002 KVM: x86: b\n";

@@ -49,7 +49,10 @@ struct KernelArgs {
 
 impl KernelArgs {
     fn source(&self) -> SourceChoice {
-        SourceChoice { kernel_src: self.kernel_src.clone(), no_apply: self.no_apply }
+        SourceChoice {
+            kernel_src: self.kernel_src.clone(),
+            no_apply: self.no_apply,
+        }
     }
 }
 
@@ -135,14 +138,28 @@ fn real_main() -> Result<ExitCode> {
             println!("{}", built.bzimage().display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vm { kernel: args, shape, timeout, add, no_build, command } => {
-            let files = add.iter().map(|s| GuestFile::parse(s)).collect::<Result<Vec<_>>>()?;
+        Cmd::Vm {
+            kernel: args,
+            shape,
+            timeout,
+            add,
+            no_build,
+            command,
+        } => {
+            let files = add
+                .iter()
+                .map(|s| GuestFile::parse(s))
+                .collect::<Result<Vec<_>>>()?;
             let built = if no_build {
                 let src = kernel::prepare_source(&layout, &args.source())?;
-                let build = kernel::build_dir_for(&layout, &src, args.kernel_src.is_none(), args.flavour);
+                let build =
+                    kernel::build_dir_for(&layout, &src, args.kernel_src.is_none(), args.flavour);
                 let k = kernel::BuiltKernel { src, build };
                 if !k.bzimage().exists() {
-                    bail!("--no-build: {} does not exist; run `cargo xtask kernel`", k.bzimage().display());
+                    bail!(
+                        "--no-build: {} does not exist; run `cargo xtask kernel`",
+                        k.bzimage().display()
+                    );
                 }
                 k
             } else {
@@ -152,7 +169,11 @@ fn real_main() -> Result<ExitCode> {
             let script = if command.len() == 1 {
                 command[0].clone()
             } else {
-                command.iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" ")
+                command
+                    .iter()
+                    .map(|w| sh_quote(w))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
             let outcome = suite::boot(
                 &layout,
@@ -166,7 +187,11 @@ fn real_main() -> Result<ExitCode> {
                 true,
             )?;
             if let Some(t) = outcome.boot_time {
-                eprintln!("[vm] booted in {t:.1?}; total {:.1?}; log {}", outcome.elapsed, outcome.log.display());
+                eprintln!(
+                    "[vm] booted in {t:.1?}; total {:.1?}; log {}",
+                    outcome.elapsed,
+                    outcome.log.display()
+                );
             }
             if outcome.success() {
                 return Ok(ExitCode::SUCCESS);

@@ -51,7 +51,10 @@ impl VmOutcome {
     pub fn failure_report(&self) -> String {
         let mut why = Vec::new();
         if self.timed_out {
-            why.push(format!("timed out after {:.0?} and was killed", self.elapsed));
+            why.push(format!(
+                "timed out after {:.0?} and was killed",
+                self.elapsed
+            ));
         }
         if let Some(p) = self.problems.first() {
             why.push(format!("the kernel reported: {p}"));
@@ -59,7 +62,9 @@ impl VmOutcome {
         match self.exit_status {
             Some(0) => {}
             Some(rc) => why.push(format!("the command exited with status {rc}")),
-            None if !self.timed_out => why.push("the guest stopped before the command finished".into()),
+            None if !self.timed_out => {
+                why.push("the guest stopped before the command finished".into())
+            }
             None => {}
         }
         // Show the first problem's surroundings if there is one, else the tail.
@@ -67,7 +72,9 @@ impl VmOutcome {
             .problems
             .first()
             .and_then(|p| self.console.iter().position(|l| l.contains(p.as_str())))
-            .map_or(self.console.len().saturating_sub(40), |i| i.saturating_sub(5));
+            .map_or(self.console.len().saturating_sub(40), |i| {
+                i.saturating_sub(5)
+            });
         let end = (start + 60).min(self.console.len());
         format!(
             "VM run failed: {}\n--- console ({}) lines {}..{} ---\n{}\n---",
@@ -92,7 +99,15 @@ fn kernel_cmdline() -> Result<String> {
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-nodefaults", "-display", "none"])
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
         .args(["-no-reboot", "-serial", "stdio", "-monitor", "none"])
         .args(["-smp", &cfg.smp.to_string(), "-m", &cfg.mem])
         .arg("-kernel")
@@ -115,8 +130,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
             let _ = tx_err.send(format!("qemu: {line}"));
         }
     });
-    let mut log = fs::File::create(&cfg.log)
-        .with_context(|| format!("creating {}", cfg.log.display()))?;
+    let mut log =
+        fs::File::create(&cfg.log).with_context(|| format!("creating {}", cfg.log.display()))?;
     let mut outcome = VmOutcome {
         exit_status: None,
         problems: Vec::new(),
@@ -147,7 +162,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
                 if let Some(rc) = console::exit_status_in(&line) {
                     outcome.exit_status = Some(rc);
                 }
-                if cfg.echo && (outcome.boot_time.is_some() || console::problem_in(&line).is_some()) {
+                if cfg.echo && (outcome.boot_time.is_some() || console::problem_in(&line).is_some())
+                {
                     println!("{line}");
                 }
                 outcome.console.push(line);
@@ -160,7 +176,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     let _ = child.wait();
     outcome.elapsed = started.elapsed();
     if outcome.timed_out {
-        writeln!(log, "[xtask] killed QEMU at the {:.0?} timeout", cfg.timeout)?;
+        writeln!(
+            log,
+            "[xtask] killed QEMU at the {:.0?} timeout",
+            cfg.timeout
+        )?;
     }
     Ok(outcome)
 }
@@ -190,5 +210,9 @@ fn kill(child: &mut Child) {
 pub fn scratch(run_dir: &Path, tag: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let dir = run_dir.join(format!("{tag}-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
-    Ok((dir.join("root"), dir.join("initrd.cpio"), dir.join("console.log")))
+    Ok((
+        dir.join("root"),
+        dir.join("initrd.cpio"),
+        dir.join("console.log"),
+    ))
 }

@@ -14,7 +14,11 @@ use crate::kernel::{self, Flavour, Patch};
 use crate::layout::Layout;
 
 fn git_out(tree: &Path, args: &[&str]) -> Result<String> {
-    Ok(host::output(Command::new("git").current_dir(tree).args(args))?.trim().to_string())
+    Ok(
+        host::output(Command::new("git").current_dir(tree).args(args))?
+            .trim()
+            .to_string(),
+    )
 }
 
 /// Runs all checks on the series applied at the top of `src`; one count per check.
@@ -30,7 +34,12 @@ pub fn check(
         let name = patch.path.file_name().unwrap_or_default().to_string_lossy();
         let out = Command::new("perl")
             .current_dir(src)
-            .args(["scripts/checkpatch.pl", "--strict", "--no-summary", "--quiet"])
+            .args([
+                "scripts/checkpatch.pl",
+                "--strict",
+                "--no-summary",
+                "--quiet",
+            ])
             .arg(&patch.path)
             .output()
             .context("cannot run checkpatch.pl")?;
@@ -49,7 +58,11 @@ pub fn check(
     let branch = git_out(src, &["symbolic-ref", "-q", "--short", "HEAD"]).unwrap_or_default();
     let commits: Vec<String> = git_out(
         src,
-        &["rev-list", "--reverse", &format!("HEAD~{}..HEAD", series.len())],
+        &[
+            "rev-list",
+            "--reverse",
+            &format!("HEAD~{}..HEAD", series.len()),
+        ],
     )?
     .lines()
     .map(str::to_string)
@@ -64,7 +77,11 @@ pub fn check(
     let mut all_built = true;
     let result = (|| -> Result<()> {
         for (i, commit) in commits.iter().enumerate() {
-            host::run_quiet(Command::new("git").current_dir(src).args(["checkout", "-q", "--detach", commit]))?;
+            host::run_quiet(
+                Command::new("git")
+                    .current_dir(src)
+                    .args(["checkout", "-q", "--detach", commit]),
+            )?;
             kernel::configure(layout, src, build, flavour)?;
             eprintln!("[series] building patch {}/{}", i + 1, commits.len());
             match kernel::make(src, build, &["bzImage"], "series-build") {
@@ -78,15 +95,26 @@ pub fn check(
         }
         Ok(())
     })();
-    let target = if branch.is_empty() { head.as_str() } else { branch.as_str() };
-    host::run_quiet(Command::new("git").current_dir(src).args(["checkout", "-q", target]))?;
+    let target = if branch.is_empty() {
+        head.as_str()
+    } else {
+        branch.as_str()
+    };
+    host::run_quiet(
+        Command::new("git")
+            .current_dir(src)
+            .args(["checkout", "-q", target]),
+    )?;
     result?;
 
     match new_w1_warnings(src, build, commits.len()) {
         Ok(new) if new.is_empty() => counts.passed += 1,
         Ok(new) => {
             counts.failed += 1;
-            eprintln!("[series] new W=1 warnings in touched files:\n{}", new.into_iter().collect::<Vec<_>>().join("\n"));
+            eprintln!(
+                "[series] new W=1 warnings in touched files:\n{}",
+                new.into_iter().collect::<Vec<_>>().join("\n")
+            );
         }
         Err(e) => {
             counts.failed += 1;
@@ -104,7 +132,9 @@ fn touched_kernel_c_files(src: &Path, n: usize) -> Result<Vec<String>> {
     let out = git_out(src, &["diff", "--name-only", &format!("HEAD~{n}"), "HEAD"])?;
     Ok(out
         .lines()
-        .filter(|f| f.ends_with(".c") && !f.starts_with("tools/") && !f.starts_with("Documentation/"))
+        .filter(|f| {
+            f.ends_with(".c") && !f.starts_with("tools/") && !f.starts_with("Documentation/")
+        })
         .filter(|f| src.join(f).exists())
         .map(str::to_string)
         .collect())
@@ -121,7 +151,12 @@ fn new_w1_warnings(src: &Path, build: &Path, n: usize) -> Result<BTreeSet<String
     let tip = w1_warnings(src, build, &objects)?;
     let head = git_out(src, &["rev-parse", "HEAD"])?;
     let branch = git_out(src, &["symbolic-ref", "-q", "--short", "HEAD"]).unwrap_or_default();
-    host::run_quiet(Command::new("git").current_dir(src).args(["checkout", "-q", "--detach", &format!("HEAD~{n}")]))?;
+    host::run_quiet(Command::new("git").current_dir(src).args([
+        "checkout",
+        "-q",
+        "--detach",
+        &format!("HEAD~{n}"),
+    ]))?;
     // Files the series adds do not exist at the base.
     let base_objects: Vec<String> = objects
         .iter()
@@ -130,7 +165,11 @@ fn new_w1_warnings(src: &Path, build: &Path, n: usize) -> Result<BTreeSet<String
         .collect();
     let base = w1_warnings(src, build, &base_objects);
     let target = if branch.is_empty() { head } else { branch };
-    host::run_quiet(Command::new("git").current_dir(src).args(["checkout", "-q", &target]))?;
+    host::run_quiet(
+        Command::new("git")
+            .current_dir(src)
+            .args(["checkout", "-q", &target]),
+    )?;
     let base = base?;
     Ok(tip.difference(&base).cloned().collect())
 }
@@ -143,7 +182,10 @@ fn w1_warnings(src: &Path, build: &Path, objects: &[String]) -> Result<BTreeSet<
         .current_dir(src)
         .arg(format!("O={}", build.display()))
         .arg("W=1")
-        .arg(format!("-j{}", std::thread::available_parallelism().map_or(2, |n| n.get())))
+        .arg(format!(
+            "-j{}",
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        ))
         .args(objects)
         .output()
         .context("cannot run make W=1")?;
@@ -171,7 +213,9 @@ mod tests {
     #[test]
     fn warnings_compare_without_line_numbers() {
         assert_eq!(
-            strip_line_numbers("virt/kvm/kvm_main.c:120:5: warning: unused variable 'x' [-Wunused-variable]"),
+            strip_line_numbers(
+                "virt/kvm/kvm_main.c:120:5: warning: unused variable 'x' [-Wunused-variable]"
+            ),
             "virt/kvm/kvm_main.c: warning: unused variable 'x' [-Wunused-variable]"
         );
     }

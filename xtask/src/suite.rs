@@ -57,7 +57,8 @@ pub fn run(layout: &Layout, opts: &TestOptions) -> Result<()> {
         let series = kernel::load_series(layout)?;
         if !opts.skip_series_check && !series.is_empty() && !opts.source.no_apply {
             let src = kernel::prepare_source(layout, &opts.source)?;
-            let build = kernel::build_dir_for(layout, &src, opts.source.kernel_src.is_none(), opts.flavour);
+            let build =
+                kernel::build_dir_for(layout, &src, opts.source.kernel_src.is_none(), opts.flavour);
             let counts = series_check::check(layout, &src, &build, opts.flavour, &series)?;
             results.push(SuiteResult {
                 name: "series",
@@ -90,7 +91,14 @@ pub fn run(layout: &Layout, opts: &TestOptions) -> Result<()> {
 }
 
 fn failed(name: &'static str, note: String) -> SuiteResult {
-    SuiteResult { name, counts: Counts { failed: 1, ..Counts::default() }, note }
+    SuiteResult {
+        name,
+        counts: Counts {
+            failed: 1,
+            ..Counts::default()
+        },
+        note,
+    }
 }
 
 fn finish(results: &[SuiteResult], started: Instant) -> Result<()> {
@@ -141,7 +149,15 @@ fn lint(layout: &Layout) -> SuiteResult {
         ("cargo fmt --check", &["fmt", "--all", "--check"]),
         (
             "cargo clippy",
-            &["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--quiet",
+                "--",
+                "-D",
+                "warnings",
+            ],
         ),
     ];
     for (name, args) in checks {
@@ -154,7 +170,11 @@ fn lint(layout: &Layout) -> SuiteResult {
             }
         }
     }
-    SuiteResult { name: "lint", counts, note: notes.join("; ") }
+    SuiteResult {
+        name: "lint",
+        counts,
+        note: notes.join("; "),
+    }
 }
 
 /// Runs a command, echoing its output, and sums the libtest result lines it prints.
@@ -183,7 +203,11 @@ fn host_tests(layout: &Layout) -> SuiteResult {
             if !ok && counts.failed == 0 {
                 counts.failed = 1;
             }
-            SuiteResult { name: "host", counts, note: String::new() }
+            SuiteResult {
+                name: "host",
+                counts,
+                note: String::new(),
+            }
         }
         Err(e) => failed("host", format!("{e:#}")),
     }
@@ -197,18 +221,34 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
     type Check = fn(&qemu::VmOutcome) -> bool;
     let cases: [(&str, &str, u64, Check); 4] = [
         ("a passing command passes", "true", 120, |o| o.success()),
-        ("a failing command fails", "echo failing on purpose; exit 3", 120, |o| {
-            !o.success() && o.exit_status == Some(3)
-        }),
-        ("a kernel panic fails, with the panic reported", "echo c > /proc/sysrq-trigger", 120, |o| {
-            !o.success() && o.problems.iter().any(|p| p.contains("Kernel panic"))
-        }),
+        (
+            "a failing command fails",
+            "echo failing on purpose; exit 3",
+            120,
+            |o| !o.success() && o.exit_status == Some(3),
+        ),
+        (
+            "a kernel panic fails, with the panic reported",
+            "echo c > /proc/sysrq-trigger",
+            120,
+            |o| !o.success() && o.problems.iter().any(|p| p.contains("Kernel panic")),
+        ),
         ("a hang is killed at the timeout", "sleep 100000", 25, |o| {
             !o.success() && o.timed_out
         }),
     ];
     for (name, script, timeout, check) in cases {
-        let outcome = boot(layout, kernel, "harness", script, &[], 1, "512M", Duration::from_secs(timeout), false);
+        let outcome = boot(
+            layout,
+            kernel,
+            "harness",
+            script,
+            &[],
+            1,
+            "512M",
+            Duration::from_secs(timeout),
+            false,
+        );
         match outcome {
             Ok(o) if check(&o) => {
                 eprintln!("[harness] ok: {name} ({:.1?})", o.elapsed);
@@ -225,7 +265,11 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
             }
         }
     }
-    SuiteResult { name: "harness", counts, note: notes.join("; ") }
+    SuiteResult {
+        name: "harness",
+        counts,
+        note: notes.join("; "),
+    }
 }
 
 /// Builds an initramfs with `files` and `script`, boots, returns the outcome.
@@ -263,7 +307,15 @@ pub fn boot(
 pub fn build_guest_test_binaries(layout: &Layout) -> Result<Vec<(String, PathBuf)>> {
     eprintln!("[test] building static test binaries for the guest");
     let out = cargo(layout)
-        .args(["test", "--workspace", "--exclude", "xtask", "--no-run", "--target", GUEST_TARGET])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--no-run",
+            "--target",
+            GUEST_TARGET,
+        ])
         .args(["--message-format", "json-render-diagnostics"])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .stderr(Stdio::inherit())
@@ -303,7 +355,11 @@ pub fn test_executable_in(json_line: &str) -> Option<(String, PathBuf)> {
     Some((format!("{package}.{name}-{kind}"), PathBuf::from(exe)))
 }
 
-fn guest_suites(layout: &Layout, kernel: &BuiltKernel, opts: &TestOptions) -> Result<Vec<SuiteResult>> {
+fn guest_suites(
+    layout: &Layout,
+    kernel: &BuiltKernel,
+    opts: &TestOptions,
+) -> Result<Vec<SuiteResult>> {
     let rust_bins = build_guest_test_binaries(layout)?;
     let c_names = kernel::c_selftest_list(layout)?;
     eprintln!("[test] building {} kvm selftests statically", c_names.len());
@@ -313,7 +369,10 @@ fn guest_suites(layout: &Layout, kernel: &BuiltKernel, opts: &TestOptions) -> Re
     let mut script = String::from("failed=0\n");
     for (name, host_path) in &rust_bins {
         let guest = format!("/tests/rust/{name}");
-        files.push(GuestFile { host: host_path.clone(), guest: guest.clone() });
+        files.push(GuestFile {
+            host: host_path.clone(),
+            guest: guest.clone(),
+        });
         let _ = writeln!(
             script,
             "echo '{b}rust {name}'; {guest} --ignored; rc=$?; echo '{e}rust {name}' rc=$rc; [ $rc = 0 ] || failed=1",
@@ -324,7 +383,10 @@ fn guest_suites(layout: &Layout, kernel: &BuiltKernel, opts: &TestOptions) -> Re
     }
     for (name, host_path) in &c_bins {
         let guest = format!("/tests/kvm/{name}");
-        files.push(GuestFile { host: host_path.clone(), guest: guest.clone() });
+        files.push(GuestFile {
+            host: host_path.clone(),
+            guest: guest.clone(),
+        });
         // KSFT_SKIP (4) is not a failure.
         let _ = writeln!(
             script,
@@ -340,13 +402,34 @@ fn guest_suites(layout: &Layout, kernel: &BuiltKernel, opts: &TestOptions) -> Re
         rust_bins.len(),
         c_bins.len()
     );
-    let outcome = boot(layout, kernel, "suite", &script, &files, opts.smp, &opts.mem, opts.timeout, true)?;
+    let outcome = boot(
+        layout,
+        kernel,
+        "suite",
+        &script,
+        &files,
+        opts.smp,
+        &opts.mem,
+        opts.timeout,
+        true,
+    )?;
     if let Some(t) = outcome.boot_time {
-        eprintln!("[test] guest booted in {t:.1?}, ran for {:.1?}", outcome.elapsed);
+        eprintln!(
+            "[test] guest booted in {t:.1?}, ran for {:.1?}",
+            outcome.elapsed
+        );
     }
     let (rust, c) = tally(&outcome.console);
-    let mut rust = SuiteResult { name: "guest-rust", counts: rust, note: String::new() };
-    let mut c = SuiteResult { name: "guest-c", counts: c, note: String::new() };
+    let mut rust = SuiteResult {
+        name: "guest-rust",
+        counts: rust,
+        note: String::new(),
+    };
+    let mut c = SuiteResult {
+        name: "guest-c",
+        counts: c,
+        note: String::new(),
+    };
     if !outcome.success() {
         let report = outcome.failure_report();
         eprintln!("{report}");
@@ -384,8 +467,13 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
                 counts.skipped += 1;
             }
         }
-        let Some(rest) = line.split(console::TEST_END).nth(1) else { continue };
-        let rc: Option<i32> = rest.rsplit("rc=").next().and_then(|r| r.trim().parse().ok());
+        let Some(rest) = line.split(console::TEST_END).nth(1) else {
+            continue;
+        };
+        let rc: Option<i32> = rest
+            .rsplit("rc=")
+            .next()
+            .and_then(|r| r.trim().parse().ok());
         if rest.starts_with("rust ") {
             let mut counts = current_rust_counts.take().unwrap_or_default();
             let moved = counts.skipped.min(counts.passed);
@@ -436,8 +524,24 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let (rust, c) = tally(&lines);
-        assert_eq!(rust, Counts { passed: 3, failed: 1, ignored: 0, skipped: 2 });
-        assert_eq!(c, Counts { passed: 1, failed: 1, ignored: 0, skipped: 1 });
+        assert_eq!(
+            rust,
+            Counts {
+                passed: 3,
+                failed: 1,
+                ignored: 0,
+                skipped: 2
+            }
+        );
+        assert_eq!(
+            c,
+            Counts {
+                passed: 1,
+                failed: 1,
+                ignored: 0,
+                skipped: 1
+            }
+        );
     }
 
     #[test]
@@ -447,8 +551,14 @@ mod tests {
         assert_eq!(name, "kvm-selftests.userfault-test");
         assert_eq!(exe, Path::new("/t/debug/deps/userfault-abc"));
         let lib = line.replace("\"kind\":[\"test\"]", "\"kind\":[\"lib\"]");
-        assert_eq!(test_executable_in(&lib).unwrap().0, "kvm-selftests.userfault-lib");
-        let not_test = line.replace("\"opt_level\":\"0\",\"test\":true", "\"opt_level\":\"0\",\"test\":false");
+        assert_eq!(
+            test_executable_in(&lib).unwrap().0,
+            "kvm-selftests.userfault-lib"
+        );
+        let not_test = line.replace(
+            "\"opt_level\":\"0\",\"test\":true",
+            "\"opt_level\":\"0\",\"test\":false",
+        );
         assert!(test_executable_in(&not_test).is_none());
         assert!(test_executable_in(r#"{"reason":"build-finished","success":true}"#).is_none());
     }
