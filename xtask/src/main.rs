@@ -6,6 +6,7 @@
 //! - `cargo xtask test`: everything, ending in one summary line.
 
 mod base;
+mod bench;
 mod console;
 mod host;
 mod initramfs;
@@ -88,6 +89,25 @@ enum Cmd {
         /// The command to run in the guest (a shell command line).
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// The cover letter's demand-paging table: every configuration side by side in one boot.
+    Bench {
+        #[command(flatten)]
+        kernel: KernelArgs,
+        #[command(flatten)]
+        shape: VmShape,
+        /// vCPU counts to measure (comma separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2])]
+        vcpus: Vec<u32>,
+        /// Guest memory each vCPU demand-pages (demand_paging_test -b).
+        #[arg(long, default_value = "16M", value_parser = parse_mem)]
+        bytes_per_vcpu: String,
+        /// Runs of each configuration; the median is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+        repeats: u32,
+        /// Seconds before the VM is killed.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
     },
     /// The whole suite: lint, host tests, series checks, harness checks, tests in the guest.
     Test {
@@ -202,6 +222,31 @@ fn real_main() -> Result<ExitCode> {
                 _ => 1,
             };
             Ok(ExitCode::from(code))
+        }
+        Cmd::Bench {
+            kernel: args,
+            shape,
+            vcpus,
+            bytes_per_vcpu,
+            repeats,
+            timeout,
+        } => {
+            if vcpus.is_empty() || vcpus.iter().any(|&v| v == 0 || v > 64) {
+                bail!("--vcpus takes counts from 1 to 64");
+            }
+            bench::run(
+                &layout,
+                &bench::BenchOptions {
+                    source: args.source(),
+                    smp: shape.smp,
+                    mem: shape.mem,
+                    vcpus,
+                    bytes_per_vcpu,
+                    repeats,
+                    timeout: Duration::from_secs(timeout),
+                },
+            )?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Test {
             kernel: args,
