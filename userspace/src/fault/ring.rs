@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 const STOP_TAG: u64 = u64::MAX;
+const CANCEL_TAG: u64 = u64::MAX - 1;
 
 /// An eventfd that stops an [`AsyncReader`] (and anything else polling it).
 #[derive(Debug, Clone)]
@@ -58,6 +59,9 @@ pub struct AsyncReader {
     bufs: Vec<Vec<u8>>,
     stop: StopSignal,
     stop_buf: Box<[u8; 8]>,
+    /// Which buffers (and the stop read) the kernel may still write into.
+    in_flight: Vec<bool>,
+    stop_in_flight: bool,
     /// Wake-ups (io_uring_enter calls that returned completions).
     pub wakeups: u64,
     /// Reads completed.
@@ -80,6 +84,8 @@ impl AsyncReader {
             bufs: vec![vec![0u8; records_per_read * USERFAULT_MSG_SIZE]; depth],
             stop,
             stop_buf: Box::new([0u8; 8]),
+            in_flight: vec![false; depth],
+            stop_in_flight: false,
             wakeups: 0,
             reads: 0,
         })
@@ -91,15 +97,67 @@ impl AsyncReader {
             .build()
             .user_data(i as u64);
         // SAFETY: the buffer lives in self.bufs, which is neither resized nor dropped while the
-        // read is in flight (run() only returns after the ring is dropped or the fd is done).
+        // read is in flight: run() cancels and reaps every read before returning, and a read
+        // that cannot be reaped makes Drop leak the buffers instead of freeing them.
         unsafe { self.ring.submission().push(&sqe) }.context("submission queue full")?;
+        self.in_flight[i] = true;
         Ok(())
+    }
+
+    /// Cancels every outstanding read and waits (bounded) for their completions, so no
+    /// buffer is written after `run` returns.
+    fn cancel_all(&mut self) {
+        let mut tags: Vec<u64> = (0..self.bufs.len())
+            .filter(|&i| self.in_flight[i])
+            .map(|i| i as u64)
+            .collect();
+        if self.stop_in_flight {
+            tags.push(STOP_TAG);
+        }
+        for &t in &tags {
+            let sqe = opcode::AsyncCancel::new(t).build().user_data(CANCEL_TAG);
+            // SAFETY: a cancel request references no memory.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                break;
+            }
+        }
+        for _ in 0..50 {
+            if !self.stop_in_flight && !self.in_flight.iter().any(|&b| b) {
+                return;
+            }
+            let ts = types::Timespec::new().nsec(100_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => break,
+            }
+            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for tag in done {
+                self.mark_done(tag);
+            }
+        }
+    }
+
+    fn mark_done(&mut self, tag: u64) {
+        if tag == STOP_TAG {
+            self.stop_in_flight = false;
+        } else if let Some(f) = self.in_flight.get_mut(tag as usize) {
+            *f = false;
+        }
     }
 
     /// Runs until the stop signal fires or the fd reports end-of-file, calling `on_batch` with
     /// every batch of records. An error from the callback, a failed read or a malformed record
     /// ends the loop with that error.
-    pub fn run(&mut self, mut on_batch: impl FnMut(&[Record]) -> Result<()>) -> Result<()> {
+    pub fn run(&mut self, on_batch: impl FnMut(&[Record]) -> Result<()>) -> Result<()> {
+        let res = self.run_inner(on_batch);
+        self.cancel_all();
+        res
+    }
+
+    fn run_inner(&mut self, mut on_batch: impl FnMut(&[Record]) -> Result<()>) -> Result<()> {
         for i in 0..self.bufs.len() {
             self.push_read(i)?;
         }
@@ -112,6 +170,7 @@ impl AsyncReader {
         .user_data(STOP_TAG);
         // SAFETY: stop_buf is boxed in self and outlives the ring's use of it.
         unsafe { self.ring.submission().push(&stop_sqe) }.context("submission queue full")?;
+        self.stop_in_flight = true;
 
         let mut batch: Vec<Record> = Vec::with_capacity(self.bufs.len() * 64);
         let mut done: Vec<usize> = Vec::with_capacity(self.bufs.len());
@@ -131,6 +190,10 @@ impl AsyncReader {
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
             for (tag, res) in cqes {
+                if tag == CANCEL_TAG {
+                    continue;
+                }
+                self.mark_done(tag);
                 if tag == STOP_TAG {
                     return Ok(());
                 }
@@ -164,6 +227,18 @@ impl AsyncReader {
             for &i in &done {
                 self.push_read(i)?;
             }
+        }
+    }
+}
+
+impl Drop for AsyncReader {
+    fn drop(&mut self) {
+        self.cancel_all();
+        if self.stop_in_flight || self.in_flight.iter().any(|&b| b) {
+            // The kernel may still write into these: leak them rather than free them.
+            tracing::error!("io_uring reads not reaped at teardown; leaking their buffers");
+            std::mem::forget(std::mem::take(&mut self.bufs));
+            std::mem::forget(std::mem::replace(&mut self.stop_buf, Box::new([0; 8])));
         }
     }
 }
@@ -236,6 +311,8 @@ mod tests {
             s2.stop();
         });
         reader.run(|_| Ok(())).unwrap();
+        // Every read was cancelled and reaped: no buffer can be written after run().
+        assert!(!reader.stop_in_flight && reader.in_flight.iter().all(|&b| !b));
 
         let (mut tx, rx) = UnixStream::pair().unwrap();
         let mut reader =
