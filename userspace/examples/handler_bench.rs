@@ -53,11 +53,14 @@ fn main() -> anyhow::Result<()> {
             fill_alias: None,
             source_first_page: 0,
         };
-        let h = Handler::new(
-            vec![region],
-            source.clone(),
-            Install::Direct(Box::new(NoopResolver)),
-        )?;
+        // SAFETY: `guest` is a Vec that outlives `h` (dropped at the end of the round) and is not borrowed while `h` writes into it.
+        let h = unsafe {
+            Handler::new(
+                vec![region],
+                source.clone(),
+                Install::Direct(Box::new(NoopResolver)),
+            )
+        }?;
         let mut scratch = Scratch::default();
         let mut records = Vec::with_capacity(RECORDS_PER_READ);
         let mut gpas = Vec::with_capacity(RECORDS_PER_READ);

@@ -132,7 +132,13 @@ pub struct Handler {
 
 impl Handler {
     /// A handler over `regions`, every page initially missing.
-    pub fn new(
+    ///
+    /// # Safety
+    /// For every region, `host` (and `fill_alias`, if any) must be the address of a writable
+    /// mapping of at least `size` bytes that stays mapped for the handler's lifetime, and no
+    /// Rust reference may alias that memory: the handler writes page contents there through
+    /// raw pointers (guest memory is shared with the guest and the kernel, not Rust-owned).
+    pub unsafe fn new(
         regions: Vec<Region>,
         source: Arc<dyn PageSource>,
         install: Install,
@@ -581,11 +587,14 @@ mod tests {
             fill_alias: None,
             source_first_page: 0,
         };
-        let h = Handler::new(
-            vec![region],
-            src.unwrap_or_else(|| img.clone()),
-            Install::Direct(Box::new(CountingResolver(calls.clone()))),
-        )
+        // SAFETY: `mem` lives in the fixture next to the handler and is only read after the handler is done with the pages it reads.
+        let h = unsafe {
+            Handler::new(
+                vec![region],
+                src.unwrap_or_else(|| img.clone()),
+                Install::Direct(Box::new(CountingResolver(calls.clone()))),
+            )
+        }
         .unwrap();
         Fixture { mem, img, calls, h }
     }
@@ -790,11 +799,14 @@ mod tests {
                 source_first_page: 10,
             },
         ];
-        let h = Handler::new(
-            regions,
-            img,
-            Install::Direct(Box::new(CountingResolver(calls.clone()))),
-        )
+        // SAFETY: `a` and `b` outlive `h` and are only read after the handler filled them.
+        let h = unsafe {
+            Handler::new(
+                regions,
+                img,
+                Install::Direct(Box::new(CountingResolver(calls.clone()))),
+            )
+        }
         .unwrap();
         let mut s = Scratch::default();
         // One batch spanning both regions, interleaved.
@@ -890,7 +902,8 @@ mod tests {
             fill_alias: None,
             source_first_page: 0,
         };
-        let e = Handler::new(vec![r], img, Install::Direct(Box::new(NoopResolver)))
+        // SAFETY: construction fails before any memory is touched.
+        let e = unsafe { Handler::new(vec![r], img, Install::Direct(Box::new(NoopResolver))) }
             .err()
             .unwrap();
         assert!(e.to_string().contains("needs source pages up to 2"), "{e}");

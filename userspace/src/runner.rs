@@ -230,7 +230,8 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
         fill_alias: alias.as_ref().map(|m| m.addr()),
         source_first_page: cfg.source_first_page,
     };
-    let handler = Arc::new(Handler::new(vec![region], cfg.source.clone(), install)?);
+    // SAFETY: the region is the data slot's mapping (and alias), owned by `vm`/`alias`, which outlive the handler's use (threads are joined, or the VM is leaked if they are stuck); it is only accessed through raw pointers.
+    let handler = Arc::new(unsafe { Handler::new(vec![region], cfg.source.clone(), install) }?);
     tracing::info!(mode = ?cfg.mode, pages = cfg.pages, vcpus = cfg.vcpus, source = %cfg.source.describe(), "run");
 
     let stop = StopSignal::new()?;

@@ -87,11 +87,14 @@ fn setup(pages: usize) -> (Arc<MockKernel>, UnixStream, Mapping, Arc<Handler>) {
         fill_alias: None,
         source_first_page: 0,
     };
-    let h = Handler::new(
-        vec![region],
-        Arc::new(MemorySource::new(img).unwrap()),
-        Install::Direct(Box::new(MockResolve(kernel.clone()))),
-    )
+    // SAFETY: `mem` is a fresh anonymous mapping returned with the handler; tests read it only through `Mapping::read` (raw copies), never through a reference.
+    let h = unsafe {
+        Handler::new(
+            vec![region],
+            Arc::new(MemorySource::new(img).unwrap()),
+            Install::Direct(Box::new(MockResolve(kernel.clone()))),
+        )
+    }
     .unwrap();
     (kernel, rx, mem, Arc::new(h))
 }

@@ -256,11 +256,14 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
             fill_alias: None,
             source_first_page: 0,
         };
-        let handler = Handler::new(
-            vec![region],
-            src,
-            Install::Direct(Box::new(FdResolver(ufd.clone()))),
-        )
+        // SAFETY: `mem` is the handler's own mapping of the guest_memfd, alive until the end of this closure, after the handler.
+        let handler = unsafe {
+            Handler::new(
+                vec![region],
+                src,
+                Install::Direct(Box::new(FdResolver(ufd.clone()))),
+            )
+        }
         .unwrap();
         serve_userfault_fd(&handler, ufd.as_raw_fd(), stop2, 4, 32).unwrap();
         assert_eq!(handler.missing_pages(), 0);
