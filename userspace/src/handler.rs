@@ -108,6 +108,7 @@ pub struct Scratch {
     waits: Vec<(usize, usize)>,
     runs: Vec<Range<usize>>,
     done: Vec<Range<usize>>,
+    lookahead: Vec<u64>,
 }
 
 /// Longest run written by one install call (bounds the staging buffer: 1 MiB).
@@ -341,6 +342,8 @@ impl Handler {
         }
         let mut claimed = std::mem::take(&mut scratch.claimed);
         claimed.clear();
+        let mut lookahead = std::mem::take(&mut scratch.lookahead);
+        lookahead.clear();
         {
             let mut cur = self
                 .prefetch_cursor
@@ -367,11 +370,29 @@ impl Handler {
                     tried += 1;
                 } else {
                     *cur = (ri, next);
+                    // Look ahead: the next batch (not claimed) is announced to the source
+                    // after this one, so a remote source keeps a window in flight.
+                    lookahead.clear();
+                    let mut p = next;
+                    while lookahead.len() < max {
+                        match map.next_unclaimed(p) {
+                            Some(q) if q >= p => {
+                                lookahead
+                                    .push(self.regions[ri].region.source_first_page + q as u64);
+                                p = q + 1;
+                            }
+                            _ => break,
+                        }
+                    }
                 }
             }
         }
         let _span = tracing::debug_span!("prefetch", n = claimed.len()).entered();
         let res = self.fill_claimed(&claimed, Urgency::Prefetch, scratch);
+        if !lookahead.is_empty() {
+            self.source.request(&lookahead, Urgency::Prefetch);
+        }
+        scratch.lookahead = lookahead;
         scratch.claimed = claimed;
         let n = res?;
         Stats::add(&self.stats.prefetched_pages, n as u64);

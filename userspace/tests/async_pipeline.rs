@@ -191,3 +191,88 @@ fn record_for_an_unknown_gfn_is_a_clear_error() {
         "{e:#}"
     );
 }
+
+/// Counts the pages the server reads.
+struct Counting(Arc<MemorySource>, AtomicU64);
+
+impl kvm_userfault::source::PageSource for Counting {
+    fn page_count(&self) -> u64 {
+        self.0.page_count()
+    }
+    fn read_page(
+        &self,
+        index: u64,
+        dst: &mut [u8],
+    ) -> Result<(), kvm_userfault::source::SourceError> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.read_page(index, dst)
+    }
+    fn describe(&self) -> String {
+        "counting".into()
+    }
+}
+
+#[test]
+fn remote_prefetch_with_lookahead_and_demand_fetches_each_page_once() {
+    use kvm_userfault::handler::{NoopResolver, Scratch};
+    use kvm_userfault::source::{serve, RemoteOptions, RemoteSource};
+    use std::time::Instant;
+
+    let pages = 700usize;
+    let mut img = vec![0u8; pages * PAGE_SIZE];
+    for (i, p) in img.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        fill_pattern_page(SEED, i as u64, p);
+    }
+    let image = Arc::new(MemorySource::new(img).unwrap());
+    let served = Arc::new(Counting(image.clone(), AtomicU64::new(0)));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let s2 = served.clone();
+    std::thread::spawn(move || serve(l, s2));
+    let remote = Arc::new(RemoteSource::connect(addr, RemoteOptions::default()).unwrap());
+    let mem = Mapping::new(pages * PAGE_SIZE, None).unwrap();
+    let region = Region {
+        gpa: GPA,
+        size: (pages * PAGE_SIZE) as u64,
+        host: mem.addr(),
+        fill_alias: None,
+        source_first_page: 0,
+    };
+    // SAFETY: `mem` outlives `h` and is read only through `Mapping::read`.
+    let h = unsafe {
+        Handler::new(
+            vec![region],
+            remote,
+            Install::Direct(Box::new(NoopResolver)),
+        )
+    }
+    .unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| h.prefetch_all(16));
+        for t in 0..2u64 {
+            let h = &h;
+            s.spawn(move || {
+                let mut scratch = Scratch::default();
+                for p in (0..pages as u64).rev().filter(|p| p % 2 == t) {
+                    h.handle_gpas(
+                        &[GPA + p * PAGE_SIZE as u64],
+                        Instant::now(),
+                        true,
+                        &mut scratch,
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(h.missing_pages(), 0);
+    let mut full = vec![0u8; pages * PAGE_SIZE];
+    mem.read(0, &mut full).unwrap();
+    assert!(full == image.bytes(), "guest memory differs from the image");
+    assert_eq!(
+        served.1.load(Ordering::Relaxed),
+        pages as u64,
+        "each page fetched exactly once"
+    );
+    eprintln!("{}", h.stats);
+}

@@ -221,6 +221,8 @@ struct ClientState {
     ready: HashMap<u64, Box<[u8]>>,
     /// Pages requested and not yet received.
     requested: BitVec<u64, Lsb0>,
+    /// Pages already handed out by `read_page`: a late prefetch hint must not fetch them again.
+    delivered: BitVec<u64, Lsb0>,
     /// The first fatal error; every later read fails with it.
     error: Option<String>,
 }
@@ -293,6 +295,7 @@ impl RemoteSource {
             state: Mutex::new(ClientState {
                 ready: HashMap::new(),
                 requested: bitvec![u64, Lsb0; 0; pages as usize],
+                delivered: bitvec![u64, Lsb0; 0; pages as usize],
                 error: None,
             }),
             arrived: Condvar::new(),
@@ -320,7 +323,12 @@ impl RemoteSource {
                 return Err(SourceError::Remote(e.clone()));
             }
             for &i in indices {
-                if i < self.shared.pages && !st.requested[i as usize] && !st.ready.contains_key(&i)
+                let late_hint = urgency == Urgency::Prefetch
+                    && st.delivered.get(i as usize).is_some_and(|b| *b);
+                if i < self.shared.pages
+                    && !st.requested[i as usize]
+                    && !st.ready.contains_key(&i)
+                    && !late_hint
                 {
                     st.requested.set(i as usize, true);
                     fresh.push(i as usize);
@@ -438,6 +446,7 @@ impl PageSource for RemoteSource {
         let mut st = self.shared.lock();
         loop {
             if let Some(page) = st.ready.remove(&index) {
+                st.delivered.set(index as usize, true);
                 dst.copy_from_slice(&page);
                 return Ok(());
             }
