@@ -34,7 +34,11 @@ fn snapshot(name: &str, pages: u64) -> PathBuf {
 }
 
 fn image_source(name: &str, pages: u64) -> Arc<dyn PageSource> {
-    Arc::new(SnapshotSource::open(&snapshot(name, pages)).unwrap())
+    let path = snapshot(name, pages);
+    let src = SnapshotSource::open(&path).unwrap();
+    // The open fd keeps the data; do not leave images behind in the temp dir.
+    std::fs::remove_file(&path).ok();
+    Arc::new(src)
 }
 
 fn check(cfg: &RunConfig) {
@@ -125,6 +129,7 @@ fn corrupt_snapshot_page_fails_the_run_cleanly() {
     // Flip a byte in the last page.
     f.write_all_at(&[0xAA], len - 100).unwrap();
     let src = Arc::new(SnapshotSource::open(&p).unwrap());
+    std::fs::remove_file(&p).ok();
     let mut cfg = RunConfig::new(Mode::UffdMissing, src, SEED);
     cfg.timeout = Duration::from_secs(60);
     let e = format!("{:#}", run_workload(&cfg).unwrap_err());
