@@ -3,7 +3,7 @@
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use kvm_userfault::guest::fill_pattern_page;
-use kvm_userfault::runner::{run_workload, Mode, RunConfig};
+use kvm_userfault::runner::{run_workload, Mode, RunConfig, SyncResolve};
 use kvm_userfault::source::{
     serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource, Urgency,
 };
@@ -59,6 +59,9 @@ enum Cmd {
         /// io_uring reads in flight (kvm-async).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
         ring_depth: u16,
+        /// How kvm-sync clears USERFAULT: the fd's RESOLVE ioctl or the attribute ioctl.
+        #[arg(long, value_enum, default_value = "fd")]
+        sync_resolve: SyncResolve,
         /// Threads serving the userfault fd / userfaultfd.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         handler_threads: u16,
@@ -133,6 +136,7 @@ fn real_main(cli: Cli) -> Result<()> {
             backing,
             ring_depth,
             handler_threads,
+            sync_resolve,
             timeout_secs,
         } => {
             let source: Arc<dyn PageSource> = match (image, remote) {
@@ -148,6 +152,7 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.prefetch = prefetch;
             cfg.ring_depth = ring_depth as usize;
             cfg.handler_threads = handler_threads as usize;
+            cfg.sync_resolve = sync_resolve;
             cfg.timeout = Duration::from_secs(timeout_secs);
             cfg.uffd_backing = match backing {
                 UffdBacking::Anon => Backing::Anon,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub enum Mode {
     /// guest_memfd + USERFAULT attribute; vCPU threads handle KVM_EXIT_MEMORY_FAULT exits
     /// (KVM's own accesses, which cannot exit, come through a userfault fd without
-    /// VCPU_FAULTS); resolved with KVM_SET_MEMORY_ATTRIBUTES(FLAG_CLEAR).
+    /// VCPU_FAULTS); resolved with KVM_USERFAULT_RESOLVE or KVM_SET_MEMORY_ATTRIBUTES(CLEAR).
     KvmSync,
     /// guest_memfd + USERFAULT; faults (vCPU and KVM's own) read from the userfault fd over
     /// io_uring and resolved with KVM_USERFAULT_RESOLVE.
@@ -32,6 +32,16 @@ pub enum Mode {
     UffdMissing,
     /// userfaultfd MINOR on shmem, filled through an alias mapping, UFFDIO_CONTINUE.
     UffdMinor,
+}
+
+/// How kvm-sync mode clears USERFAULT after filling a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncResolve {
+    /// `KVM_USERFAULT_RESOLVE` on the userfault fd: takes neither `slots_lock` nor `mmu_lock`
+    /// (docs/kernel-design.md), so it is the default.
+    Fd,
+    /// `KVM_SET_MEMORY_ATTRIBUTES` with `FLAG_CLEAR`: the generic path (no fd needed).
+    Attributes,
 }
 
 impl Mode {
@@ -68,6 +78,8 @@ pub struct RunConfig {
     pub records_per_read: usize,
     /// Give up (and fail) after this long.
     pub timeout: Duration,
+    /// How kvm-sync clears the attribute.
+    pub sync_resolve: SyncResolve,
     /// Threads reading the userfault fd / userfaultfd (each with its own io_uring or poll loop;
     /// the kernel hands each record to exactly one of them).
     pub handler_threads: usize,
@@ -90,6 +102,7 @@ impl RunConfig {
             records_per_read: 64,
             timeout: Duration::from_secs(600),
             handler_threads: 1,
+            sync_resolve: SyncResolve::Fd,
         }
     }
 }
@@ -193,9 +206,15 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
             vm.set_userfault(cfg.data_gpa, size, true)?;
             // vCPU faults exit synchronously; KVM's own accesses (emulator, kvm_read_guest)
             // cannot exit, so an fd without VCPU_FAULTS reports just those to the reader.
-            ufd = Some(Arc::new(vm.create_userfault_fd(0)?));
-            // Resolve with the attribute ioctl (FLAG_CLEAR), which also wakes fd waiters.
-            Install::Direct(Box::new(AttributeResolver(vm.fd.clone())))
+            let fd = Arc::new(vm.create_userfault_fd(0)?);
+            ufd = Some(fd.clone());
+            // Either resolve path wakes the fd's waiters too.
+            match cfg.sync_resolve {
+                SyncResolve::Fd => Install::Direct(Box::new(FdResolver(fd))),
+                SyncResolve::Attributes => {
+                    Install::Direct(Box::new(AttributeResolver(vm.fd.clone())))
+                }
+            }
         }
         Mode::KvmAsync => {
             vm.set_userfault(cfg.data_gpa, size, true)?;

@@ -183,6 +183,8 @@ fn kvm_sync_with_prefetch_races() {
     let mut cfg = RunConfig::new(Mode::KvmSync, image_source("syncpf.snap", 512), SEED);
     cfg.vcpus = 2;
     cfg.prefetch = true;
+    // The generic attribute path, racing prefetch (the other kvm-sync test uses the fd).
+    cfg.sync_resolve = kvm_userfault::runner::SyncResolve::Attributes;
     check(&cfg);
 }
 
