@@ -524,6 +524,7 @@ struct kvm_userfault_range {
                     .collect()
             })
             .unwrap_or_default();
+        // Applied in name order (0001-…, 0002-…), so a later patch's define wins.
         patches.sort();
         let mut lines = Vec::new();
         for p in &patches {
