@@ -415,16 +415,48 @@ pub fn make(src: &Path, build: &Path, targets: &[&str], log_name: &str) -> Resul
     Ok(())
 }
 
-/// The C kvm selftests the loop runs (`kernel-patches/selftests.txt`).
-pub fn c_selftest_list(layout: &Layout) -> Result<Vec<String>> {
+/// One run of a C kvm selftest: `binary [args…]`, a line of `kernel-patches/selftests.txt`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CTestRun {
+    /// Path relative to tools/testing/selftests/kvm.
+    pub binary: String,
+    pub args: Vec<String>,
+}
+
+impl CTestRun {
+    pub fn parse(line: &str) -> Result<Self> {
+        let mut words = line.split_whitespace();
+        if line.contains(['\'', '"', '\\', '$', '`']) {
+            bail!("quotes, `$` and backslashes are not allowed in a selftest line");
+        }
+        let binary = words.next().context("empty selftest line")?.to_string();
+        if binary.starts_with('/') || binary.split('/').any(|c| c == "..") {
+            bail!("`{binary}`: a selftest is named relative to tools/testing/selftests/kvm");
+        }
+        Ok(Self {
+            binary,
+            args: words.map(str::to_string).collect(),
+        })
+    }
+
+    /// The line as written: the test's name in results.
+    pub fn label(&self) -> String {
+        std::iter::once(self.binary.as_str())
+            .chain(self.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The C kvm selftest runs the loop makes (`kernel-patches/selftests.txt`).
+pub fn c_selftest_list(layout: &Layout) -> Result<Vec<CTestRun>> {
     let path = layout.patches_dir().join("selftests.txt");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
+    text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect())
+        .map(|l| CTestRun::parse(l).with_context(|| format!("{}: `{l}`", path.display())))
+        .collect()
 }
 
 /// Builds the listed kvm selftests statically from the kernel's own tree, against the headers
@@ -465,6 +497,18 @@ pub fn build_c_selftests(kernel: &BuiltKernel, names: &[String]) -> Result<Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selftest_lines_parse() {
+        let run = CTestRun::parse("demand_paging_test -b 16M -k sync").unwrap();
+        assert_eq!(run.binary, "demand_paging_test");
+        assert_eq!(run.args, ["-b", "16M", "-k", "sync"]);
+        assert_eq!(run.label(), "demand_paging_test -b 16M -k sync");
+        assert!(CTestRun::parse("/abs/test").is_err());
+        assert!(CTestRun::parse("../escape").is_err());
+        assert!(CTestRun::parse("  ").is_err());
+        assert!(CTestRun::parse("t -x 'a b'").is_err());
+    }
 
     #[test]
     fn subject_strips_patch_prefix_and_unfolds() {

@@ -361,7 +361,10 @@ fn guest_suites(
     opts: &TestOptions,
 ) -> Result<Vec<SuiteResult>> {
     let rust_bins = build_guest_test_binaries(layout)?;
-    let c_names = kernel::c_selftest_list(layout)?;
+    let c_runs = kernel::c_selftest_list(layout)?;
+    let mut c_names: Vec<String> = c_runs.iter().map(|r| r.binary.clone()).collect();
+    c_names.sort();
+    c_names.dedup();
     eprintln!("[test] building {} kvm selftests statically", c_names.len());
     let c_bins = kernel::build_c_selftests(kernel, &c_names)?;
 
@@ -382,25 +385,31 @@ fn guest_suites(
         );
     }
     for (name, host_path) in &c_bins {
-        let guest = format!("/tests/kvm/{name}");
         files.push(GuestFile {
             host: host_path.clone(),
-            guest: guest.clone(),
+            guest: format!("/tests/kvm/{name}"),
         });
+    }
+    for run in &c_runs {
+        let label = run.label();
+        let command: Vec<String> = std::iter::once(format!("/tests/kvm/{}", run.binary))
+            .chain(run.args.iter().cloned())
+            .map(|w| sh_quote(&w))
+            .collect();
         // KSFT_SKIP (4) is not a failure.
         let _ = writeln!(
             script,
-            "echo '{b}c {name}'; {guest}; rc=$?; echo '{e}c {name}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
+            "echo '{b}c {label}'; {cmd}; rc=$?; echo '{e}c {label}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
             b = console::TEST_BEGIN,
             e = console::TEST_END,
-            guest = sh_quote(&guest),
+            cmd = command.join(" "),
         );
     }
     script.push_str("exit $failed\n");
     eprintln!(
-        "[test] booting the patched kernel: {} Rust test binaries, {} C selftests",
+        "[test] booting the patched kernel: {} Rust test binaries, {} C selftest runs",
         rust_bins.len(),
-        c_bins.len()
+        c_runs.len()
     );
     let outcome = boot(
         layout,
