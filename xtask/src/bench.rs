@@ -95,10 +95,12 @@ pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
         for v in &opts.vcpus {
             for (i, c) in CONFIGS.iter().enumerate() {
                 // -a: one uffd for all vCPUs, -r N readers, as in the published runs.
+                // The output is kept, and shown if the run gives no rate.
                 let _ = writeln!(
                     script,
-                    "r=$(/bench/demand_paging_test -b {b} -a -v {v} -r {v} {args} 2>&1 | \
-                     sed -n 's/^Overall demand paging rate:[[:space:]]*\\([0-9.]*\\).*/\\1/p'); \
+                    "/bench/demand_paging_test -b {b} -a -v {v} -r {v} {args} >/tmp/out 2>&1; \
+                     r=$(sed -n 's/^Overall demand paging rate:[[:space:]]*\\([0-9.]*\\).*/\\1/p' /tmp/out); \
+                     [ -n \"$r\" ] || {{ echo 'run failed: -v {v} {args}'; tail -n 25 /tmp/out; }}; \
                      echo '{RESULT_MARK}'{i} {v} {rep} \"${{r:-fail}}\"",
                     b = opts.bytes_per_vcpu,
                     args = c.args,
@@ -130,6 +132,14 @@ pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
     )?;
     if !outcome.success() {
         bail!("{}", outcome.failure_report());
+    }
+    for (i, line) in outcome.console.iter().enumerate() {
+        if line.starts_with("run failed: ") {
+            eprintln!(
+                "[bench] {}",
+                outcome.console[i..(i + 26).min(outcome.console.len())].join("\n")
+            );
+        }
     }
     // samples[config][vcpu index] = rates
     let mut samples = vec![vec![Vec::<f64>::new(); opts.vcpus.len()]; CONFIGS.len()];
