@@ -97,13 +97,14 @@ enum Cmd {
         #[command(flatten)]
         shape: VmShape,
         /// vCPU counts to measure (comma separated).
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2, 4],
+              value_parser = clap::value_parser!(u32).range(1..=64))]
         vcpus: Vec<u32>,
         /// Guest memory each vCPU demand-pages (demand_paging_test -b).
         #[arg(long, default_value = "16M", value_parser = parse_mem)]
         bytes_per_vcpu: String,
         /// Runs of each configuration; the median is reported.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
         repeats: u32,
         /// Seconds before the VM is killed.
         #[arg(long, default_value_t = 1800)]
@@ -272,6 +273,51 @@ fn real_main() -> Result<ExitCode> {
                 },
             )?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn bench_defaults_reproduce_the_documented_table() {
+        let Cmd::Bench {
+            vcpus,
+            repeats,
+            bytes_per_vcpu,
+            ..
+        } = parse(&["bench"]).unwrap().command
+        else {
+            panic!("not the bench command");
+        };
+        assert_eq!(
+            (vcpus, repeats, bytes_per_vcpu.as_str()),
+            (vec![1, 2, 4], 5, "16M")
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_clear_errors() {
+        for bad in [
+            &["bench", "--vcpus", "0"][..],
+            &["bench", "--vcpus", "1,x"],
+            &["bench", "--vcpus", "65"],
+            &["bench", "--repeats", "0"],
+            &["bench", "--bytes-per-vcpu", "16K"],
+            &["vm", "--mem", "lots", "--", "true"],
+            &["vm", "--smp", "0", "--", "true"],
+            &["vm"],
+        ] {
+            let err = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert!(!err.to_string().is_empty(), "{bad:?}");
         }
     }
 }
