@@ -54,11 +54,16 @@ pub struct SourceChoice {
 pub struct BuiltKernel {
     pub src: PathBuf,
     pub build: PathBuf,
+    /// A kernel image to boot instead of the build's own (`xtask vm --kernel-image`), e.g. a
+    /// saved build of an earlier series to show that a new test fails on it.
+    pub image: Option<PathBuf>,
 }
 
 impl BuiltKernel {
     pub fn bzimage(&self) -> PathBuf {
-        self.build.join("arch/x86/boot/bzImage")
+        self.image
+            .clone()
+            .unwrap_or_else(|| self.build.join("arch/x86/boot/bzImage"))
     }
 }
 
@@ -305,7 +310,11 @@ pub fn build(layout: &Layout, choice: &SourceChoice, flavour: Flavour) -> Result
         build.join("arch/x86/boot/bzImage").display(),
         started.elapsed()
     );
-    Ok(BuiltKernel { src, build })
+    Ok(BuiltKernel {
+        src,
+        build,
+        image: None,
+    })
 }
 
 pub fn configure(layout: &Layout, src: &Path, build: &Path, flavour: Flavour) -> Result<()> {
@@ -415,20 +424,23 @@ pub fn make(src: &Path, build: &Path, targets: &[&str], log_name: &str) -> Resul
     Ok(())
 }
 
-/// One run of a C kvm selftest: `binary [args…]`, a line of `kernel-patches/selftests.txt`.
+/// One run of a C kvm selftest: `[!] binary [args…]`, a line of `kernel-patches/selftests.txt`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CTestRun {
     /// Path relative to tools/testing/selftests/kvm.
     pub binary: String,
     pub args: Vec<String>,
+    /// A leading `!`: the run tests the series and must not skip (KSFT_SKIP fails it).
+    pub required: bool,
 }
 
 impl CTestRun {
     pub fn parse(line: &str) -> Result<Self> {
-        let mut words = line.split_whitespace();
+        let mut words = line.split_whitespace().peekable();
         if line.contains(['\'', '"', '\\', '$', '`']) {
             bail!("quotes, `$` and backslashes are not allowed in a selftest line");
         }
+        let required = words.next_if_eq(&"!").is_some();
         let binary = words.next().context("empty selftest line")?.to_string();
         if binary.starts_with('/') || binary.split('/').any(|c| c == "..") {
             bail!("`{binary}`: a selftest is named relative to tools/testing/selftests/kvm");
@@ -436,6 +448,7 @@ impl CTestRun {
         Ok(Self {
             binary,
             args: words.map(str::to_string).collect(),
+            required,
         })
     }
 
@@ -504,6 +517,11 @@ mod tests {
         assert_eq!(run.binary, "demand_paging_test");
         assert_eq!(run.args, ["-b", "16M", "-k", "sync"]);
         assert_eq!(run.label(), "demand_paging_test -b 16M -k sync");
+        assert!(!run.required);
+        let run = CTestRun::parse("! x86/userfault_test").unwrap();
+        assert!(run.required);
+        assert_eq!(run.binary, "x86/userfault_test");
+        assert!(CTestRun::parse("!").is_err());
         assert!(CTestRun::parse("/abs/test").is_err());
         assert!(CTestRun::parse("../escape").is_err());
         assert!(CTestRun::parse("  ").is_err());

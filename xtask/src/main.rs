@@ -86,6 +86,9 @@ enum Cmd {
         /// Boot the existing bzImage without running make first.
         #[arg(long)]
         no_build: bool,
+        /// Boot this kernel image instead of the build's (implies --no-build).
+        #[arg(long, value_name = "BZIMAGE")]
+        kernel_image: Option<PathBuf>,
         /// The command to run in the guest (a shell command line).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -165,17 +168,32 @@ fn real_main() -> Result<ExitCode> {
             timeout,
             add,
             no_build,
+            kernel_image,
             command,
         } => {
             let files = add
                 .iter()
                 .map(|s| GuestFile::parse(s))
                 .collect::<Result<Vec<_>>>()?;
-            let built = if no_build {
+            let built = if let Some(image) = kernel_image {
+                // Nothing of the source tree is touched: the tree may hold work in progress.
+                if !image.is_file() {
+                    bail!("--kernel-image {}: no such file", image.display());
+                }
+                kernel::BuiltKernel {
+                    src: PathBuf::new(),
+                    build: PathBuf::new(),
+                    image: Some(image),
+                }
+            } else if no_build {
                 let src = kernel::prepare_source(&layout, &args.source())?;
                 let build =
                     kernel::build_dir_for(&layout, &src, args.kernel_src.is_none(), args.flavour);
-                let k = kernel::BuiltKernel { src, build };
+                let k = kernel::BuiltKernel {
+                    src,
+                    build,
+                    image: None,
+                };
                 if !k.bzimage().exists() {
                     bail!(
                         "--no-build: {} does not exist; run `cargo xtask kernel`",

@@ -369,7 +369,8 @@ fn guest_suites(
     let c_bins = kernel::build_c_selftests(kernel, &c_names)?;
 
     let mut files = Vec::new();
-    let mut script = String::from("failed=0\n");
+    // Huge pages for the hugetlbfs-backed runs (128 MiB of the guest's memory).
+    let mut script = String::from("failed=0\necho 64 > /proc/sys/vm/nr_hugepages\n");
     for (name, host_path) in &rust_bins {
         let guest = format!("/tests/rust/{name}");
         files.push(GuestFile {
@@ -396,10 +397,19 @@ fn guest_suites(
             .chain(run.args.iter().cloned())
             .map(|w| sh_quote(&w))
             .collect();
-        // KSFT_SKIP (4) is not a failure.
+        // KSFT_SKIP (4) is a skip, not a failure, except for the series' own tests: a skip
+        // there means the series is missing something it claims.
+        let (kind, required) = if run.required {
+            (
+                "c!",
+                "[ $rc = 4 ] && echo 'required test skipped: counted as a failure' && rc=1; ",
+            )
+        } else {
+            ("c", "")
+        };
         let _ = writeln!(
             script,
-            "echo '{b}c {label}'; {cmd}; rc=$?; echo '{e}c {label}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
+            "echo '{b}{kind} {label}'; {cmd}; rc=$?; {required}echo '{e}{kind} {label}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
             b = console::TEST_BEGIN,
             e = console::TEST_END,
             cmd = command.join(" "),
@@ -461,10 +471,20 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
     let mut rust = Counts::default();
     let mut c = Counts::default();
     let mut current_rust_counts: Option<Counts> = None;
+    // Within a required C run: whether one of its cases printed a kselftest skip.
+    let mut required_c_skipped: Option<bool> = None;
     for line in console_lines {
         if let Some(rest) = line.split(console::TEST_BEGIN).nth(1) {
             current_rust_counts = rest.starts_with("rust ").then(Counts::default);
+            required_c_skipped = rest.starts_with("c! ").then_some(false);
             continue;
+        }
+        // kselftest's "ok N name # SKIP why": a required run must not skip any case, even
+        // when it exits 0 (ksft_finished() counts skips as passes).
+        if let Some(skipped) = required_c_skipped.as_mut() {
+            if line.contains("# SKIP") {
+                *skipped = true;
+            }
         }
         if let Some(counts) = current_rust_counts.as_mut() {
             if let Some(found) = console::libtest_result_in(line) {
@@ -492,8 +512,10 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
                 counts.failed = 1;
             }
             rust.add(counts);
-        } else if rest.starts_with("c ") {
+        } else if rest.starts_with("c ") || rest.starts_with("c! ") {
+            let skipped_case = required_c_skipped.take().unwrap_or(false);
             match rc {
+                Some(0) if skipped_case => c.failed += 1,
                 Some(0) => c.passed += 1,
                 Some(4) => c.skipped += 1,
                 _ => c.failed += 1,
@@ -528,6 +550,20 @@ mod tests {
             "KVMUF-TEST-END c x86/private_mem_kvm_exits_test rc=4",
             "KVMUF-TEST-BEGIN c demand_paging_test",
             "KVMUF-TEST-END c demand_paging_test rc=254",
+            "KVMUF-TEST-BEGIN c! x86/userfault_hugepage_test",
+            "ok 1 per_page/thp/resolve",
+            "ok 2 per_page/hugetlb/resolve # SKIP no hugetlb pages",
+            "KVMUF-TEST-END c! x86/userfault_hugepage_test rc=0",
+            "KVMUF-TEST-BEGIN c! x86/userfault_test",
+            "ok 1 # SKIP is fine in a run that is not required, not here",
+            "required test skipped: counted as a failure",
+            "KVMUF-TEST-END c! x86/userfault_test rc=1",
+            "KVMUF-TEST-BEGIN c! x86/userfault_access_test",
+            "ok 1 a kvmclock_nofd",
+            "KVMUF-TEST-END c! x86/userfault_access_test rc=0",
+            "KVMUF-TEST-BEGIN c x86/other_test",
+            "ok 1 thing # SKIP not required",
+            "KVMUF-TEST-END c x86/other_test rc=0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -545,8 +581,8 @@ mod tests {
         assert_eq!(
             c,
             Counts {
-                passed: 1,
-                failed: 1,
+                passed: 3,
+                failed: 3,
                 ignored: 0,
                 skipped: 1
             }
