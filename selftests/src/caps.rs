@@ -43,6 +43,18 @@ pub fn userfault_unsupported() -> Option<String> {
     None
 }
 
+/// Whether KVM uses two-dimensional paging (EPT or NPT) for its guests, per the `kvm_intel`
+/// or `kvm_amd` module parameter; `false` (shadow paging) if neither module says so.
+pub fn tdp_enabled() -> bool {
+    [
+        "/sys/module/kvm_intel/parameters/ept",
+        "/sys/module/kvm_amd/parameters/npt",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .any(|v| matches!(v.trim(), "Y" | "1"))
+}
+
 /// Returns early from the calling test with a skip message if the series is missing.
 #[macro_export]
 macro_rules! require_userfault {

@@ -1,4 +1,5 @@
-//! Host mappings of guest memory: anonymous, shmem (memfd) and guest_memfd backings.
+//! Host mappings of guest memory: anonymous (optionally THP), shmem (memfd) and guest_memfd
+//! backings.
 //!
 //! Mirrors the backing-source part of kvm selftests' `lib/kvm_util.c`
 //! (`vm_mem_backing_src_type`): a region is one memslot plus the host mapping KVM uses as its
@@ -9,6 +10,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
 use anyhow::{bail, Context, Result};
+
+/// The x86_64 PMD (transparent huge page) size.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Whether anonymous transparent huge pages can be used here: THP is built in and not
+/// disabled (`always`, or `madvise` with [`Backing::AnonymousThp`]'s `MADV_HUGEPAGE`).
+pub fn thp_available() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|s| !s.contains("[never]"))
+        .unwrap_or(false)
+}
 
 /// Host page size; KVM requires memslots and guest_memfd sizes to be multiples of it.
 pub fn page_size() -> usize {
@@ -22,6 +34,10 @@ pub fn page_size() -> usize {
 pub enum Backing {
     /// `MAP_PRIVATE | MAP_ANONYMOUS`, like the C tests' `VM_MEM_SRC_ANONYMOUS`.
     Anonymous,
+    /// Anonymous memory aligned to 2 MiB with `MADV_HUGEPAGE`, like `VM_MEM_SRC_ANONYMOUS_THP`:
+    /// each 2 MiB of it is backed by one transparent huge page once touched (when THP is
+    /// available). Sizes must be multiples of 2 MiB.
+    AnonymousThp,
     /// A memfd mapped `MAP_SHARED`, like `VM_MEM_SRC_SHMEM`; has an alias mapping.
     Shmem,
     /// A guest_memfd created with these `GUEST_MEMFD_FLAG_*` flags; must include `MMAP` so
@@ -35,12 +51,15 @@ impl std::str::FromStr for Backing {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "anonymous" | "anon" => Backing::Anonymous,
+            "anonymous_thp" | "thp" => Backing::AnonymousThp,
             "shmem" | "shared" => Backing::Shmem,
             "guest_memfd" | "gmem" => Backing::GuestMemfd {
                 flags: crate::uapi::GUEST_MEMFD_FLAG_MMAP
                     | crate::uapi::GUEST_MEMFD_FLAG_INIT_SHARED,
             },
-            _ => bail!("unknown backing {s:?}: expected anonymous, shmem or guest_memfd"),
+            _ => bail!(
+                "unknown backing {s:?}: expected anonymous, anonymous_thp, shmem or guest_memfd"
+            ),
         })
     }
 }
@@ -71,6 +90,65 @@ impl HostMapping {
             -1,
             0,
         )
+    }
+
+    /// Anonymous private memory at a 2 MiB-aligned address with `MADV_HUGEPAGE`; `len` must be
+    /// a multiple of 2 MiB.
+    pub fn anonymous_thp(len: usize) -> Result<Self> {
+        const HUGE: usize = HUGE_PAGE_SIZE as usize;
+        if len == 0 || len % HUGE != 0 {
+            bail!("THP-backed mapping of {len:#x} bytes: not a multiple of 2 MiB");
+        }
+        // Over-allocate by 2 MiB, then trim to the aligned part.
+        let big = std::mem::ManuallyDrop::new(Self::anonymous(len + HUGE)?);
+        let start = big.addr() as usize;
+        let aligned = start.next_multiple_of(HUGE);
+        let end = start + len + HUGE;
+        // SAFETY: both ranges lie inside the mapping `big` owns (which is never dropped: it is
+        // replaced by the aligned mapping below), and nothing refers to them.
+        unsafe {
+            if aligned > start {
+                libc::munmap(start as *mut libc::c_void, aligned - start);
+            }
+            if end > aligned + len {
+                libc::munmap((aligned + len) as *mut libc::c_void, end - (aligned + len));
+            }
+        }
+        let m = Self {
+            ptr: NonNull::new(aligned as *mut u8).expect("mmap returned NULL"),
+            len,
+        };
+        // SAFETY: advice on the range `m` owns; no memory is accessed.
+        if unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("madvise(MADV_HUGEPAGE) on {len:#x} bytes"));
+        }
+        Ok(m)
+    }
+
+    /// Bytes of this mapping backed by anonymous transparent huge pages: the `AnonHugePages`
+    /// of the VMAs in `/proc/self/smaps` that lie within it.
+    pub fn anon_huge_bytes(&self) -> Result<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").context("read /proc/self/smaps")?;
+        let (lo, hi) = (self.addr(), self.addr() + self.len as u64);
+        let mut inside = false;
+        let mut total = 0;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    inside = a >= lo && b <= hi;
+                    continue;
+                }
+            }
+            if let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                if inside {
+                    let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                    total += kb * 1024;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// `MAP_SHARED` mapping of `fd` at `offset`.

@@ -5,6 +5,7 @@
 //! going through the runtime's higher-level VM type.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_memory_attributes;
 use kvm_ioctls::VmFd;
@@ -13,7 +14,8 @@ use nix::errno::Errno;
 use crate::uapi::{
     kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, KVM_CREATE_USERFAULT_FD,
     KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR, KVM_MEMORY_ATTRIBUTES_FLAG_SET,
-    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_USERFAULT_RESOLVE, USERFAULT_MSG_SIZE,
+    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_USERFAULT_REQUEUE, KVM_USERFAULT_RESOLVE,
+    USERFAULT_MSG_SIZE,
 };
 
 /// `KVM_SET_MEMORY_ATTRIBUTES` with explicit `flags` (0 = exact value, or FLAG_SET/FLAG_CLEAR).
@@ -56,14 +58,15 @@ pub fn clear_userfault(vm: &VmFd, gpa: u64, size: u64) -> Result<(), Errno> {
     )
 }
 
-/// `KVM_CREATE_USERFAULT_FD` with a full argument (tests pass non-zero reserved words).
-pub fn create_fd_raw(vm: &VmFd, arg: &kvm_create_userfault_fd) -> Result<OwnedFd, Errno> {
-    // SAFETY: the ioctl reads exactly one kvm_create_userfault_fd from `arg`.
+/// `KVM_CREATE_USERFAULT_FD` with a full argument (tests pass bad sizes and non-zero
+/// reserved words); KVM writes the negotiated record size back into `arg.msg_size`.
+pub fn create_fd_raw(vm: &VmFd, arg: &mut kvm_create_userfault_fd) -> Result<OwnedFd, Errno> {
+    // SAFETY: the ioctl reads and writes back exactly one kvm_create_userfault_fd at `arg`.
     let r = unsafe {
         libc::ioctl(
             vm.as_raw_fd(),
             KVM_CREATE_USERFAULT_FD as libc::c_ulong,
-            arg as *const _,
+            arg as *mut kvm_create_userfault_fd,
         )
     };
     if r < 0 {
@@ -73,15 +76,32 @@ pub fn create_fd_raw(vm: &VmFd, arg: &kvm_create_userfault_fd) -> Result<OwnedFd
     Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
-/// `KVM_CREATE_USERFAULT_FD` with `flags`.
+/// `KVM_CREATE_USERFAULT_FD` with `flags`, asking for the record size the tests decode
+/// ([`USERFAULT_MSG_SIZE`]); asserts that KVM agrees to it, so that every read of the fd can be
+/// decoded with that stride.
 pub fn create_fd(vm: &VmFd, flags: u64) -> Result<OwnedFd, Errno> {
-    create_fd_raw(
-        vm,
-        &kvm_create_userfault_fd {
-            flags,
-            reserved: [0; 7],
-        },
-    )
+    let mut arg = kvm_create_userfault_fd {
+        flags,
+        msg_size: USERFAULT_MSG_SIZE as u32,
+        ..Default::default()
+    };
+    let fd = create_fd_raw(vm, &mut arg)?;
+    assert_eq!(
+        arg.msg_size as usize, USERFAULT_MSG_SIZE,
+        "KVM_CREATE_USERFAULT_FD negotiated another record size"
+    );
+    Ok(fd)
+}
+
+/// `KVM_USERFAULT_REQUEUE`: returns how many records KVM posted again.
+pub fn requeue(fd: RawFd) -> Result<i32, Errno> {
+    // SAFETY: an ioctl without an argument.
+    let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_REQUEUE as libc::c_ulong, 0) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
 }
 
 /// `KVM_USERFAULT_RESOLVE` with a full argument.
@@ -148,7 +168,8 @@ pub fn read_records(fd: RawFd, max: usize) -> Result<Vec<kvm_userfault_msg>, Err
     read_raw(fd, max * USERFAULT_MSG_SIZE).map(|b| decode(&b))
 }
 
-/// `poll(2)` on one fd for POLLIN; returns the revents (0 on timeout).
+/// `poll(2)` on one fd for POLLIN; returns the revents (0 on timeout). POLLHUP is reported
+/// whatever the events asked for.
 pub fn poll_in(fd: RawFd, timeout_ms: i32) -> i16 {
     let mut p = libc::pollfd {
         fd,
@@ -162,5 +183,64 @@ pub fn poll_in(fd: RawFd, timeout_ms: i32) -> i16 {
         0
     } else {
         p.revents
+    }
+}
+
+/// The calling thread's id (for `/proc/self/task/<tid>/...`).
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// `/proc/self/task/<tid>/wchan`: the kernel function the thread sleeps in ("0" if running).
+pub fn wchan(tid: libc::pid_t) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// Waits, bounded by `timeout`, until thread `tid` sleeps in the kernel in a function whose
+/// name contains `function` (per its wchan): synchronises on the waiter's state, not on time.
+/// Returns false on timeout, or as soon as `gone()` says the thread cannot get there any more.
+pub fn wait_for_wchan(
+    tid: libc::pid_t,
+    function: &str,
+    timeout: Duration,
+    gone: impl Fn() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if wchan(tid).contains(function) {
+            return true;
+        }
+        if gone() || Instant::now() > deadline {
+            return false;
+        }
+        // Poll, do not spin: the thread waited for needs a CPU to get where it is awaited.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits, bounded by `timeout`, until thread `tid` is asleep (state S or D) inside system call
+/// `nr` (per `/proc/self/task/<tid>/syscall` and `stat`), e.g. a blocking `read(2)`.
+pub fn wait_in_syscall(tid: libc::pid_t, nr: libc::c_long, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let sys =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next());
+        if sys.split_whitespace().next() == Some(&nr.to_string())
+            && matches!(state, Some("S" | "D"))
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        // Poll, do not spin: the thread waited for needs a CPU to get where it is awaited.
+        std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -373,6 +373,59 @@ impl Vcpu {
     pub fn kvm_run(&mut self) -> &mut kvm_bindings::kvm_run {
         self.fd.get_kvm_run()
     }
+
+    /// A vCPU binary statistic by name (e.g. `pf_taken`, `exits`), like the C tests'
+    /// `vcpu_get_stat()`: `KVM_GET_STATS_FD`, then the header, the descriptors and the
+    /// statistic's first value read with `pread`.
+    pub fn stat(&self, name: &str) -> Result<u64> {
+        // `KVM_GET_STATS_FD = _IO(KVMIO, 0xce)`.
+        const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
+        // SAFETY: an ioctl without an argument on our vCPU fd; returns a new fd or -1.
+        let raw = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_STATS_FD, 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("KVM_GET_STATS_FD");
+        }
+        // SAFETY: a fresh fd returned by KVM, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let pread = |off: u64, len: usize| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
+            // SAFETY: reads at most `len` bytes into `buf`, which has `len` bytes.
+            let n = unsafe {
+                libc::pread(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    len,
+                    off as libc::off_t,
+                )
+            };
+            ensure!(
+                n == len as isize,
+                "short read of the stats fd ({n} of {len} bytes at {off:#x}): {}",
+                std::io::Error::last_os_error()
+            );
+            Ok(buf)
+        };
+        let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
+        // struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset,
+        // data_offset (u32 each).
+        let h = pread(0, 24)?;
+        let (name_size, num_desc) = (u32_at(&h, 4) as usize, u32_at(&h, 8) as usize);
+        let (desc_offset, data_offset) = (u32_at(&h, 16) as u64, u32_at(&h, 20) as u64);
+        // struct kvm_stats_desc: flags u32, exponent s16, size u16, offset u32, bucket_size
+        // u32, then the name (name_size bytes, NUL terminated).
+        let stride = 16 + name_size;
+        let descs = pread(desc_offset, stride * num_desc)?;
+        for d in descs.chunks_exact(stride) {
+            let n = &d[16..];
+            let n = &n[..n.iter().position(|&c| c == 0).unwrap_or(n.len())];
+            if n == name.as_bytes() {
+                let offset = u32_at(d, 8) as u64;
+                let v = pread(data_offset + offset, 8)?;
+                return Ok(u64::from_ne_bytes(v[..8].try_into().unwrap()));
+            }
+        }
+        bail!("vCPU {}: no binary statistic named {name:?}", self.id)
+    }
 }
 
 /// A VM under test.
@@ -484,6 +537,7 @@ impl TestVm {
         let len = size as usize;
         let (mapping, fd, alias) = match backing {
             Backing::Anonymous => (HostMapping::anonymous(len)?, None, None),
+            Backing::AnonymousThp => (HostMapping::anonymous_thp(len)?, None, None),
             Backing::Shmem => {
                 let fd = crate::mem::memfd("kvm-selftests", len)?;
                 let m = HostMapping::shared(fd.as_raw_fd(), len, 0)?;

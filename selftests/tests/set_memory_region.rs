@@ -15,11 +15,11 @@ use kvm_selftests::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USERFAULT, KVM_CAP_VM_TYPES,
     KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR, KVM_MEMORY_ATTRIBUTES_FLAG_SET, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_MEM_GUEST_MEMFD,
 };
 use kvm_selftests::userfault::set_attributes;
 use kvm_selftests::vm::{create_barebones, create_guest_memfd, open_kvm, TEST_GPA};
-use kvm_selftests::{require_userfault, Backing, TestVm};
+use kvm_selftests::{require_userfault, Backing, Exit, TestVm};
 use nix::errno::Errno;
 
 const MEM_REGION_SIZE: u64 = 0x20_0000;
@@ -309,14 +309,16 @@ fn add_overlapping_private_memory_regions() {
 }
 
 /// Probes and the ioctl agree, on any kernel: a default VM whose KVM_CAP_MEMORY_ATTRIBUTES
-/// lacks USERFAULT rejects it with EINVAL; one that reports it accepts it.
+/// lacks USERFAULT rejects it with EINVAL; one that reports it accepts it (with FLAG_SET, the
+/// only way to set it: an exact update listing it is EINVAL).
 #[test]
 fn memory_attributes_probe_matches_ioctl() {
     let mut vm = TestVm::new().unwrap();
     vm.add_region(1, TEST_GPA, 4096, Backing::Anonymous)
         .unwrap();
     let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
-    let r = set_attributes(&vm.fd, TEST_GPA, 4096, KVM_MEMORY_ATTRIBUTE_USERFAULT, 0);
+    let uf = KVM_MEMORY_ATTRIBUTE_USERFAULT;
+    let r = set_attributes(&vm.fd, TEST_GPA, 4096, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET);
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 {
         // EINVAL for an unsupported attribute; ENOTTY where the VM supports no attributes at
         // all and the ioctl is not even dispatched.
@@ -331,18 +333,63 @@ fn memory_attributes_probe_matches_ioctl() {
         );
     } else {
         r.expect("USERFAULT advertised but rejected");
+        assert_eq!(
+            set_attributes(&vm.fd, TEST_GPA, 4096, uf, 0),
+            Err(Errno::EINVAL),
+            "an exact (flags 0) update listing USERFAULT"
+        );
     }
 }
 
+/// Loads the word at `gva` and SYNCs it.
+extern "C" fn guest_load(gva: u64, _: u64, _: u64, _: u64) {
+    // SAFETY: the test maps `gva`; the load may be the USERFAULT exit under test.
+    let v = unsafe { kvm_selftests::guest::read_u64(gva) };
+    kvm_selftests::guest::sync(&[v]);
+}
+
+/// Runs a fresh vCPU that loads the word at `gva`; asserts that the load exits with USERFAULT
+/// for `gva`'s page, then clears USERFAULT on that page and asserts that the load completes.
+fn assert_userfault_exit(vm: &mut TestVm, gva: u64, what: &str) {
+    let mut vcpu = vm.add_vcpu_with(guest_load, &[gva]).unwrap();
+    match vcpu.run() {
+        Ok(Exit::MemoryFault { flags, gpa, .. }) => {
+            assert_ne!(
+                flags & KVM_MEMORY_EXIT_FLAG_USERFAULT,
+                0,
+                "{what}: flags {flags:#x}"
+            );
+            assert_eq!(gpa, gva & !0xfff, "{what}: exit gpa");
+        }
+        other => panic!("{what}: expected a USERFAULT exit, got {other:?}"),
+    }
+    set_attributes(
+        &vm.fd,
+        gva & !0xfff,
+        4096,
+        KVM_MEMORY_ATTRIBUTE_USERFAULT,
+        KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR,
+    )
+    .unwrap();
+    vcpu.run_to_sync()
+        .unwrap_or_else(|e| panic!("{what}: load after CLEAR: {e:#}"));
+}
+
 /// The series' acceptance on default VMs: the capability, the attribute in
-/// KVM_CAP_MEMORY_ATTRIBUTES, and KVM_SET_MEMORY_ATTRIBUTES accepting USERFAULT with flags 0,
-/// SET and CLEAR over ordinary and guest_memfd memslots and over gfns without a memslot.
+/// KVM_CAP_MEMORY_ATTRIBUTES, and KVM_SET_MEMORY_ATTRIBUTES changing USERFAULT with SET and
+/// CLEAR only, over guest_memfd, anonymous and shmem memslots and over gfns without a memslot:
+/// an exact update (flags 0) listing USERFAULT is EINVAL, and one of other attributes
+/// (attributes 0 here) leaves USERFAULT as it was (the next access still exits).
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn userfault_attribute_accepted() {
     require_userfault!("set_memory_region::userfault_attribute_accepted");
     let mut vm = TestVm::new().unwrap();
-    assert!(vm.check_cap(KVM_CAP_USERFAULT as u64) > 0);
+    assert_eq!(
+        vm.check_cap(KVM_CAP_USERFAULT as u64),
+        1,
+        "KVM_CAP_USERFAULT is a yes/no"
+    );
     let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
     assert_ne!(
         attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT,
@@ -350,42 +397,51 @@ fn userfault_attribute_accepted() {
         "attributes {attrs:#x}"
     );
     let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-    vm.add_region(1, TEST_GPA, 2 << 20, Backing::GuestMemfd { flags })
+    vm.add_mapped_region(1, TEST_GPA, 2 << 20, Backing::GuestMemfd { flags })
         .unwrap();
-    vm.add_region(2, TEST_GPA + (1 << 30), 2 << 20, Backing::Anonymous)
+    vm.add_mapped_region(2, TEST_GPA + (1 << 30), 2 << 20, Backing::Anonymous)
         .unwrap();
-    vm.add_region(3, TEST_GPA + (2 << 30), 2 << 20, Backing::Shmem)
+    vm.add_mapped_region(3, TEST_GPA + (2 << 30), 2 << 20, Backing::Shmem)
         .unwrap();
     let uf = KVM_MEMORY_ATTRIBUTE_USERFAULT;
-    for (what, gpa) in [
-        ("guest_memfd", TEST_GPA),
-        ("anonymous", TEST_GPA + (1 << 30)),
-        ("shmem", TEST_GPA + (2 << 30)),
-        ("no memslot", TEST_GPA + (3 << 30)),
+    for (what, gpa, has_slot) in [
+        ("guest_memfd", TEST_GPA, true),
+        ("anonymous", TEST_GPA + (1 << 30), true),
+        ("shmem", TEST_GPA + (2 << 30), true),
+        ("no memslot", TEST_GPA + (3 << 30), false),
     ] {
-        set_attributes(&vm.fd, gpa, 2 << 20, uf, 0)
-            .unwrap_or_else(|e| panic!("{what}: exact value: {e}"));
-        set_attributes(&vm.fd, gpa, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR)
-            .unwrap_or_else(|e| panic!("{what}: CLEAR: {e}"));
+        assert_eq!(
+            set_attributes(&vm.fd, gpa, 2 << 20, uf, 0),
+            Err(Errno::EINVAL),
+            "{what}: exact value listing USERFAULT"
+        );
         set_attributes(&vm.fd, gpa + 4096, 4096, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET)
             .unwrap_or_else(|e| panic!("{what}: SET one page: {e}"));
+        // An exact update of the other attributes does not touch USERFAULT.
+        set_attributes(&vm.fd, gpa, 2 << 20, 0, 0)
+            .unwrap_or_else(|e| panic!("{what}: exact 0: {e}"));
+        if has_slot {
+            assert_userfault_exit(&mut vm, gpa + 4096 + 8, &format!("{what} after exact 0"));
+        }
         // Clearing a range wider than what is set is fine.
         set_attributes(&vm.fd, gpa, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR)
             .unwrap_or_else(|e| panic!("{what}: CLEAR wider: {e}"));
         set_attributes(&vm.fd, gpa, 2 << 20, 0, 0)
             .unwrap_or_else(|e| panic!("{what}: exact 0: {e}"));
     }
-    // Memslots can still be added and deleted over USERFAULT gfns.
-    set_attributes(
-        &vm.fd,
-        TEST_GPA + (4 << 30),
-        2 << 20,
-        uf,
-        KVM_MEMORY_ATTRIBUTES_FLAG_SET,
-    )
-    .unwrap();
-    vm.add_region(4, TEST_GPA + (4 << 30), 2 << 20, Backing::Anonymous)
+    // Memslots can still be added and deleted over gfns that were SET without a memslot. The
+    // state is kept per memslot, so a new memslot starts without USERFAULT: a load from it
+    // completes without an exit.
+    let gpa4 = TEST_GPA + (4 << 30);
+    set_attributes(&vm.fd, gpa4, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET).unwrap();
+    vm.add_mapped_region(4, gpa4, 2 << 20, Backing::Anonymous)
         .expect("memslot over USERFAULT gfns");
-    vm.set_region2(4, 0, TEST_GPA + (4 << 30), 0, 0, None, 0)
+    let mut vcpu = vm.add_vcpu_with(guest_load, &[gpa4 + 8]).unwrap();
+    assert_eq!(
+        vcpu.run_to_sync().expect("load from the new memslot"),
+        vec![0],
+        "a new memslot's memory is not USERFAULT"
+    );
+    vm.set_region2(4, 0, gpa4, 0, 0, None, 0)
         .expect("delete that memslot");
 }

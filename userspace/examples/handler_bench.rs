@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         for read in stream.chunks(RECORDS_PER_READ * USERFAULT_MSG_SIZE) {
             let now = Instant::now();
             records.clear();
-            parse_records(read, &mut records)?;
+            parse_records(read, USERFAULT_MSG_SIZE, &mut records)?;
             gpas.clear();
             gpas.extend(records.iter().map(|r| r.gfn << 12));
             h.handle_gpas(&gpas, now, false, &mut scratch)?;

@@ -1,13 +1,20 @@
 //! Handing the fault handling to a separate process (Firecracker-style): the VMM sends the
 //! userfault fd and the memory fds (guest_memfd / memfd) with a region table over a Unix socket
 //! (SCM_RIGHTS); the handler process maps the memory and serves the fd. Every ioctl the
-//! handler needs (`KVM_USERFAULT_RESOLVE`, reads) works on the fd alone, without the VM fd.
+//! handler needs (`KVM_USERFAULT_RESOLVE`, `KVM_USERFAULT_REQUEUE`, reads) works on the fd
+//! alone, without the VM fd.
 //!
-//! Message: `KUFH` magic u32 | version u16 | 0 u16 | region count u32 | 0 u32, then per region
-//! gpa u64 | size u64 | file offset u64 | memory fd index u32 | 0 u32 (32 bytes); fds: the
-//! userfault fd first, then the memory fds.
+//! Message (version 2): `KUFH` magic u32 | version u16 | 0 u16 | region count u32 | record
+//! size u32, then per region gpa u64 | size u64 | file offset u64 | memory fd index u32 | 0 u32
+//! (32 bytes); fds: the userfault fd first, then the memory fds. The record size is the
+//! `msg_size` negotiated when the userfault fd was created: the receiver cannot learn it from
+//! the fd, and must stride its reads by it.
+//!
+//! The receiver is a handler that starts (or restarts) while the VM may already be running:
+//! [`recv_handoff`] asks KVM to post again the records that a previous handler read but never
+//! resolved (`KVM_USERFAULT_REQUEUE`), so that a handler crash loses no fault.
 
-use crate::vm::Mapping;
+use crate::vm::{Mapping, UserfaultFd};
 use crate::PAGE_SIZE;
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
@@ -15,7 +22,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"KUFH");
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER: usize = 16;
 const REGION: usize = 32;
 /// Most regions (and memory fds) one handoff carries.
@@ -37,27 +44,34 @@ pub struct RegionDesc {
 /// What the handler process receives.
 #[derive(Debug)]
 pub struct Handoff {
-    /// The userfault fd.
-    pub userfault_fd: OwnedFd,
+    /// The userfault fd, with the record size its creator negotiated.
+    pub userfault_fd: UserfaultFd,
     /// The memory fds.
     pub memory_fds: Vec<OwnedFd>,
     /// The regions.
     pub regions: Vec<RegionDesc>,
+    /// Records KVM posted again on receipt (`KVM_USERFAULT_REQUEUE`): faults a previous
+    /// handler read but did not resolve. 0 for a first handler.
+    pub requeued: usize,
 }
 
 impl Handoff {
     /// Maps region `i` shared, for the handler to write pages into.
     pub fn map(&self, i: usize) -> Result<Mapping> {
         let r = self.regions.get(i).context("no such region")?;
-        let fd = &self.memory_fds[r.fd_index as usize];
+        let fd = self
+            .memory_fds
+            .get(r.fd_index as usize)
+            .with_context(|| format!("region {i} refers to memory fd {}", r.fd_index))?;
         Mapping::with_offset(r.size as usize, fd.as_raw_fd(), r.offset as i64)
     }
 }
 
-/// Sends the userfault fd, memory fds and region table over a connected Unix socket.
+/// Sends the userfault fd (and its record size), memory fds and region table over a connected
+/// Unix socket.
 pub fn send_handoff(
     sock: RawFd,
-    userfault_fd: RawFd,
+    userfault_fd: &UserfaultFd,
     memory_fds: &[RawFd],
     regions: &[RegionDesc],
 ) -> Result<()> {
@@ -70,7 +84,7 @@ pub fn send_handoff(
     msg.extend_from_slice(&VERSION.to_le_bytes());
     msg.extend_from_slice(&0u16.to_le_bytes());
     msg.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-    msg.extend_from_slice(&0u32.to_le_bytes());
+    msg.extend_from_slice(&(userfault_fd.msg_size() as u32).to_le_bytes());
     for r in regions {
         ensure!(
             (r.fd_index as usize) < memory_fds.len(),
@@ -83,7 +97,7 @@ pub fn send_handoff(
         msg.extend_from_slice(&r.fd_index.to_le_bytes());
         msg.extend_from_slice(&0u32.to_le_bytes());
     }
-    let mut fds = vec![userfault_fd];
+    let mut fds = vec![userfault_fd.as_raw_fd()];
     fds.extend_from_slice(memory_fds);
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let n = sendmsg::<()>(sock, &[IoSlice::new(&msg)], &cmsg, MsgFlags::empty(), None)
@@ -96,9 +110,27 @@ pub fn send_handoff(
     Ok(())
 }
 
-/// Receives a handoff; every malformed message is an error, and every fd received is closed
-/// unless returned.
+/// Receives a handoff, then re-posts the records a previous handler of the fd read but never
+/// resolved ([`UserfaultFd::requeue`], counted in [`Handoff::requeued`]): the caller is the
+/// fd's only handler from now on. Every malformed message is an error, and every fd received
+/// is closed unless returned.
 pub fn recv_handoff(sock: RawFd) -> Result<Handoff> {
+    let mut h = receive(sock)?;
+    h.requeued = h
+        .userfault_fd
+        .requeue()
+        .context("re-posting the records of a previous handler")?;
+    if h.requeued > 0 {
+        tracing::info!(
+            records = h.requeued,
+            "handoff: records read by a previous handler were posted again"
+        );
+    }
+    Ok(h)
+}
+
+/// Receives and validates a handoff, without touching the userfault fd.
+fn receive(sock: RawFd) -> Result<Handoff> {
     let mut buf = vec![0u8; HEADER + REGION * MAX_REGIONS + 1];
     let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_REGIONS + 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -142,11 +174,16 @@ fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
         version == VERSION,
         "handoff version {version}, expected {VERSION}"
     );
+    ensure!(
+        data[6..8] == [0, 0],
+        "handoff header's reserved field is not zero"
+    );
     let n = u32_at(8) as usize;
     ensure!(
         (1..=MAX_REGIONS).contains(&n),
         "handoff announces {n} regions"
     );
+    let msg_size = u32_at(12) as usize;
     ensure!(
         data.len() == HEADER + n * REGION,
         "handoff of {} bytes, {n} regions need {}",
@@ -156,7 +193,8 @@ fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
     if fds.is_empty() {
         bail!("handoff carried no fds");
     }
-    let userfault_fd = fds.remove(0);
+    let userfault_fd =
+        UserfaultFd::from_parts(fds.remove(0), msg_size).context("handoff of the userfault fd")?;
     let mut regions = Vec::with_capacity(n);
     for i in 0..n {
         let o = HEADER + i * REGION;
@@ -166,6 +204,10 @@ fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
             offset: u64_at(o + 16),
             fd_index: u32_at(o + 24),
         };
+        ensure!(
+            u32_at(o + 28) == 0,
+            "handoff region {i}'s reserved field is not zero"
+        );
         let ps = PAGE_SIZE as u64;
         ensure!(
             r.size > 0
@@ -190,6 +232,7 @@ fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
         userfault_fd,
         memory_fds: fds,
         regions,
+        requeued: 0,
     })
 }
 
@@ -231,15 +274,16 @@ mod tests {
                 fd_index: 0,
             },
         ];
-        send_handoff(
-            a.as_raw_fd(),
-            ufd_stand_in.as_raw_fd(),
-            &[mem.as_raw_fd()],
-            &regions,
-        )
-        .unwrap();
-        let h = recv_handoff(b.as_raw_fd()).unwrap();
+        // A 32-byte record size travels with the fd (a stand-in: no requeue on receipt).
+        let ufd = UserfaultFd::from_parts(OwnedFd::from(ufd_stand_in), 32).unwrap();
+        send_handoff(a.as_raw_fd(), &ufd, &[mem.as_raw_fd()], &regions).unwrap();
+        let h = receive(b.as_raw_fd()).unwrap();
         assert_eq!(h.regions, regions);
+        assert_eq!(h.userfault_fd.msg_size(), 32);
+        // The public receiver re-posts unresolved records; a socket is no userfault fd.
+        send_handoff(a.as_raw_fd(), &ufd, &[mem.as_raw_fd()], &regions).unwrap();
+        let e = format!("{:#}", recv_handoff(b.as_raw_fd()).unwrap_err());
+        assert!(e.contains("KVM_USERFAULT_REQUEUE"), "{e}");
         assert_eq!(h.memory_fds.len(), 1);
         // The receiver writes through its own mapping; the sender's mapping sees it.
         h.map(1).unwrap().write(8, b"from the handler").unwrap();
@@ -257,7 +301,7 @@ mod tests {
             v.extend_from_slice(&VERSION.to_le_bytes());
             v.extend_from_slice(&[0, 0]);
             v.extend_from_slice(&1u32.to_le_bytes());
-            v.extend_from_slice(&0u32.to_le_bytes());
+            v.extend_from_slice(&24u32.to_le_bytes());
             v.extend_from_slice(&0x1000u64.to_le_bytes());
             v.extend_from_slice(&size.to_le_bytes());
             v.extend_from_slice(&0u64.to_le_bytes());
@@ -282,5 +326,19 @@ mod tests {
         let mut bad = region(4096, 0);
         bad[8] = 0;
         assert!(err(&bad, two_fds()).contains("0 regions"));
+        // Version 1 carried no record size.
+        let mut bad = region(4096, 0);
+        bad[4] = 1;
+        assert!(err(&bad, two_fds()).contains("version 1, expected 2"));
+        let mut bad = region(4096, 0);
+        bad[6] = 1;
+        assert!(err(&bad, two_fds()).contains("header's reserved field"));
+        let mut bad = region(4096, 0);
+        bad[44] = 1;
+        assert!(err(&bad, two_fds()).contains("region 0's reserved field"));
+        let mut bad = region(4096, 0);
+        bad[12] = 16;
+        let e = err(&bad, two_fds());
+        assert!(e.contains("record size 16"), "{e}");
     }
 }

@@ -3,12 +3,12 @@
 //! and the integration tests drive, and a worked example of embedding the library.
 
 use crate::fault::uffd::{Uffd, UffdMode, UffdMsg, UFFD_EVENT_PAGEFAULT};
-use crate::fault::{AsyncReader, StopSignal};
+use crate::fault::{Access, AsyncReader, ReaderExit, StopSignal};
 use crate::guest::{self, Mailbox, WorkloadPart, PORT_DONE, PORT_FAIL, PORT_PROGRESS};
 use crate::handler::{Handler, Install, Region, Scratch};
 use crate::source::PageSource;
 use crate::uapi::{KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS};
-use crate::vm::{AttributeResolver, Backing, FdResolver, Vm};
+use crate::vm::{AttributeResolver, Backing, FdResolver, UserfaultFd, Vm};
 use crate::PAGE_SIZE;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 pub enum Mode {
     /// guest_memfd + USERFAULT attribute; vCPU threads handle KVM_EXIT_MEMORY_FAULT exits
     /// (KVM's own accesses, which cannot exit, come through a userfault fd without
-    /// VCPU_FAULTS); resolved with KVM_USERFAULT_RESOLVE or KVM_SET_MEMORY_ATTRIBUTES(CLEAR).
+    /// VCPU_FAULTS: without a fd they would read the unfilled page); resolved with
+    /// KVM_USERFAULT_RESOLVE or KVM_SET_MEMORY_ATTRIBUTES(CLEAR).
     KvmSync,
     /// guest_memfd + USERFAULT; faults (vCPU and KVM's own) read from the userfault fd over
     /// io_uring and resolved with KVM_USERFAULT_RESOLVE.
@@ -206,6 +207,8 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
             vm.set_userfault(cfg.data_gpa, size, true)?;
             // vCPU faults exit synchronously; KVM's own accesses (emulator, kvm_read_guest)
             // cannot exit, so an fd without VCPU_FAULTS reports just those to the reader.
+            // The fd is required: without one, KVM does not intercept its own accesses at all
+            // and they would read (or write) the page before it was filled.
             let fd = Arc::new(vm.create_userfault_fd(0)?);
             ufd = Some(fd.clone());
             // Either resolve path wakes the fd's waiters too.
@@ -267,9 +270,13 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
                 std::thread::Builder::new()
                     .name(format!("kuf-async{t}"))
                     .spawn(move || {
-                        let res = serve_userfault_fd(&h, fd.as_raw_fd(), stop, depth, per);
-                        if let Err(e) = res {
-                            h.fail(&e.context("async userfault reader"));
+                        match serve_userfault_fd(&h, &fd, stop, depth, per) {
+                            Ok(ReaderExit::Stopped) => {}
+                            // The runner holds the VM until the service threads are joined.
+                            Ok(ReaderExit::VmGone) => h.fail(&anyhow!(
+                                "async userfault reader: the VM was destroyed during the run"
+                            )),
+                            Err(e) => h.fail(&e.context("async userfault reader")),
                         }
                     })?,
             );
@@ -434,24 +441,34 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
 }
 
 /// Serves a KVM userfault fd (or anything producing `kvm_userfault_msg` records) until `stop`
-/// fires or the fd reports EOF: io_uring reads, each batch handed to the handler.
+/// fires ([`ReaderExit::Stopped`]) or the fd reports end of file because its VM was destroyed
+/// ([`ReaderExit::VmGone`], a clean end for a handler process that outlives its VM): io_uring
+/// reads striding by the fd's negotiated record size, each batch handed to the handler.
 pub fn serve_userfault_fd(
     h: &Handler,
-    fd: std::os::fd::RawFd,
+    fd: &UserfaultFd,
     stop: StopSignal,
     depth: usize,
     records_per_read: usize,
-) -> Result<()> {
-    let mut reader = AsyncReader::new(fd, depth, records_per_read, stop)?;
+) -> Result<ReaderExit> {
+    let mut reader =
+        AsyncReader::new(fd.as_raw_fd(), fd.msg_size(), depth, records_per_read, stop)?;
     let mut scratch = Scratch::default();
     let mut gpas = Vec::new();
-    reader.run(|batch| {
+    let exit = reader.run(|batch| {
         let t = Instant::now();
         gpas.clear();
         gpas.extend(batch.iter().map(|r| r.gfn << 12));
         h.handle_gpas(&gpas, t, false, &mut scratch)?;
         Ok(())
-    })
+    })?;
+    if exit == ReaderExit::VmGone {
+        tracing::info!(
+            fd = fd.as_raw_fd(),
+            "userfault fd: VM destroyed, reader stops"
+        );
+    }
+    Ok(exit)
 }
 
 /// Serves a userfaultfd until `stop` fires: poll, drain messages in batches, handle.
@@ -552,9 +569,13 @@ fn vcpu_loop(mut vcpu: VcpuFd, h: &Handler, part: &WorkloadPart, sys_addr: usize
                 if flags & KVM_MEMORY_EXIT_FLAG_USERFAULT == 0 {
                     bail!("vCPU {}: memory fault at {gpa:#x} (+{size:#x}) without USERFAULT (flags {flags:#x})", part.vcpu);
                 }
+                // Exactly one of READ/WRITE/EXEC with the v2 uAPI (none before it).
+                let access =
+                    Access::from_exit_flags(flags).map_or("unknown-access", Access::as_str);
+                tracing::trace!(vcpu = part.vcpu, gpa, access, "userfault exit");
                 let t = Instant::now();
                 h.handle_gpas(&[gpa], t, true, &mut scratch)
-                    .with_context(|| format!("vCPU {} fault at {gpa:#x}", part.vcpu))?;
+                    .with_context(|| format!("vCPU {} {access} fault at {gpa:#x}", part.vcpu))?;
             }
             Ok(VcpuExit::Shutdown) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);

@@ -21,8 +21,12 @@ pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 
 // ---- the series ----
 
-/// `KVM_CAP_USERFAULT` (provisional number). Non-zero = the `KVM_USERFAULT_FD_FLAG_*` accepted.
+/// `KVM_CAP_USERFAULT` (provisional number): 1 if the VM (on the system fd: the default VM
+/// type) supports KVM userfault, else 0. A plain yes/no since v2 (v1 returned the fd flags).
 pub const KVM_CAP_USERFAULT: u32 = 252;
+/// `KVM_CAP_USERFAULT_FD_FLAGS` (provisional number): the `KVM_USERFAULT_FD_FLAG_*` that
+/// `KVM_CREATE_USERFAULT_FD` accepts (0 on kernels without the series, or with its v1 uAPI).
+pub const KVM_CAP_USERFAULT_FD_FLAGS: u32 = 253;
 /// The memory attribute that makes accesses to a gfn fault to userspace.
 pub const KVM_MEMORY_ATTRIBUTE_USERFAULT: u64 = 1 << 4;
 /// `KVM_SET_MEMORY_ATTRIBUTES` flag: `attrs |= attributes`.
@@ -31,6 +35,13 @@ pub const KVM_MEMORY_ATTRIBUTES_FLAG_SET: u64 = 1 << 0;
 pub const KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR: u64 = 1 << 1;
 /// `run->memory_fault.flags` bit: the exit was caused by a USERFAULT gfn.
 pub const KVM_MEMORY_EXIT_FLAG_USERFAULT: u64 = 1 << 4;
+/// `run->memory_fault.flags` bit (with USERFAULT): the access was a read. Same bit and meaning
+/// as [`KVM_USERFAULT_MSG_READ`].
+pub const KVM_MEMORY_EXIT_FLAG_READ: u64 = 1 << 0;
+/// `run->memory_fault.flags` bit (with USERFAULT): the access was a write.
+pub const KVM_MEMORY_EXIT_FLAG_WRITE: u64 = 1 << 1;
+/// `run->memory_fault.flags` bit (with USERFAULT): the access was an instruction fetch.
+pub const KVM_MEMORY_EXIT_FLAG_EXEC: u64 = 1 << 2;
 /// `run->memory_fault.flags` bit: the access was private (upstream).
 pub const KVM_MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
 
@@ -56,21 +67,28 @@ pub const KVM_USERFAULT_MSG_ALL: u32 = KVM_USERFAULT_MSG_READ
     | KVM_USERFAULT_MSG_VCPU
     | KVM_USERFAULT_MSG_GUEST;
 
-/// `struct kvm_create_userfault_fd`, the argument of `KVM_CREATE_USERFAULT_FD`.
+/// `struct kvm_create_userfault_fd`, the argument of `KVM_CREATE_USERFAULT_FD` (read and
+/// written: KVM stores the negotiated record size in `msg_size`).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct kvm_create_userfault_fd {
     /// `KVM_USERFAULT_FD_FLAG_*`.
     pub flags: u64,
+    /// In: the largest record size the reader understands (at least
+    /// [`USERFAULT_MSG_MIN_SIZE`]); out: the record size KVM uses,
+    /// `min(in, sizeof(struct kvm_userfault_msg))`.
+    pub msg_size: u32,
     /// Must be zero.
-    pub reserved: [u64; 7],
+    pub pad: u32,
+    /// Must be zero.
+    pub reserved: [u64; 6],
 }
 
 /// `struct kvm_userfault_msg`, one record read from the userfault fd.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct kvm_userfault_msg {
-    /// `sizeof(struct kvm_userfault_msg)` = 24.
+    /// The record size negotiated at fd creation (`msg_size`; 24 with this layout).
     pub size: u32,
     /// `KVM_USERFAULT_MSG_*`.
     pub flags: u32,
@@ -96,22 +114,38 @@ pub struct kvm_userfault_range {
     pub reserved: u64,
 }
 
-/// Size of one userfault record on the wire.
+/// Size of the record this crate knows (`sizeof(struct kvm_userfault_msg)` it was built with):
+/// what it asks for in `msg_size`. Records are read with the size KVM returns, not this.
 pub const USERFAULT_MSG_SIZE: usize = size_of::<kvm_userfault_msg>();
+/// The smallest `msg_size` KVM accepts: the first record layout (24 bytes), which every kernel
+/// with this uAPI provides; a smaller `msg_size` is -EINVAL.
+pub const USERFAULT_MSG_MIN_SIZE: usize = 24;
 
 /// `_IOC(dir, type, nr, size)` as in `include/uapi/asm-generic/ioctl.h`.
 pub const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u64 {
     ((dir as u64) << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
 }
+/// `_IOC_NONE`.
+pub const IOC_NONE: u32 = 0;
 /// `_IOC_WRITE`.
 pub const IOC_WRITE: u32 = 1;
+/// `_IOC_READ`.
+pub const IOC_READ: u32 = 2;
 
-/// `KVM_CREATE_USERFAULT_FD = _IOW(KVMIO, 0xd6, struct kvm_create_userfault_fd)` (VM ioctl).
-pub const KVM_CREATE_USERFAULT_FD: u64 =
-    ioc(IOC_WRITE, KVMIO, 0xd6, size_of::<kvm_create_userfault_fd>());
+/// `KVM_CREATE_USERFAULT_FD = _IOWR(KVMIO, 0xd6, struct kvm_create_userfault_fd)` (VM ioctl;
+/// v1 of the series had `_IOW`, so a v1 kernel answers this number with ENOTTY).
+pub const KVM_CREATE_USERFAULT_FD: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    KVMIO,
+    0xd6,
+    size_of::<kvm_create_userfault_fd>(),
+);
 /// `KVM_USERFAULT_RESOLVE = _IOW(KVMIO, 0xd7, struct kvm_userfault_range)` (userfault fd ioctl).
 pub const KVM_USERFAULT_RESOLVE: u64 =
     ioc(IOC_WRITE, KVMIO, 0xd7, size_of::<kvm_userfault_range>());
+/// `KVM_USERFAULT_REQUEUE = _IO(KVMIO, 0xd8)` (userfault fd ioctl, no argument): posts a record
+/// again for every outstanding gfn whose record was already read; returns how many.
+pub const KVM_USERFAULT_REQUEUE: u64 = ioc(IOC_NONE, KVMIO, 0xd8, 0);
 
 /// (name, size, [(field, offset)]) of one struct.
 pub type StructLayout = (&'static str, usize, Vec<(&'static str, usize)>);
@@ -124,6 +158,8 @@ pub fn struct_layouts() -> Vec<StructLayout> {
             size_of::<kvm_create_userfault_fd>(),
             vec![
                 ("flags", offset_of!(kvm_create_userfault_fd, flags)),
+                ("msg_size", offset_of!(kvm_create_userfault_fd, msg_size)),
+                ("pad", offset_of!(kvm_create_userfault_fd, pad)),
                 ("reserved", offset_of!(kvm_create_userfault_fd, reserved)),
             ],
         ),
@@ -156,6 +192,10 @@ pub fn constants() -> Vec<(&'static str, u64)> {
     vec![
         ("KVM_CAP_USERFAULT", KVM_CAP_USERFAULT as u64),
         (
+            "KVM_CAP_USERFAULT_FD_FLAGS",
+            KVM_CAP_USERFAULT_FD_FLAGS as u64,
+        ),
+        (
             "KVM_MEMORY_ATTRIBUTE_USERFAULT",
             KVM_MEMORY_ATTRIBUTE_USERFAULT,
         ),
@@ -171,6 +211,9 @@ pub fn constants() -> Vec<(&'static str, u64)> {
             "KVM_MEMORY_EXIT_FLAG_USERFAULT",
             KVM_MEMORY_EXIT_FLAG_USERFAULT,
         ),
+        ("KVM_MEMORY_EXIT_FLAG_READ", KVM_MEMORY_EXIT_FLAG_READ),
+        ("KVM_MEMORY_EXIT_FLAG_WRITE", KVM_MEMORY_EXIT_FLAG_WRITE),
+        ("KVM_MEMORY_EXIT_FLAG_EXEC", KVM_MEMORY_EXIT_FLAG_EXEC),
         (
             "KVM_USERFAULT_FD_FLAG_NONBLOCK",
             KVM_USERFAULT_FD_FLAG_NONBLOCK,
@@ -186,11 +229,13 @@ pub fn constants() -> Vec<(&'static str, u64)> {
         ("KVM_USERFAULT_MSG_GUEST", KVM_USERFAULT_MSG_GUEST as u64),
         ("KVM_CREATE_USERFAULT_FD", KVM_CREATE_USERFAULT_FD),
         ("KVM_USERFAULT_RESOLVE", KVM_USERFAULT_RESOLVE),
+        ("KVM_USERFAULT_REQUEUE", KVM_USERFAULT_REQUEUE),
     ]
 }
 
 /// A minimal reader of the C header text added by the series: `#define`s with integer
-/// expressions or `_IOW(KVMIO, nr, struct x)`, and structs of `__u32`/`__u64` fields.
+/// expressions, `_IO(KVMIO, nr)` or `_IOR`/`_IOW`/`_IOWR(KVMIO, nr, struct x)`, and structs
+/// of `__u32`/`__u64` fields.
 pub mod header {
     use std::collections::HashMap;
 
@@ -315,19 +360,32 @@ pub mod header {
         s
     }
 
-    /// Evaluates a define: integers (with U/UL/ULL suffixes), `(a << b)`, `a | b`, and
-    /// `_IOW(KVMIO, nr, struct name)` using the header's own structs.
+    /// Evaluates a define: integers (with U/UL/ULL suffixes), `(a << b)`, `a | b`,
+    /// `_IO(KVMIO, nr)` and `_IOR`/`_IOW`/`_IOWR(KVMIO, nr, struct name)` using the header's
+    /// own structs.
     pub fn eval(h: &Header, expr: &str) -> Option<u64> {
+        use super::{IOC_NONE, IOC_READ, IOC_WRITE};
         let e = expr.trim();
-        if let Some(args) = e.strip_prefix("_IOW(").and_then(|r| r.strip_suffix(')')) {
+        for (mac, dir) in [
+            ("_IOWR(", IOC_READ | IOC_WRITE),
+            ("_IOW(", IOC_WRITE),
+            ("_IOR(", IOC_READ),
+            ("_IO(", IOC_NONE),
+        ] {
+            let Some(args) = e.strip_prefix(mac).and_then(|r| r.strip_suffix(')')) else {
+                continue;
+            };
             let parts: Vec<&str> = args.split(',').map(str::trim).collect();
-            if parts.len() != 3 || parts[0] != "KVMIO" {
+            let want_args = if dir == IOC_NONE { 2 } else { 3 };
+            if parts.len() != want_args || parts[0] != "KVMIO" {
                 return None;
             }
             let nr = eval(h, parts[1])? as u32;
-            let sname = parts[2].strip_prefix("struct ")?.trim();
-            let size = h.structs.get(sname)?.size;
-            return Some(super::ioc(super::IOC_WRITE, super::KVMIO, nr, size));
+            let size = match parts.get(2) {
+                None => 0,
+                Some(ty) => h.structs.get(ty.strip_prefix("struct ")?.trim())?.size,
+            };
+            return Some(super::ioc(dir, super::KVMIO, nr, size));
         }
         let e = strip_parens(e);
         for bit in ["_BITULL(", "_BITUL(", "BIT_ULL(", "BIT("] {
@@ -409,7 +467,9 @@ mod tests {
     const DOC_HEADER: &str = r#"
 struct kvm_create_userfault_fd {
 	__u64 flags;
-	__u64 reserved[7];          /* must be zero */
+	__u32 msg_size;   /* in: largest record size the reader understands (>= 24); out: used */
+	__u32 pad;        /* must be zero */
+	__u64 reserved[6];/* must be zero */
 };
 struct kvm_userfault_msg {
 	__u32 size;       /* sizeof(struct kvm_userfault_msg) = 24 */
@@ -425,11 +485,15 @@ struct kvm_userfault_range {
 	__u64 reserved;   /* must be zero */
 };
 #define KVM_CAP_USERFAULT 252
+#define KVM_CAP_USERFAULT_FD_FLAGS 253
 #define KVM_MEMORY_ATTRIBUTE_USERFAULT   (1ULL << 4)
 #define KVM_MEMORY_ATTRIBUTES_FLAG_SET     (1ULL << 0)  /* attrs |= attributes  */
 #define KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR   (1ULL << 1)  /* attrs &= ~attributes */
+#define KVM_MEMORY_EXIT_FLAG_READ        (1ULL << 0)
+#define KVM_MEMORY_EXIT_FLAG_WRITE       (1ULL << 1)
+#define KVM_MEMORY_EXIT_FLAG_EXEC        (1ULL << 2)
 #define KVM_MEMORY_EXIT_FLAG_USERFAULT   (1ULL << 4)
-#define KVM_CREATE_USERFAULT_FD  _IOW(KVMIO, 0xd6, struct kvm_create_userfault_fd)
+#define KVM_CREATE_USERFAULT_FD  _IOWR(KVMIO, 0xd6, struct kvm_create_userfault_fd)
 #define KVM_USERFAULT_FD_FLAG_NONBLOCK     (1ULL << 0)  /* O_NONBLOCK on the new fd */
 #define KVM_USERFAULT_FD_FLAG_VCPU_FAULTS  (1ULL << 1)  /* vCPU faults also go through the fd */
 #define KVM_USERFAULT_MSG_READ    (1U << 0)
@@ -438,6 +502,7 @@ struct kvm_userfault_range {
 #define KVM_USERFAULT_MSG_VCPU    (1U << 3)  /* raised in a vCPU's context; vcpu_id valid */
 #define KVM_USERFAULT_MSG_GUEST   (1U << 4)  /* a guest access (VCPU_FAULTS), not KVM's own */
 #define KVM_USERFAULT_RESOLVE  _IOW(KVMIO, 0xd7, struct kvm_userfault_range)
+#define KVM_USERFAULT_REQUEUE  _IO(KVMIO, 0xd8)
 "#;
 
     fn check_against(h: &Header, what: &str, require_all: bool) -> Vec<String> {
@@ -498,8 +563,12 @@ struct kvm_userfault_range {
         let problems = check_against(&h, "docs/uapi.md", true);
         assert!(problems.is_empty(), "{problems:#?}");
         // Known-good ioctl numbers, computed independently.
-        assert_eq!(KVM_CREATE_USERFAULT_FD, 0x4040_aed6);
+        assert_eq!(KVM_CREATE_USERFAULT_FD, 0xc040_aed6);
         assert_eq!(KVM_USERFAULT_RESOLVE, 0x4020_aed7);
+        assert_eq!(KVM_USERFAULT_REQUEUE, 0xaed8);
+        assert_eq!(offset_of!(kvm_create_userfault_fd, msg_size), 8);
+        assert_eq!(offset_of!(kvm_create_userfault_fd, reserved), 16);
+        const { assert!(USERFAULT_MSG_SIZE >= USERFAULT_MSG_MIN_SIZE) };
     }
 
     #[test]
@@ -558,6 +627,16 @@ struct kvm_userfault_range {
         assert_eq!(v("C"), Some(0xd6));
         assert_eq!(v("D"), Some(24));
         assert_eq!(v("E"), Some(252));
+        let text = "struct s {\n__u64 a;\n__u32 b;\n};\n#define IO _IO(KVMIO, 0xd8)\n\
+                    #define IOR _IOR(KVMIO, 1, struct s)\n#define IOWR _IOWR(KVMIO, 2, struct s)\n\
+                    #define BAD _IO(KVMIO, 1, struct s)";
+        let lines: Vec<String> = text.lines().map(String::from).collect();
+        let h = header::parse(&lines);
+        let v = |n: &str| header::eval(&h, &h.defines[n]);
+        assert_eq!(v("IO"), Some(0xaed8));
+        assert_eq!(v("IOR"), Some(0x8010_ae01));
+        assert_eq!(v("IOWR"), Some(0xc010_ae02));
+        assert_eq!(v("BAD"), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! since KVM's own emulated accesses go through it), vCPUs, capability probing, and the
 //! series' VM ioctls (USERFAULT attribute, userfault fd).
 
+use crate::fault::records::{check_msg_size, parse_records, Record, RecordError};
 use crate::uapi::*;
 use anyhow::{bail, Context, Result};
 use kvm_bindings::{
@@ -11,12 +12,79 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 /// The one-line message for kernels without the series.
 pub const NO_USERFAULT_MSG: &str =
     "kernel lacks the KVM userfault series (KVM_CAP_USERFAULT); build it with `cargo xtask kernel`";
+
+/// The one-line message for kernels with the series' first (v1) uAPI, which this runtime no
+/// longer speaks (`KVM_CAP_USERFAULT_FD_FLAGS` unknown, `KVM_CREATE_USERFAULT_FD` is `_IOW`).
+pub const OLD_USERFAULT_UAPI_MSG: &str = "kernel has an older KVM userfault uAPI (v1: no \
+     KVM_CAP_USERFAULT_FD_FLAGS, KVM_CREATE_USERFAULT_FD without msg_size); rebuild it with the \
+     current series (`cargo xtask kernel`)";
+
+/// Errors of the KVM userfault ioctls and the userfault fd.
+#[derive(Debug, thiserror::Error)]
+pub enum UserfaultError {
+    /// The kernel does not have the series.
+    #[error("{NO_USERFAULT_MSG}")]
+    Unsupported,
+    /// The kernel has the series with an incompatible (older) uAPI.
+    #[error("{OLD_USERFAULT_UAPI_MSG}")]
+    OldUapi,
+    /// `KVM_CREATE_USERFAULT_FD` failed.
+    #[error("KVM_CREATE_USERFAULT_FD flags {flags:#x} msg_size {msg_size}")]
+    Create {
+        /// The flags asked for.
+        flags: u64,
+        /// The record size asked for.
+        msg_size: u32,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A record size (returned by KVM or received with a handoff) that cannot be used.
+    #[error("userfault fd record size")]
+    MsgSize(#[source] RecordError),
+    /// KVM returned a record size larger than the one asked for (against the uAPI).
+    #[error("KVM_CREATE_USERFAULT_FD returned msg_size {got}, more than the {asked} asked for")]
+    MsgSizeGrew {
+        /// What was asked for.
+        asked: u32,
+        /// What KVM returned.
+        got: u32,
+    },
+    /// The fd's VM was destroyed (ENODEV from its ioctls): nothing is left to resolve.
+    #[error("{op} on userfault fd {fd}: the VM is gone (ENODEV)")]
+    VmGone {
+        /// The operation.
+        op: &'static str,
+        /// The fd.
+        fd: RawFd,
+    },
+    /// An ioctl or read on the userfault fd failed.
+    #[error("{op} on userfault fd {fd}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The fd.
+        fd: RawFd,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A read returned bytes that are not well-formed records.
+    #[error("read of userfault fd {fd}")]
+    Records {
+        /// The fd.
+        fd: RawFd,
+        /// What was wrong.
+        #[source]
+        source: RecordError,
+    },
+}
 
 /// What backs a memslot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,8 +257,13 @@ pub struct Capabilities {
     pub guest_memfd_flags: u64,
     /// `KVM_CAP_MEMORY_ATTRIBUTES` value.
     pub memory_attributes: u64,
-    /// `KVM_CAP_USERFAULT` value: accepted `KVM_USERFAULT_FD_FLAG_*` (0 = no series).
-    pub userfault: u64,
+    /// `KVM_CAP_USERFAULT`: the VM supports KVM userfault.
+    pub userfault: bool,
+    /// Raw `KVM_CAP_USERFAULT` value (1 with the series; v1 of it returned the fd flags).
+    pub userfault_raw: u64,
+    /// `KVM_CAP_USERFAULT_FD_FLAGS`: the `KVM_USERFAULT_FD_FLAG_*` the fd accepts (0 = none,
+    /// or a kernel that does not know the capability).
+    pub userfault_fd_flags: u64,
 }
 
 impl Capabilities {
@@ -234,17 +307,17 @@ impl Vm {
             guest_memfd: self.fd.check_extension(Cap::GuestMemfd),
             guest_memfd_flags: raw(KVM_CAP_GUEST_MEMFD_FLAGS),
             memory_attributes: raw(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES),
-            userfault: raw(KVM_CAP_USERFAULT),
+            userfault: raw(KVM_CAP_USERFAULT) != 0,
+            userfault_raw: raw(KVM_CAP_USERFAULT),
+            userfault_fd_flags: raw(KVM_CAP_USERFAULT_FD_FLAGS),
         }
     }
 
-    /// Fails with [`NO_USERFAULT_MSG`] unless the series is present; returns the fd flags.
-    pub fn require_userfault(&self) -> Result<u64> {
-        let caps = self.probe();
-        if caps.userfault == 0 || caps.memory_attributes & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 {
-            bail!(NO_USERFAULT_MSG);
-        }
-        Ok(caps.userfault)
+    /// Fails with [`UserfaultError::Unsupported`] ([`NO_USERFAULT_MSG`]) unless the series is
+    /// present, or [`UserfaultError::OldUapi`] if it has the old (v1) uAPI; returns the
+    /// `KVM_USERFAULT_FD_FLAG_*` the fd accepts.
+    pub fn require_userfault(&self) -> Result<u64, UserfaultError> {
+        check_userfault_caps(&self.probe())
     }
 
     /// Adds a memslot of `size` bytes at `gpa`.
@@ -340,27 +413,70 @@ impl Vm {
         })
     }
 
-    /// Creates the VM's userfault fd (`KVM_CREATE_USERFAULT_FD`).
-    pub fn create_userfault_fd(&self, flags: u64) -> Result<UserfaultFd> {
-        let arg = kvm_create_userfault_fd {
-            flags,
-            reserved: [0; 7],
-        };
-        // SAFETY: the ioctl reads a kvm_create_userfault_fd we own and returns a new fd.
-        let raw = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                KVM_CREATE_USERFAULT_FD as libc::c_ulong,
-                &arg,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("KVM_CREATE_USERFAULT_FD flags {flags:#x}"));
-        }
-        // SAFETY: a fresh fd returned by KVM, owned by nobody else.
-        Ok(UserfaultFd(unsafe { OwnedFd::from_raw_fd(raw) }))
+    /// Creates the VM's userfault fd (`KVM_CREATE_USERFAULT_FD`), negotiating the record size:
+    /// it asks for the size of the record this crate knows ([`USERFAULT_MSG_SIZE`]) and every
+    /// read of the fd strides by the size KVM returns ([`UserfaultFd::msg_size`]).
+    pub fn create_userfault_fd(&self, flags: u64) -> Result<UserfaultFd, UserfaultError> {
+        create_userfault_fd(&self.fd, flags)
     }
+}
+
+/// The capability check behind [`Vm::require_userfault`].
+pub fn check_userfault_caps(caps: &Capabilities) -> Result<u64, UserfaultError> {
+    if !caps.userfault || caps.memory_attributes & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 {
+        return Err(UserfaultError::Unsupported);
+    }
+    // v2 answers KVM_CAP_USERFAULT with 1 and always accepts NONBLOCK; v1 answered with its
+    // fd flags and does not know KVM_CAP_USERFAULT_FD_FLAGS (0).
+    if caps.userfault_raw != 1 || caps.userfault_fd_flags & KVM_USERFAULT_FD_FLAG_NONBLOCK == 0 {
+        return Err(UserfaultError::OldUapi);
+    }
+    Ok(caps.userfault_fd_flags)
+}
+
+/// `KVM_CREATE_USERFAULT_FD` on any VM fd; see [`Vm::create_userfault_fd`].
+pub fn create_userfault_fd(vm: &VmFd, flags: u64) -> Result<UserfaultFd, UserfaultError> {
+    let asked = USERFAULT_MSG_SIZE as u32;
+    let mut arg = kvm_create_userfault_fd {
+        flags,
+        msg_size: asked,
+        ..Default::default()
+    };
+    // SAFETY: the ioctl reads and writes back the kvm_create_userfault_fd we own (exactly its
+    // size, encoded in the ioctl number) and returns a new fd.
+    let raw = unsafe {
+        libc::ioctl(
+            vm.as_raw_fd(),
+            KVM_CREATE_USERFAULT_FD as libc::c_ulong,
+            &mut arg as *mut kvm_create_userfault_fd,
+        )
+    };
+    if raw < 0 {
+        let e = io::Error::last_os_error();
+        // A kernel with the v1 uAPI (an _IOW ioctl of another number) or none at all.
+        if e.raw_os_error() == Some(libc::ENOTTY) {
+            let has_series = vm.check_extension_raw(KVM_CAP_USERFAULT as libc::c_ulong) > 0;
+            return Err(if has_series {
+                UserfaultError::OldUapi
+            } else {
+                UserfaultError::Unsupported
+            });
+        }
+        return Err(UserfaultError::Create {
+            flags,
+            msg_size: asked,
+            source: e,
+        });
+    }
+    // SAFETY: a fresh fd returned by KVM, owned by nobody else (closed if we reject it below).
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if arg.msg_size > asked {
+        return Err(UserfaultError::MsgSizeGrew {
+            asked,
+            got: arg.msg_size,
+        });
+    }
+    UserfaultFd::from_parts(fd, arg.msg_size as usize)
 }
 
 /// `KVM_SET_MEMORY_ATTRIBUTES` with the series' delta flags.
@@ -379,12 +495,134 @@ pub fn set_userfault(vm: &VmFd, gpa: u64, size: u64, on: bool) -> io::Result<()>
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }
 
-/// The VM's userfault fd: read records from it, resolve ranges through it.
+/// What one [`UserfaultFd::read_records`] call got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// This many records were appended.
+    Records(usize),
+    /// Nothing queued (non-blocking fd).
+    WouldBlock,
+    /// A signal interrupted the wait.
+    Interrupted,
+    /// End of file: the VM was destroyed; no record will ever come.
+    VmGone,
+}
+
+/// The VM's userfault fd, with the record size negotiated when it was created: read records
+/// from it, resolve ranges through it, and re-post records a crashed handler read
+/// ([`UserfaultFd::requeue`]).
 #[derive(Debug)]
-pub struct UserfaultFd(pub OwnedFd);
+pub struct UserfaultFd {
+    fd: OwnedFd,
+    msg_size: usize,
+}
 
 impl UserfaultFd {
-    /// `KVM_USERFAULT_RESOLVE`: clears USERFAULT on the range and wakes its waiters.
+    /// Wraps a userfault fd whose records are `msg_size` bytes (e.g. one received over
+    /// SCM_RIGHTS with the size its creator negotiated). Fails if no reader can stride by
+    /// `msg_size`.
+    pub fn from_parts(fd: OwnedFd, msg_size: usize) -> Result<Self, UserfaultError> {
+        check_msg_size(msg_size).map_err(UserfaultError::MsgSize)?;
+        Ok(Self { fd, msg_size })
+    }
+
+    /// The size of each record read from this fd (what `KVM_CREATE_USERFAULT_FD` returned).
+    pub fn msg_size(&self) -> usize {
+        self.msg_size
+    }
+
+    /// The fd.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Gives up the wrapper.
+    pub fn into_parts(self) -> (OwnedFd, usize) {
+        (self.fd, self.msg_size)
+    }
+
+    /// One `read(2)` into `buf` (whose length is rounded down to whole records; it must hold
+    /// at least one), parsing the records into `out`. Blocks unless the fd is non-blocking.
+    pub fn read_records(
+        &self,
+        buf: &mut [u8],
+        out: &mut Vec<Record>,
+    ) -> Result<ReadStatus, UserfaultError> {
+        let fd = self.fd.as_raw_fd();
+        let len = buf.len() / self.msg_size * self.msg_size;
+        if len == 0 {
+            return Err(UserfaultError::Io {
+                op: "read",
+                fd,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "buffer of {} bytes is smaller than one {}-byte record",
+                        buf.len(),
+                        self.msg_size
+                    ),
+                ),
+            });
+        }
+        // SAFETY: reads at most `len` <= buf.len() bytes into `buf`, which we borrow mutably.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), len) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(ReadStatus::WouldBlock),
+                Some(libc::EINTR) => Ok(ReadStatus::Interrupted),
+                _ => Err(UserfaultError::Io {
+                    op: "read",
+                    fd,
+                    source: e,
+                }),
+            };
+        }
+        if n == 0 {
+            return Ok(ReadStatus::VmGone);
+        }
+        let bytes = buf.get(..n as usize).ok_or_else(|| UserfaultError::Io {
+            op: "read",
+            fd,
+            source: io::Error::other(format!("read returned {n} bytes for a {len}-byte read")),
+        })?;
+        let before = out.len();
+        parse_records(bytes, self.msg_size, out)
+            .map_err(|source| UserfaultError::Records { fd, source })?;
+        Ok(ReadStatus::Records(out.len() - before))
+    }
+
+    /// `KVM_USERFAULT_REQUEUE`: posts a record again for every outstanding (unresolved) gfn
+    /// whose record was already read, and returns how many were queued.
+    ///
+    /// For a handler that (re)starts while the VM runs (e.g. a handler process that received
+    /// the fd after its predecessor crashed): records the predecessor read but never resolved
+    /// would otherwise be lost, leaving their faulting tasks asleep. Call it only when no other
+    /// handler serves the fd: a record still being handled elsewhere would be handled twice,
+    /// and the second fill could overwrite what the guest wrote after the first resolve.
+    pub fn requeue(&self) -> Result<usize, UserfaultError> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: an ioctl without an argument on a fd we own.
+        let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_REQUEUE as libc::c_ulong, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENODEV) {
+                return Err(UserfaultError::VmGone {
+                    op: "KVM_USERFAULT_REQUEUE",
+                    fd,
+                });
+            }
+            return Err(UserfaultError::Io {
+                op: "KVM_USERFAULT_REQUEUE",
+                fd,
+                source: e,
+            });
+        }
+        Ok(r as usize)
+    }
+
+    /// `KVM_USERFAULT_RESOLVE`: clears USERFAULT on the range and wakes its waiters (ENODEV
+    /// once the VM is gone).
     pub fn resolve(&self, gpa: u64, size: u64) -> io::Result<()> {
         let r = kvm_userfault_range {
             gpa,
@@ -395,7 +633,7 @@ impl UserfaultFd {
         // SAFETY: the ioctl reads a kvm_userfault_range we own.
         let ret = unsafe {
             libc::ioctl(
-                self.0.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 KVM_USERFAULT_RESOLVE as libc::c_ulong,
                 &r,
             )
@@ -409,7 +647,13 @@ impl UserfaultFd {
 
 impl AsRawFd for UserfaultFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for UserfaultFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
@@ -454,9 +698,92 @@ mod tests {
         if caps.mmap_guest_memfd() {
             vm.add_slot(8 << 20, 2 << 20, Backing::GuestMemfd).unwrap();
         }
-        if caps.userfault == 0 {
+        if !caps.userfault {
             let e = vm.require_userfault().unwrap_err().to_string();
             assert!(e.contains("cargo xtask kernel"), "{e}");
+            // Creating the fd fails with the same clear message, not a bare ENOTTY.
+            let e = vm.create_userfault_fd(0).unwrap_err();
+            assert!(matches!(e, UserfaultError::Unsupported), "{e:?}");
         }
+    }
+
+    #[test]
+    fn capability_check_tells_v1_from_v2_and_none() {
+        let caps = |userfault_raw: u64, fd_flags: u64| Capabilities {
+            memory_attributes: KVM_MEMORY_ATTRIBUTE_USERFAULT,
+            userfault: userfault_raw != 0,
+            userfault_raw,
+            userfault_fd_flags: fd_flags,
+            ..Default::default()
+        };
+        assert_eq!(check_userfault_caps(&caps(1, 3)).unwrap(), 3);
+        assert!(matches!(
+            check_userfault_caps(&caps(0, 0)),
+            Err(UserfaultError::Unsupported)
+        ));
+        // v1: KVM_CAP_USERFAULT was the flag set, KVM_CAP_USERFAULT_FD_FLAGS unknown.
+        let e = check_userfault_caps(&caps(3, 0)).unwrap_err();
+        assert!(matches!(e, UserfaultError::OldUapi), "{e:?}");
+        assert!(e.to_string().contains("older KVM userfault uAPI"), "{e}");
+        let mut no_attr = caps(1, 3);
+        no_attr.memory_attributes = 0;
+        assert!(matches!(
+            check_userfault_caps(&no_attr),
+            Err(UserfaultError::Unsupported)
+        ));
+    }
+
+    #[test]
+    fn userfault_fd_reads_stride_by_the_negotiated_size() {
+        use crate::fault::records::{encode_record, encode_record_sized};
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        // A socket stands in for the fd: 32-byte records (a handoff from a newer VMM).
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let ufd = UserfaultFd::from_parts(OwnedFd::from(rx), 32).unwrap();
+        assert_eq!(ufd.msg_size(), 32);
+        for g in 0..3 {
+            tx.write_all(&encode_record_sized(g, KVM_USERFAULT_MSG_READ, 0, 32))
+                .unwrap();
+        }
+        let mut buf = [0u8; 100]; // three whole records fit; the rest is not used
+        let mut out = Vec::new();
+        assert_eq!(
+            ufd.read_records(&mut buf, &mut out).unwrap(),
+            ReadStatus::Records(3)
+        );
+        assert_eq!(out.iter().map(|r| r.gfn).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!(ufd.read_records(&mut buf[..31], &mut out).is_err());
+        // A record whose size field disagrees with the negotiated size: a typed error.
+        tx.write_all(&encode_record(9, KVM_USERFAULT_MSG_READ, 0))
+            .unwrap();
+        tx.write_all(&[0u8; 8]).unwrap();
+        let e = ufd.read_records(&mut buf[..32], &mut out).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                UserfaultError::Records {
+                    source: RecordError::BadSize {
+                        size: 24,
+                        expected: 32,
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // End of file is a status, not an error.
+        drop(tx);
+        assert_eq!(
+            ufd.read_records(&mut buf, &mut out).unwrap(),
+            ReadStatus::VmGone
+        );
+        // Sizes no reader can use are refused.
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            UserfaultFd::from_parts(OwnedFd::from(a), 16),
+            Err(UserfaultError::MsgSize(_))
+        ));
     }
 }

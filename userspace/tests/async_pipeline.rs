@@ -4,18 +4,19 @@
 //! resolved, then reads the page. The runtime's io_uring reader + handler + prefetch serve it.
 
 use kvm_userfault::fault::records::encode_record;
+use kvm_userfault::fault::ReaderExit;
 use kvm_userfault::fault::StopSignal;
 use kvm_userfault::guest::{fill_pattern_page, pattern_word};
 use kvm_userfault::handler::{Handler, Install, Region, Resolver};
 use kvm_userfault::runner::serve_userfault_fd;
 use kvm_userfault::source::MemorySource;
+use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
 use kvm_userfault::uapi::{
     KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ, KVM_USERFAULT_MSG_VCPU,
 };
-use kvm_userfault::vm::Mapping;
+use kvm_userfault::vm::{Mapping, UserfaultFd};
 use kvm_userfault::PAGE_SIZE;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -66,7 +67,7 @@ impl Resolver for MockResolve {
     }
 }
 
-fn setup(pages: usize) -> (Arc<MockKernel>, UnixStream, Mapping, Arc<Handler>) {
+fn setup(pages: usize) -> (Arc<MockKernel>, UserfaultFd, Mapping, Arc<Handler>) {
     let mut img = vec![0u8; pages * PAGE_SIZE];
     for (i, p) in img.chunks_exact_mut(PAGE_SIZE).enumerate() {
         fill_pattern_page(SEED, i as u64, p);
@@ -96,6 +97,8 @@ fn setup(pages: usize) -> (Arc<MockKernel>, UnixStream, Mapping, Arc<Handler>) {
         )
     }
     .unwrap();
+    // The socket stands in for the userfault fd, with the record size KVM would negotiate.
+    let rx = UserfaultFd::from_parts(rx.into(), USERFAULT_MSG_SIZE).unwrap();
     (kernel, rx, mem, Arc::new(h))
 }
 
@@ -106,8 +109,7 @@ fn run(pages: usize, vcpus: usize, prefetch: bool) {
         // Two readers with their own rings on one fd: each record goes to one of them.
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (h, stop) = (h.clone(), stop.clone());
-                let fd = rx.as_raw_fd();
+                let (h, stop, fd) = (h.clone(), stop.clone(), &rx);
                 s.spawn(move || serve_userfault_fd(&h, fd, stop, 4, 16))
             })
             .collect();
@@ -143,7 +145,7 @@ fn run(pages: usize, vcpus: usize, prefetch: bool) {
         }
         stop.stop();
         for r in readers {
-            r.join().unwrap().unwrap();
+            assert_eq!(r.join().unwrap().unwrap(), ReaderExit::Stopped);
         }
     });
     let mut full = vec![0u8; pages * PAGE_SIZE];
@@ -185,10 +187,36 @@ fn record_for_an_unknown_gfn_is_a_clear_error() {
     let (kernel, rx, _mem, h) = setup(8);
     let rec = encode_record(5, KVM_USERFAULT_MSG_READ, 0);
     kernel.fd.lock().unwrap().write_all(&rec).unwrap();
-    let e = serve_userfault_fd(&h, rx.as_raw_fd(), StopSignal::new().unwrap(), 2, 4).unwrap_err();
+    let e = serve_userfault_fd(&h, &rx, StopSignal::new().unwrap(), 2, 4).unwrap_err();
     assert!(
         format!("{e:#}").contains("gpa 0x5000, which is outside every demand-paged region"),
         "{e:#}"
+    );
+}
+
+#[test]
+fn end_of_file_stops_the_service_cleanly() {
+    // The producer (for the real fd: the VM) goes away with records still unread: they are
+    // served, then the reader reports VmGone instead of hanging or spinning.
+    let (kernel, rx, mem, h) = setup(8);
+    let flags = KVM_USERFAULT_MSG_READ | KVM_USERFAULT_MSG_VCPU | KVM_USERFAULT_MSG_GUEST;
+    for p in 0..3u64 {
+        let rec = encode_record((GPA >> 12) + p, flags, 0);
+        kernel.fd.lock().unwrap().write_all(&rec).unwrap();
+    }
+    // Closing the mock's write end is end of file for the reader.
+    drop(std::mem::replace(
+        &mut *kernel.fd.lock().unwrap(),
+        UnixStream::pair().unwrap().0,
+    ));
+    let exit = serve_userfault_fd(&h, &rx, StopSignal::new().unwrap(), 4, 4).unwrap();
+    assert_eq!(exit, ReaderExit::VmGone);
+    assert_eq!(h.missing_pages(), 5, "the three records were served first");
+    let mut word = [0u8; 8];
+    mem.read(2 * PAGE_SIZE, &mut word).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(word),
+        pattern_word(SEED, 2 * PAGE_SIZE as u64)
     );
 }
 

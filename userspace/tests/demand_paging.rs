@@ -140,7 +140,7 @@ fn series_present() -> bool {
     if !kvm_available() {
         return false;
     }
-    match Vm::new().and_then(|vm| vm.require_userfault()) {
+    match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP: {e:#}");
@@ -245,7 +245,7 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
         offset: 0,
         fd_index: 0,
     };
-    send_handoff(vmm_sock.as_raw_fd(), ufd.as_raw_fd(), &[gmem], &[region]).unwrap();
+    send_handoff(vmm_sock.as_raw_fd(), &ufd, &[gmem], &[region]).unwrap();
     drop(ufd);
 
     // The handler side: only what came over the socket.
@@ -253,9 +253,10 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
     let stop2 = stop.clone();
     let handler_thread = std::thread::spawn(move || {
         let h = recv_handoff(handler_sock.as_raw_fd()).unwrap();
+        assert_eq!(h.requeued, 0, "a first handler has nothing to re-read");
         let mem = h.map(0).unwrap();
         let r = h.regions[0];
-        let ufd = Arc::new(UserfaultFd(h.userfault_fd));
+        let ufd: Arc<UserfaultFd> = Arc::new(h.userfault_fd);
         let region = Region {
             gpa: r.gpa,
             size: r.size,
@@ -272,7 +273,7 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
             )
         }
         .unwrap();
-        serve_userfault_fd(&handler, ufd.as_raw_fd(), stop2, 4, 32).unwrap();
+        serve_userfault_fd(&handler, &ufd, stop2, 4, 32).unwrap();
         assert_eq!(handler.missing_pages(), 0);
         handler.stats.summary()
     });
@@ -301,4 +302,204 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
     }
     stop.stop();
     eprintln!("handoff: {}", handler_thread.join().unwrap());
+}
+
+/// Runs the workload guest on its own thread until it reports DONE (or fails).
+fn spawn_workload_vcpu(
+    vm: &Vm,
+    gpa: u64,
+    pages: u64,
+) -> std::thread::JoinHandle<Result<(), String>> {
+    use kvm_ioctls::VcpuExit;
+    use kvm_userfault::guest::{self, WorkloadPart};
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    guest::setup_long_mode(&vcpu).unwrap();
+    let part = WorkloadPart {
+        gpa,
+        pages,
+        image_offset: 0,
+        seed: SEED,
+        vcpu: 0,
+    };
+    guest::setup_workload_regs(&vcpu, &part).unwrap();
+    std::thread::spawn(move || loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(guest::PORT_DONE, _)) => return Ok(()),
+            Ok(VcpuExit::IoOut(guest::PORT_PROGRESS, _)) => {}
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => return Err(format!("unexpected exit {other:?}")),
+        }
+    })
+}
+
+fn join_within<T>(h: std::thread::JoinHandle<T>, limit: Duration, what: &str) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    while !h.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not done within {limit:?} (a lost fault record?)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.join().expect("thread panicked")
+}
+
+/// A handler that crashes after reading a record loses nothing: the next handler receives the
+/// handoff, which re-posts the record (`KVM_USERFAULT_REQUEUE`), and the guest completes.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
+    use kvm_userfault::fault::StopSignal;
+    use kvm_userfault::guest;
+    use kvm_userfault::handler::{Handler, Install, Region};
+    use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
+    use kvm_userfault::runner::serve_userfault_fd;
+    use kvm_userfault::uapi::{KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, USERFAULT_MSG_SIZE};
+    use kvm_userfault::vm::{FdResolver, ReadStatus};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    if !series_present() {
+        return;
+    }
+    let pages = 64u64;
+    let (gpa, size) = (1u64 << 30, 64 * 4096);
+    let src = image_source("restart.snap", pages);
+    let mut vm = Vm::new().unwrap();
+    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon).unwrap();
+    sys.mapping
+        .write(0, &guest::system_image(2, &guest::workload_code()).unwrap())
+        .unwrap();
+    vm.add_slot(gpa, size, Backing::GuestMemfd).unwrap();
+    vm.set_userfault(gpa, size, true).unwrap();
+    let ufd = vm
+        .create_userfault_fd(KVM_USERFAULT_FD_FLAG_VCPU_FAULTS)
+        .unwrap();
+    assert_eq!(ufd.msg_size(), USERFAULT_MSG_SIZE, "negotiated record size");
+    let vcpu = spawn_workload_vcpu(&vm, gpa, pages);
+
+    // The first handler reads the vCPU's first fault (blocking read) and dies with it.
+    let mut buf = [0u8; 4 * USERFAULT_MSG_SIZE];
+    let mut lost = Vec::new();
+    assert_eq!(
+        ufd.read_records(&mut buf, &mut lost).unwrap(),
+        ReadStatus::Records(1)
+    );
+    assert_eq!(lost[0].gfn, gpa >> 12, "the guest's first page");
+
+    // The next handler: only what comes over the socket; the record comes back on receipt.
+    let (vmm_sock, handler_sock) = UnixStream::pair().unwrap();
+    let gmem = vm.slots[1].fd.as_ref().unwrap().as_raw_fd();
+    let region = RegionDesc {
+        gpa,
+        size,
+        offset: 0,
+        fd_index: 0,
+    };
+    send_handoff(vmm_sock.as_raw_fd(), &ufd, &[gmem], &[region]).unwrap();
+    drop(ufd);
+    let stop = StopSignal::new().unwrap();
+    let stop2 = stop.clone();
+    let handler = std::thread::spawn(move || {
+        let h = recv_handoff(handler_sock.as_raw_fd()).unwrap();
+        let requeued = h.requeued;
+        let mem = h.map(0).unwrap();
+        let ufd = Arc::new(h.userfault_fd);
+        let region = Region {
+            gpa,
+            size,
+            host: mem.addr(),
+            fill_alias: None,
+            source_first_page: 0,
+        };
+        // SAFETY: `mem` is this thread's mapping of the guest_memfd and outlives the handler.
+        let handler = unsafe {
+            Handler::new(
+                vec![region],
+                src,
+                Install::Direct(Box::new(FdResolver(ufd.clone()))),
+            )
+        }
+        .unwrap();
+        serve_userfault_fd(&handler, &ufd, stop2, 4, 16).unwrap();
+        (requeued, handler.missing_pages())
+    });
+    join_within(
+        vcpu,
+        Duration::from_secs(300),
+        "guest after the handler restart",
+    )
+    .unwrap();
+    stop.stop();
+    let (requeued, missing) = join_within(handler, Duration::from_secs(60), "handler");
+    assert_eq!(
+        requeued, 1,
+        "the record the crashed handler read is posted again"
+    );
+    assert_eq!(missing, 0);
+}
+
+/// The userfault fd does not keep the VM alive: when the VMM destroys the VM, a handler still
+/// serving the fd stops cleanly (end of file, `ReaderExit::VmGone`), and the fd's ioctls say
+/// ENODEV.
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
+    use kvm_userfault::fault::{ReaderExit, StopSignal};
+    use kvm_userfault::handler::{Handler, Install, NoopResolver, Region};
+    use kvm_userfault::runner::serve_userfault_fd;
+    use kvm_userfault::source::MemorySource;
+    use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
+    use kvm_userfault::vm::{Mapping, ReadStatus, UserfaultError};
+
+    if !series_present() {
+        return;
+    }
+    let mut vm = Vm::new().unwrap();
+    vm.add_slot(1 << 30, 1 << 20, Backing::Anon).unwrap();
+    let ufd = Arc::new(vm.create_userfault_fd(0).unwrap());
+    let mem = Mapping::new(1 << 20, None).unwrap();
+    let region = Region {
+        gpa: 1 << 30,
+        size: 1 << 20,
+        host: mem.addr(),
+        fill_alias: None,
+        source_first_page: 0,
+    };
+    // SAFETY: the handler writes `mem` only while handling a record, and this VM has no vCPU
+    // to fault, so no write can happen after `mem` is dropped; nothing else touches it.
+    let handler = Arc::new(
+        unsafe {
+            Handler::new(
+                vec![region],
+                Arc::new(MemorySource::new(vec![0u8; 1 << 20]).unwrap()),
+                Install::Direct(Box::new(NoopResolver)),
+            )
+        }
+        .unwrap(),
+    );
+    let stop = StopSignal::new().unwrap();
+    let (h, fd, stop2) = (handler.clone(), ufd.clone(), stop.clone());
+    let t = std::thread::spawn(move || serve_userfault_fd(&h, &fd, stop2, 4, 8));
+    drop(vm);
+    let exit = join_within(
+        t,
+        Duration::from_secs(30),
+        "reader after the VM was destroyed",
+    );
+    stop.stop();
+    assert_eq!(exit.unwrap(), ReaderExit::VmGone);
+    drop(handler);
+    drop(mem);
+    let mut buf = [0u8; USERFAULT_MSG_SIZE];
+    let mut out = Vec::new();
+    assert_eq!(
+        ufd.read_records(&mut buf, &mut out).unwrap(),
+        ReadStatus::VmGone
+    );
+    assert!(matches!(ufd.requeue(), Err(UserfaultError::VmGone { .. })));
+    assert_eq!(
+        ufd.resolve(1 << 30, 4096).unwrap_err().raw_os_error(),
+        Some(libc::ENODEV)
+    );
 }

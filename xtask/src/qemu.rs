@@ -98,15 +98,22 @@ fn kernel_cmdline() -> Result<String> {
 /// Boots and waits for the outcome.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     let started = Instant::now();
+    // One TCG thread for all guest CPUs. Multi-threaded TCG running nested SVM guests
+    // intermittently triple-faults or hangs the nested guest (seen with QEMU 7.2 and 10.0, on the
+    // unpatched base, with upstream demand_paging_test -v 2 -u MISSING: about one run in ten).
+    // Round-robin TCG still interleaves the guest CPUs, showed no failure in 40 such runs, and
+    // on two host cores is faster than MTTCG (docs/qemu.md). KVMUF_MTTCG=1 asks for MTTCG, for
+    // runs that start no nested vCPU and need guest CPUs that really run in parallel (the
+    // concurrent-resolver benchmark).
+    let accel = if std::env::var_os("KVMUF_MTTCG").is_some_and(|v| v == "1") {
+        "tcg,thread=multi"
+    } else {
+        "tcg,thread=single"
+    };
     let mut child = Command::new("qemu-system-x86_64")
-        // One TCG thread for all guest CPUs. Multi-threaded TCG running nested SVM guests
-        // intermittently triple-faults or hangs the nested guest (seen with QEMU 7.2 and 10.0,
-        // on the unpatched base, with upstream demand_paging_test -v 2 -u MISSING: about one
-        // run in ten). Round-robin TCG still interleaves the guest CPUs, showed no failure in
-        // 40 such runs, and on two host cores is faster than MTTCG (docs/qemu.md).
         .args([
             "-accel",
-            "tcg,thread=single",
+            accel,
             "-cpu",
             "max",
             "-nodefaults",

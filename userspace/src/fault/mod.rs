@@ -5,5 +5,5 @@ pub mod records;
 pub mod ring;
 pub mod uffd;
 
-pub use records::{parse_records, Record, RecordError};
-pub use ring::{AsyncReader, StopSignal};
+pub use records::{parse_records, Access, Record, RecordError};
+pub use ring::{AsyncReader, ReaderError, ReaderExit, StopSignal};

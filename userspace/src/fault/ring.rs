@@ -5,13 +5,22 @@
 //! parsed and handed to the callback as one batch, and the buffers are resubmitted — so the
 //! cost is one syscall per wake-up, never one per record. A read on an eventfd in the same ring
 //! is the stop signal.
+//!
+//! Records are `msg_size` bytes each, the size negotiated when the fd was created
+//! (`KVM_CREATE_USERFAULT_FD` returns it; [`crate::vm::UserfaultFd::msg_size`]); buffers and
+//! parsing stride by it.
+//!
+//! End of file is how a KVM userfault fd says that its VM was destroyed (poll reports
+//! POLLHUP): every read in flight completes with 0, and [`AsyncReader::run`] returns
+//! [`ReaderExit::VmGone`] instead of resubmitting, so a dead VM never leaves a reader spinning
+//! or blocked.
 
-use super::records::{parse_records, Record};
-use crate::uapi::USERFAULT_MSG_SIZE;
-use anyhow::{bail, Context, Result};
-use io_uring::{opcode, types, IoUring};
+use super::records::{check_msg_size, parse_records, Record, RecordError};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
 
 const STOP_TAG: u64 = u64::MAX;
 const CANCEL_TAG: u64 = u64::MAX - 1;
@@ -24,13 +33,14 @@ pub struct StopSignal {
 
 impl StopSignal {
     /// A new, unsignalled stop signal.
-    pub fn new() -> Result<Self> {
+    pub fn new() -> io::Result<Self> {
         // Semaphore mode: every reader's read consumes 1 of the large count `stop` adds, so
         // any number of readers (each with its own ring) see the one stop.
         // SAFETY: eventfd takes an initial value and flags; returns a new fd or -1.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
         if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("eventfd");
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("eventfd: {e}")));
         }
         // SAFETY: a fresh fd that nothing else owns.
         Ok(Self {
@@ -52,10 +62,71 @@ impl AsRawFd for StopSignal {
     }
 }
 
+/// Why [`AsyncReader::run`] returned without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderExit {
+    /// The stop signal fired.
+    Stopped,
+    /// The fd reported end of file: the VM was destroyed (the userfault fd does not keep it
+    /// alive), or, for a stand-in producer, its writer closed. No record can arrive any more.
+    VmGone,
+}
+
+/// What can go wrong reading records.
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    /// Bad parameters.
+    #[error("async userfault reader: {0}")]
+    Config(String),
+    /// io_uring could not be set up.
+    #[error("io_uring setup ({entries} entries)")]
+    Setup {
+        /// Ring entries asked for.
+        entries: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The submission queue had no room (a bug: it is sized for every read in flight).
+    #[error("io_uring submission queue full")]
+    QueueFull,
+    /// `io_uring_enter` failed.
+    #[error("io_uring_enter")]
+    Enter(#[source] io::Error),
+    /// A read of the fd failed.
+    #[error("reading userfault records from fd {fd}")]
+    Read {
+        /// The fd.
+        fd: RawFd,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel returned something that is not whole, well-formed records.
+    #[error("malformed userfault record on fd {fd}")]
+    Malformed {
+        /// The fd.
+        fd: RawFd,
+        /// What was wrong.
+        #[source]
+        source: RecordError,
+    },
+    /// The batch callback failed.
+    #[error("handling a batch of {records} userfault records")]
+    Handler {
+        /// Records in the batch.
+        records: usize,
+        /// The callback's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
 /// Reads userfault records from an fd through io_uring.
 pub struct AsyncReader {
     ring: IoUring,
     fd: RawFd,
+    msg_size: usize,
     bufs: Vec<Vec<u8>>,
     stop: StopSignal,
     stop_buf: Box<[u8; 8]>,
@@ -69,19 +140,30 @@ pub struct AsyncReader {
 }
 
 impl AsyncReader {
-    /// A reader of `fd` with `depth` reads in flight of `records_per_read` records each.
-    /// `fd` must stay open while the reader runs.
-    pub fn new(fd: RawFd, depth: usize, records_per_read: usize, stop: StopSignal) -> Result<Self> {
-        anyhow::ensure!(
-            depth >= 1 && records_per_read >= 1,
-            "depth and batch must be >= 1"
-        );
+    /// A reader of `fd`, whose records are `msg_size` bytes (the size negotiated at fd
+    /// creation), with `depth` reads in flight of `records_per_read` records each. `fd` must
+    /// stay open while the reader runs.
+    pub fn new(
+        fd: RawFd,
+        msg_size: usize,
+        depth: usize,
+        records_per_read: usize,
+        stop: StopSignal,
+    ) -> Result<Self, ReaderError> {
+        if !(1..=4096).contains(&depth) || !(1..=4096).contains(&records_per_read) {
+            return Err(ReaderError::Config(format!(
+                "depth {depth} and records per read {records_per_read} must be 1..=4096"
+            )));
+        }
+        check_msg_size(msg_size).map_err(|e| ReaderError::Config(e.to_string()))?;
+        let entries = (depth as u32 + 1).next_power_of_two();
         let ring =
-            IoUring::new((depth as u32 + 1).next_power_of_two()).context("io_uring setup")?;
+            IoUring::new(entries).map_err(|source| ReaderError::Setup { entries, source })?;
         Ok(Self {
             ring,
             fd,
-            bufs: vec![vec![0u8; records_per_read * USERFAULT_MSG_SIZE]; depth],
+            msg_size,
+            bufs: vec![vec![0u8; records_per_read * msg_size]; depth],
             stop,
             stop_buf: Box::new([0u8; 8]),
             in_flight: vec![false; depth],
@@ -91,7 +173,7 @@ impl AsyncReader {
         })
     }
 
-    fn push_read(&mut self, i: usize) -> Result<()> {
+    fn push_read(&mut self, i: usize) -> Result<(), ReaderError> {
         let buf = &mut self.bufs[i];
         let sqe = opcode::Read::new(types::Fd(self.fd), buf.as_mut_ptr(), buf.len() as u32)
             .build()
@@ -99,14 +181,17 @@ impl AsyncReader {
         // SAFETY: the buffer lives in self.bufs, which is neither resized nor dropped while the
         // read is in flight: run() cancels and reaps every read before returning, and a read
         // that cannot be reaped makes Drop leak the buffers instead of freeing them.
-        unsafe { self.ring.submission().push(&sqe) }.context("submission queue full")?;
+        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| ReaderError::QueueFull)?;
         self.in_flight[i] = true;
         Ok(())
     }
 
     /// Cancels every outstanding read and waits (bounded) for their completions, so no
-    /// buffer is written after `run` returns.
-    fn cancel_all(&mut self) {
+    /// buffer is written after `run` returns. Records that reads completed meanwhile (they
+    /// raced with the cancellation) are appended to `late`; the first malformed one is
+    /// returned instead.
+    fn cancel_all(&mut self, late: &mut Vec<Record>) -> Result<(), RecordError> {
+        let mut bad = Ok(());
         let mut tags: Vec<u64> = (0..self.bufs.len())
             .filter(|&i| self.in_flight[i])
             .map(|i| i as u64)
@@ -123,7 +208,7 @@ impl AsyncReader {
         }
         for _ in 0..50 {
             if !self.stop_in_flight && !self.in_flight.iter().any(|&b| b) {
-                return;
+                break;
             }
             let ts = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
@@ -133,11 +218,30 @@ impl AsyncReader {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(_) => break,
             }
-            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for tag in done {
+            let done: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (tag, res) in done {
+                if tag == CANCEL_TAG {
+                    continue;
+                }
                 self.mark_done(tag);
+                // A read that completed with data before its cancellation took effect: those
+                // records were consumed from the fd and must not be dropped.
+                let buf = (tag != STOP_TAG && res > 0)
+                    .then(|| self.bufs.get(tag as usize))
+                    .flatten();
+                if let Some(buf) = buf {
+                    let bytes = &buf[..(res as usize).min(buf.len())];
+                    if let Err(e) = parse_records(bytes, self.msg_size, late) {
+                        bad = bad.and(Err(e));
+                    }
+                }
             }
         }
+        bad
     }
 
     fn mark_done(&mut self, tag: u64) {
@@ -148,16 +252,48 @@ impl AsyncReader {
         }
     }
 
-    /// Runs until the stop signal fires or the fd reports end-of-file, calling `on_batch` with
-    /// every batch of records. An error from the callback, a failed read or a malformed record
-    /// ends the loop with that error.
-    pub fn run(&mut self, on_batch: impl FnMut(&[Record]) -> Result<()>) -> Result<()> {
-        let res = self.run_inner(on_batch);
-        self.cancel_all();
-        res
+    /// Runs until the stop signal fires ([`ReaderExit::Stopped`]) or the fd reports end of file
+    /// ([`ReaderExit::VmGone`]), calling `on_batch` with every batch of records. No record
+    /// that was read is dropped: records read together with the stop, the end of file or a
+    /// failed read, and records of reads that complete while the reader cancels the others,
+    /// are handed to `on_batch` before `run` returns. An error from the callback, a failed
+    /// read or a malformed record ends the loop with that error (the records of the other
+    /// reads of that wake-up are handed over first).
+    pub fn run(
+        &mut self,
+        mut on_batch: impl FnMut(&[Record]) -> anyhow::Result<()>,
+    ) -> Result<ReaderExit, ReaderError> {
+        let res = self.run_inner(&mut on_batch);
+        let mut late = Vec::new();
+        let late_bad = self.cancel_all(&mut late);
+        let handler_failed = matches!(res, Err(ReaderError::Handler { .. }));
+        if !late.is_empty() {
+            if handler_failed {
+                // The handler already failed: it is not given more work. A successor handler
+                // gets these back with KVM_USERFAULT_REQUEUE.
+                tracing::warn!(
+                    records = late.len(),
+                    "records read while stopping after a handler error were not handled"
+                );
+            } else {
+                on_batch(&late).map_err(|e| ReaderError::Handler {
+                    records: late.len(),
+                    source: e.into(),
+                })?;
+            }
+        }
+        let exit = res?;
+        late_bad.map_err(|source| ReaderError::Malformed {
+            fd: self.fd,
+            source,
+        })?;
+        Ok(exit)
     }
 
-    fn run_inner(&mut self, mut on_batch: impl FnMut(&[Record]) -> Result<()>) -> Result<()> {
+    fn run_inner(
+        &mut self,
+        on_batch: &mut impl FnMut(&[Record]) -> anyhow::Result<()>,
+    ) -> Result<ReaderExit, ReaderError> {
         for i in 0..self.bufs.len() {
             self.push_read(i)?;
         }
@@ -168,8 +304,9 @@ impl AsyncReader {
         )
         .build()
         .user_data(STOP_TAG);
-        // SAFETY: stop_buf is boxed in self and outlives the ring's use of it.
-        unsafe { self.ring.submission().push(&stop_sqe) }.context("submission queue full")?;
+        // SAFETY: stop_buf is boxed in self and outlives the ring's use of it (run() reaps the
+        // stop read before returning; Drop leaks the box if it cannot).
+        unsafe { self.ring.submission().push(&stop_sqe) }.map_err(|_| ReaderError::QueueFull)?;
         self.stop_in_flight = true;
 
         let mut batch: Vec<Record> = Vec::with_capacity(self.bufs.len() * 64);
@@ -178,12 +315,14 @@ impl AsyncReader {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e).context("io_uring_enter"),
+                Err(e) => return Err(ReaderError::Enter(e)),
             }
             self.wakeups += 1;
             batch.clear();
             done.clear();
-            let mut eof = false;
+            // How this wake-up ends the loop, if it does. Every completion of the wake-up is
+            // still looked at, so that the records of its other reads are not lost.
+            let mut end: Option<Result<ReaderExit, ReaderError>> = None;
             let cqes: Vec<(u64, i32)> = self
                 .ring
                 .completion()
@@ -193,36 +332,64 @@ impl AsyncReader {
                 if tag == CANCEL_TAG {
                     continue;
                 }
-                self.mark_done(tag);
                 if tag == STOP_TAG {
-                    return Ok(());
+                    self.mark_done(tag);
+                    end.get_or_insert(Ok(ReaderExit::Stopped));
+                    continue;
                 }
                 let i = tag as usize;
+                if i >= self.bufs.len() {
+                    continue;
+                }
+                self.mark_done(tag);
                 if res < 0 {
                     let e = -res;
                     if e == libc::EINTR || e == libc::EAGAIN {
                         done.push(i);
-                        continue;
+                    } else {
+                        end.get_or_insert(Err(ReaderError::Read {
+                            fd: self.fd,
+                            source: io::Error::from_raw_os_error(e),
+                        }));
                     }
-                    bail!(
-                        "reading userfault records: {}",
-                        std::io::Error::from_raw_os_error(e)
-                    );
+                    continue;
                 }
                 if res == 0 {
-                    eof = true;
+                    end.get_or_insert(Ok(ReaderExit::VmGone));
                     continue;
                 }
                 self.reads += 1;
-                parse_records(&self.bufs[i][..res as usize], &mut batch)
-                    .context("malformed userfault record")?;
-                done.push(i);
+                let Some(bytes) = self.bufs[i].get(..res as usize) else {
+                    // More bytes than the buffer holds: not something read(2) can return.
+                    end.get_or_insert(Err(ReaderError::Read {
+                        fd: self.fd,
+                        source: io::Error::other(format!(
+                            "read completed with {res} bytes into a {}-byte buffer",
+                            self.bufs[i].len()
+                        )),
+                    }));
+                    continue;
+                };
+                match parse_records(bytes, self.msg_size, &mut batch) {
+                    Ok(()) => done.push(i),
+                    Err(source) => {
+                        end.get_or_insert(Err(ReaderError::Malformed {
+                            fd: self.fd,
+                            source,
+                        }));
+                    }
+                }
             }
             if !batch.is_empty() {
-                on_batch(&batch)?;
+                on_batch(&batch).map_err(|e| ReaderError::Handler {
+                    records: batch.len(),
+                    source: e.into(),
+                })?;
             }
-            if eof {
-                return Ok(());
+            if let Some(end) = end {
+                // Do not resubmit: after a stop nothing more is read, after end of file every
+                // further read would return 0 at once, after an error the loop ends.
+                return end;
             }
             for &i in &done {
                 self.push_read(i)?;
@@ -233,7 +400,15 @@ impl AsyncReader {
 
 impl Drop for AsyncReader {
     fn drop(&mut self) {
-        self.cancel_all();
+        let mut late = Vec::new();
+        // Only a run() that panicked leaves requests in flight.
+        let _ = self.cancel_all(&mut late);
+        if !late.is_empty() {
+            tracing::error!(
+                records = late.len(),
+                "userfault records read while the reader was dropped were not handled"
+            );
+        }
         if self.stop_in_flight || self.in_flight.iter().any(|&b| b) {
             // The kernel may still write into these: leak them rather than free them.
             tracing::error!("io_uring reads not reaped at teardown; leaking their buffers");
@@ -246,17 +421,43 @@ impl Drop for AsyncReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fault::records::encode_record;
-    use crate::uapi::KVM_USERFAULT_MSG_READ;
-    use std::io::Write;
+    use crate::fault::records::{encode_record, encode_record_sized};
+    use crate::uapi::{KVM_USERFAULT_MSG_READ, USERFAULT_MSG_SIZE};
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    fn gettid() -> libc::pid_t {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    }
+
+    /// Waits (bounded) until thread `tid` sleeps (state S) in system call `nr`, per
+    /// `/proc/self/task/<tid>/{syscall,stat}`: synchronises on the reader's state, not on time.
+    fn wait_asleep_in(tid: libc::pid_t, nr: libc::c_long) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let task = format!("/proc/self/task/{tid}");
+            let sys = std::fs::read_to_string(format!("{task}/syscall")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next());
+            if sys.split_whitespace().next() == Some(&nr.to_string()) && state == Some("S") {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
 
     #[test]
     fn drains_records_in_batches_until_eof() {
-        // A socketpair stands in for the KVM userfault fd: reads return whole records.
+        // A socketpair stands in for the KVM userfault fd: reads return whole records, and
+        // closing the writer is end of file, as a destroyed VM is for the real fd.
         let (mut tx, rx) = UnixStream::pair().unwrap();
         let stop = StopSignal::new().unwrap();
-        let mut reader = AsyncReader::new(rx.as_raw_fd(), 4, 32, stop).unwrap();
+        let mut reader = AsyncReader::new(rx.as_raw_fd(), USERFAULT_MSG_SIZE, 4, 32, stop).unwrap();
         let producer = std::thread::spawn(move || {
             for chunk in 0..50u64 {
                 let mut buf = Vec::new();
@@ -267,16 +468,68 @@ mod tests {
             }
         });
         let mut seen = Vec::new();
-        reader
+        let exit = reader
             .run(|b| {
                 seen.extend(b.iter().map(|r| r.gfn));
                 Ok(())
             })
             .unwrap();
         producer.join().unwrap();
+        assert_eq!(exit, ReaderExit::VmGone);
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
         assert!(reader.wakeups < 1000, "one wake-up per record is too many");
         drop(rx);
+    }
+
+    #[test]
+    fn end_of_file_is_a_prompt_clean_stop_not_a_spin() {
+        // Nothing but end of file: every read in flight completes with 0 at once. The reader
+        // returns VmGone after one wake-up instead of resubmitting reads that return 0.
+        let (tx, rx) = UnixStream::pair().unwrap();
+        drop(tx);
+        let mut reader = AsyncReader::new(
+            rx.as_raw_fd(),
+            USERFAULT_MSG_SIZE,
+            8,
+            4,
+            StopSignal::new().unwrap(),
+        )
+        .unwrap();
+        let t = Instant::now();
+        let exit = reader.run(|_| panic!("no records")).unwrap();
+        assert_eq!(exit, ReaderExit::VmGone);
+        assert!(reader.wakeups <= 8, "{} wake-ups", reader.wakeups);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(!reader.stop_in_flight && reader.in_flight.iter().all(|&b| !b));
+    }
+
+    #[test]
+    fn strides_by_the_negotiated_record_size() {
+        // A reader built for 24-byte records that negotiated 32 (e.g. handed a fd by a newer
+        // VMM) strides by 32.
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let mut reader =
+            AsyncReader::new(rx.as_raw_fd(), 32, 2, 8, StopSignal::new().unwrap()).unwrap();
+        for g in 0..10 {
+            tx.write_all(&encode_record_sized(g, KVM_USERFAULT_MSG_READ, 0, 32))
+                .unwrap();
+        }
+        drop(tx);
+        let mut seen = Vec::new();
+        reader
+            .run(|b| {
+                seen.extend(b.iter().map(|r| r.gfn));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        // Record sizes no reader can stride by are refused up front.
+        for bad in [0, 23, 1 << 20] {
+            let e = AsyncReader::new(rx.as_raw_fd(), bad, 2, 8, StopSignal::new().unwrap())
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("record size"), "{e}");
+        }
     }
 
     #[test]
@@ -284,18 +537,27 @@ mod tests {
         let stop = StopSignal::new().unwrap();
         let pairs: Vec<_> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
         std::thread::scope(|s| {
+            let (tx, tids) = std::sync::mpsc::channel();
             let hs: Vec<_> = pairs
                 .iter()
                 .map(|(_, rx)| {
-                    let stop = stop.clone();
+                    let (stop, tx) = (stop.clone(), tx.clone());
                     let fd = rx.as_raw_fd();
-                    s.spawn(move || AsyncReader::new(fd, 2, 8, stop).unwrap().run(|_| Ok(())))
+                    s.spawn(move || {
+                        tx.send(gettid()).unwrap();
+                        AsyncReader::new(fd, USERFAULT_MSG_SIZE, 2, 8, stop)
+                            .unwrap()
+                            .run(|_| Ok(()))
+                    })
                 })
                 .collect();
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Every reader is asleep in its ring before the one stop is signalled.
+            for tid in tids.iter().take(3) {
+                assert!(wait_asleep_in(tid, libc::SYS_io_uring_enter));
+            }
             stop.stop();
             for h in hs {
-                h.join().unwrap().unwrap();
+                assert_eq!(h.join().unwrap().unwrap(), ReaderExit::Stopped);
             }
         });
     }
@@ -304,23 +566,103 @@ mod tests {
     fn stop_signal_ends_the_loop_and_bad_records_are_errors() {
         let (_tx, rx) = UnixStream::pair().unwrap();
         let stop = StopSignal::new().unwrap();
-        let mut reader = AsyncReader::new(rx.as_raw_fd(), 2, 8, stop.clone()).unwrap();
-        let s2 = stop.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut reader =
+            AsyncReader::new(rx.as_raw_fd(), USERFAULT_MSG_SIZE, 2, 8, stop.clone()).unwrap();
+        let (s2, tid) = (stop.clone(), gettid());
+        let stopper = std::thread::spawn(move || {
+            // Signal the stop once the reader sleeps in its ring, with every read in flight.
+            let asleep = wait_asleep_in(tid, libc::SYS_io_uring_enter);
             s2.stop();
+            asleep
         });
-        reader.run(|_| Ok(())).unwrap();
+        assert_eq!(reader.run(|_| Ok(())).unwrap(), ReaderExit::Stopped);
+        assert!(
+            stopper.join().unwrap(),
+            "the reader never slept in io_uring_enter"
+        );
         // Every read was cancelled and reaped: no buffer can be written after run().
         assert!(!reader.stop_in_flight && reader.in_flight.iter().all(|&b| !b));
 
         let (mut tx, rx) = UnixStream::pair().unwrap();
-        let mut reader =
-            AsyncReader::new(rx.as_raw_fd(), 2, 8, StopSignal::new().unwrap()).unwrap();
+        let mut reader = AsyncReader::new(
+            rx.as_raw_fd(),
+            USERFAULT_MSG_SIZE,
+            2,
+            8,
+            StopSignal::new().unwrap(),
+        )
+        .unwrap();
         let mut rec = encode_record(1, KVM_USERFAULT_MSG_READ, 0);
         rec[0] = 99;
         tx.write_all(&rec).unwrap();
         let e = reader.run(|_| Ok(())).unwrap_err();
-        assert!(format!("{e:#}").contains("size field 99"), "{e:#}");
+        assert!(
+            matches!(
+                e,
+                ReaderError::Malformed {
+                    source: RecordError::BadSize { size: 99, .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert!(chain.contains("size field 99"), "{chain}");
+
+        // A callback error comes back typed, with its cause.
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let mut reader = AsyncReader::new(
+            rx.as_raw_fd(),
+            USERFAULT_MSG_SIZE,
+            2,
+            8,
+            StopSignal::new().unwrap(),
+        )
+        .unwrap();
+        tx.write_all(&encode_record(1, KVM_USERFAULT_MSG_READ, 0))
+            .unwrap();
+        let e = reader
+            .run(|_| Err(anyhow::anyhow!("page source down")))
+            .unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert!(chain.contains("page source down"), "{chain}");
+    }
+
+    #[test]
+    fn records_read_with_the_stop_are_handed_over() {
+        // Records and the stop are both ready at the first wake-up: the read completions and
+        // the stop's come back together. The records, already consumed from the fd, must reach
+        // the callback rather than be dropped with the stop.
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let stop = StopSignal::new().unwrap();
+        let mut buf = Vec::new();
+        for g in 0..3 {
+            buf.extend(encode_record(g, KVM_USERFAULT_MSG_READ, 0));
+        }
+        tx.write_all(&buf).unwrap();
+        stop.stop();
+        let mut reader = AsyncReader::new(rx.as_raw_fd(), USERFAULT_MSG_SIZE, 2, 8, stop).unwrap();
+        let mut seen = Vec::new();
+        let exit = reader
+            .run(|b| {
+                seen.extend(b.iter().map(|r| r.gfn));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(exit, ReaderExit::Stopped);
+        let mut rest = [0u8; USERFAULT_MSG_SIZE];
+        rx.set_nonblocking(true).unwrap();
+        let unread = match (&rx).read(&mut rest) {
+            Ok(n) => n / USERFAULT_MSG_SIZE,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("{e}"),
+        };
+        // Each record was either handed over or is still unread in the fd: none is lost.
+        assert_eq!(
+            seen.len() + unread,
+            3,
+            "handed over {seen:?}, {unread} unread"
+        );
+        assert_eq!(seen, (0..seen.len() as u64).collect::<Vec<_>>());
     }
 }
