@@ -451,6 +451,21 @@ mod tests {
         false
     }
 
+    /// A reader of 24-byte records (depth 2, 8 per read) on one end of a socketpair; the other
+    /// end is the writer. `rx` must outlive the reader, which reads its raw fd.
+    fn reader_on_socketpair() -> (UnixStream, UnixStream, AsyncReader) {
+        let (tx, rx) = UnixStream::pair().unwrap();
+        let reader = AsyncReader::new(
+            rx.as_raw_fd(),
+            USERFAULT_MSG_SIZE,
+            2,
+            8,
+            StopSignal::new().unwrap(),
+        )
+        .unwrap();
+        (tx, rx, reader)
+    }
+
     #[test]
     fn drains_records_in_batches_until_eof() {
         // A socketpair stands in for the KVM userfault fd: reads return whole records, and
@@ -583,15 +598,7 @@ mod tests {
         // Every read was cancelled and reaped: no buffer can be written after run().
         assert!(!reader.stop_in_flight && reader.in_flight.iter().all(|&b| !b));
 
-        let (mut tx, rx) = UnixStream::pair().unwrap();
-        let mut reader = AsyncReader::new(
-            rx.as_raw_fd(),
-            USERFAULT_MSG_SIZE,
-            2,
-            8,
-            StopSignal::new().unwrap(),
-        )
-        .unwrap();
+        let (mut tx, _rx, mut reader) = reader_on_socketpair();
         let mut rec = encode_record(1, KVM_USERFAULT_MSG_READ, 0);
         rec[0] = 99;
         tx.write_all(&rec).unwrap();
@@ -610,15 +617,7 @@ mod tests {
         assert!(chain.contains("size field 99"), "{chain}");
 
         // A callback error comes back typed, with its cause.
-        let (mut tx, rx) = UnixStream::pair().unwrap();
-        let mut reader = AsyncReader::new(
-            rx.as_raw_fd(),
-            USERFAULT_MSG_SIZE,
-            2,
-            8,
-            StopSignal::new().unwrap(),
-        )
-        .unwrap();
+        let (mut tx, _rx, mut reader) = reader_on_socketpair();
         tx.write_all(&encode_record(1, KVM_USERFAULT_MSG_READ, 0))
             .unwrap();
         let e = reader
