@@ -125,6 +125,7 @@ pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
         "bench",
         &script,
         &files,
+        &[],
         opts.smp,
         &opts.mem,
         opts.timeout,

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::base::{self, BasePin};
 use crate::host;
 use crate::layout::Layout;
+use crate::qemu;
 
 /// Which kernel configuration to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -424,7 +425,8 @@ pub fn make(src: &Path, build: &Path, targets: &[&str], log_name: &str) -> Resul
     Ok(())
 }
 
-/// One run of a C kvm selftest: `[!] binary [args…]`, a line of `kernel-patches/selftests.txt`.
+/// One run of a C kvm selftest: `[@PARAM…] [!] binary [args…]`, a line of
+/// `kernel-patches/selftests.txt`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CTestRun {
     /// Path relative to tools/testing/selftests/kvm.
@@ -432,6 +434,9 @@ pub struct CTestRun {
     pub args: Vec<String>,
     /// A leading `!`: the run tests the series and must not skip (KSFT_SKIP fails it).
     pub required: bool,
+    /// Leading `@PARAM` words, without the `@`: kernel parameters the run needs (e.g.
+    /// `kvm_amd.npt=0` for shadow paging), so it runs in a boot of its own with them.
+    pub cmdline: Vec<String>,
 }
 
 impl CTestRun {
@@ -440,8 +445,17 @@ impl CTestRun {
         if line.contains(['\'', '"', '\\', '$', '`']) {
             bail!("quotes, `$` and backslashes are not allowed in a selftest line");
         }
+        let mut cmdline = Vec::new();
+        while let Some(word) = words.next_if(|w| w.starts_with('@')) {
+            let param = &word[1..];
+            qemu::check_kernel_param(param).with_context(|| format!("`{word}`"))?;
+            cmdline.push(param.to_string());
+        }
         let required = words.next_if_eq(&"!").is_some();
         let binary = words.next().context("empty selftest line")?.to_string();
+        if binary.starts_with('@') {
+            bail!("`{binary}`: kernel parameters (`@PARAM`) come before the `!`");
+        }
         if binary.starts_with('/') || binary.split('/').any(|c| c == "..") {
             bail!("`{binary}`: a selftest is named relative to tools/testing/selftests/kvm");
         }
@@ -449,15 +463,22 @@ impl CTestRun {
             binary,
             args: words.map(str::to_string).collect(),
             required,
+            cmdline,
         })
     }
 
-    /// The line as written: the test's name in results.
+    /// The line as written, the parameters in brackets first: the test's name in results,
+    /// distinct for the same test run under different kernel parameters.
     pub fn label(&self) -> String {
-        std::iter::once(self.binary.as_str())
+        let run = std::iter::once(self.binary.as_str())
             .chain(self.args.iter().map(String::as_str))
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" ");
+        if self.cmdline.is_empty() {
+            run
+        } else {
+            format!("[{}] {run}", self.cmdline.join(" "))
+        }
     }
 }
 
@@ -526,6 +547,43 @@ mod tests {
         assert!(CTestRun::parse("../escape").is_err());
         assert!(CTestRun::parse("  ").is_err());
         assert!(CTestRun::parse("t -x 'a b'").is_err());
+    }
+
+    #[test]
+    fn selftest_lines_take_kernel_params() {
+        let run = CTestRun::parse("demand_paging_test -b 16M").unwrap();
+        assert!(run.cmdline.is_empty());
+        let run = CTestRun::parse("@kvm_amd.npt=0 ! x86/userfault_test -s").unwrap();
+        assert_eq!(run.cmdline, ["kvm_amd.npt=0"]);
+        assert!(run.required);
+        assert_eq!(run.binary, "x86/userfault_test");
+        assert_eq!(run.args, ["-s"]);
+        assert_eq!(run.label(), "[kvm_amd.npt=0] x86/userfault_test -s");
+        let run = CTestRun::parse("@kvm_amd.npt=0  @a.b=1,2 demand_paging_test").unwrap();
+        assert_eq!(run.cmdline, ["kvm_amd.npt=0", "a.b=1,2"]);
+        assert!(!run.required);
+        assert_eq!(run.label(), "[kvm_amd.npt=0 a.b=1,2] demand_paging_test");
+        // Only leading words are parameters: later ones are the test's arguments.
+        let run = CTestRun::parse("t -x @y").unwrap();
+        assert!(run.cmdline.is_empty());
+        assert_eq!(run.args, ["-x", "@y"]);
+        for bad in [
+            "@ t",
+            "@kvm_amd.npt=0",
+            "@kvm_amd.npt=0 !",
+            "! @kvm_amd.npt=0 t",
+            "@a;b t",
+            "@a/b t",
+            "@-x t",
+            "@-- t",
+            "@a=\"b c\" t",
+            "@a=é t",
+        ] {
+            let err = CTestRun::parse(bad).err();
+            assert!(err.is_some(), "{bad:?} was accepted");
+        }
+        let err = CTestRun::parse("@a:b t").unwrap_err();
+        assert!(format!("{err:#}").contains("`@a:b`"), "{err:#}");
     }
 
     #[test]

@@ -83,6 +83,9 @@ enum Cmd {
         /// Put a host file in the guest: HOST[:GUEST] (default /usr/local/bin/NAME).
         #[arg(long, value_name = "HOST[:GUEST]")]
         add: Vec<String>,
+        /// Add a kernel parameter to the guest's command line (e.g. kvm_amd.npt=0); repeatable.
+        #[arg(long, value_name = "PARAM", value_parser = parse_kernel_param)]
+        append: Vec<String>,
         /// Boot the existing bzImage without running make first.
         #[arg(long)]
         no_build: bool,
@@ -143,6 +146,12 @@ fn parse_mem(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_kernel_param(s: &str) -> Result<String, String> {
+    qemu::check_kernel_param(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("{e:#}"))
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
@@ -167,6 +176,7 @@ fn real_main() -> Result<ExitCode> {
             shape,
             timeout,
             add,
+            append,
             no_build,
             kernel_image,
             command,
@@ -220,6 +230,7 @@ fn real_main() -> Result<ExitCode> {
                 "vm",
                 &format!("{script}\n"),
                 &files,
+                &append,
                 shape.smp,
                 &shape.mem,
                 Duration::from_secs(timeout),
@@ -321,6 +332,31 @@ mod tests {
     }
 
     #[test]
+    fn vm_appends_kernel_params_in_order() {
+        let Cmd::Vm {
+            append, command, ..
+        } = parse(&[
+            "vm",
+            "--append",
+            "kvm_amd.npt=0",
+            "--append=foo=1,2",
+            "--",
+            "true",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not the vm command");
+        };
+        assert_eq!(append, ["kvm_amd.npt=0", "foo=1,2"]);
+        assert_eq!(command, ["true"]);
+        let Cmd::Vm { append, .. } = parse(&["vm", "--", "true"]).unwrap().command else {
+            panic!("not the vm command");
+        };
+        assert!(append.is_empty());
+    }
+
+    #[test]
     fn bad_flags_are_clear_errors() {
         for bad in [
             &["bench", "--vcpus", "0"][..],
@@ -330,6 +366,10 @@ mod tests {
             &["bench", "--bytes-per-vcpu", "16K"],
             &["vm", "--mem", "lots", "--", "true"],
             &["vm", "--smp", "0", "--", "true"],
+            &["vm", "--append", "a b", "--", "true"],
+            &["vm", "--append", "", "--", "true"],
+            &["vm", "--append=x='1'", "--", "true"],
+            &["vm", "--append=--", "--", "true"],
             &["vm"],
         ] {
             let err = parse(bad)

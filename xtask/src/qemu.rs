@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::console;
 use crate::host;
@@ -25,6 +25,9 @@ pub struct VmConfig {
     pub log: PathBuf,
     /// Print console lines as they arrive (after boot).
     pub echo: bool,
+    /// Kernel parameters after the loop's own (`kvm_amd.npt=0`: KVM_AMD is built in, so its
+    /// module parameters can only be set here). Each passed `check_kernel_param`.
+    pub extra_cmdline: Vec<String>,
 }
 
 /// What happened.
@@ -87,12 +90,36 @@ impl VmOutcome {
     }
 }
 
-fn kernel_cmdline() -> Result<String> {
-    Ok(format!(
-        "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 rdinit=/init tsc_early_khz={} \
-         hung_task_panic=0 nokaslr",
-        host::host_tsc_khz()?
-    ))
+fn kernel_cmdline(tsc_khz: u64, extra: &[String]) -> String {
+    let mut cmdline = format!(
+        "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 rdinit=/init tsc_early_khz={tsc_khz} \
+         hung_task_panic=0 nokaslr"
+    );
+    // Last, so a parameter given twice takes the caller's value.
+    for param in extra {
+        cmdline.push(' ');
+        cmdline.push_str(param);
+    }
+    cmdline
+}
+
+/// An extra kernel parameter is one word of plain characters: the command line is a single
+/// QEMU argument split by the kernel at spaces, where quotes have their own meaning. A leading
+/// `-` is refused too: `--` ends the kernel's parameters and hands the rest to /init.
+pub fn check_kernel_param(param: &str) -> Result<()> {
+    if param.is_empty() {
+        bail!("empty kernel parameter");
+    }
+    if let Some(c) = param
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.,=-".contains(*c)))
+    {
+        bail!("kernel parameter `{param}`: `{c}` is not allowed (only A-Z a-z 0-9 _ . , = -)");
+    }
+    if param.starts_with('-') {
+        bail!("kernel parameter `{param}` starts with `-`");
+    }
+    Ok(())
 }
 
 /// Boots and waits for the outcome.
@@ -126,7 +153,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
         .arg(&cfg.bzimage)
         .arg("-initrd")
         .arg(&cfg.initrd)
-        .args(["-append", &kernel_cmdline()?])
+        .args([
+            "-append",
+            &kernel_cmdline(host::host_tsc_khz()?, &cfg.extra_cmdline),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -227,4 +257,33 @@ pub fn scratch(run_dir: &Path, tag: &str) -> Result<(PathBuf, PathBuf, PathBuf)>
         dir.join("initrd.cpio"),
         dir.join("console.log"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_params_follow_the_loops_own() {
+        let base = kernel_cmdline(2_000_000, &[]);
+        assert!(base.starts_with("console=ttyS0 "), "{base}");
+        assert!(base.contains(" tsc_early_khz=2000000 "), "{base}");
+        let extra = ["kvm_amd.npt=0".to_string(), "foo=a,b".to_string()];
+        assert_eq!(
+            kernel_cmdline(2_000_000, &extra),
+            format!("{base} kvm_amd.npt=0 foo=a,b")
+        );
+    }
+
+    #[test]
+    fn kernel_params_are_plain_words() {
+        for good in ["kvm_amd.npt=0", "nokaslr", "a-b_c.d=1,2", "x=-1"] {
+            check_kernel_param(good).unwrap();
+        }
+        for bad in [
+            "", "a b", "a\tb", "x='1'", "x=\"1\"", "a;b", "--", "-x", "a/b", "é",
+        ] {
+            assert!(check_kernel_param(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

@@ -244,6 +244,7 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
             "harness",
             script,
             &[],
+            &[],
             1,
             "512M",
             Duration::from_secs(timeout),
@@ -272,7 +273,8 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
     }
 }
 
-/// Builds an initramfs with `files` and `script`, boots, returns the outcome.
+/// Builds an initramfs with `files` and `script`, boots with `extra_cmdline` after the loop's own
+/// kernel parameters, returns the outcome.
 #[allow(clippy::too_many_arguments)]
 pub fn boot(
     layout: &Layout,
@@ -280,6 +282,7 @@ pub fn boot(
     tag: &str,
     script: &str,
     files: &[GuestFile],
+    extra_cmdline: &[String],
     smp: u32,
     mem: &str,
     timeout: Duration,
@@ -296,6 +299,7 @@ pub fn boot(
         timeout,
         log: log.clone(),
         echo,
+        extra_cmdline: extra_cmdline.to_vec(),
     });
     // Keep only the console log; the staging tree and archive are large.
     let _ = fs::remove_dir_all(&staging);
@@ -367,10 +371,15 @@ fn guest_suites(
     c_names.dedup();
     eprintln!("[test] building {} kvm selftests statically", c_names.len());
     let c_bins = kernel::build_c_selftests(kernel, &c_names)?;
+    let mut groups = group_by_cmdline(&c_runs);
+    // The runs without extra parameters share the main boot with the Rust binaries.
+    let main_runs = match groups.first() {
+        Some((cmdline, _)) if cmdline.is_empty() => groups.remove(0).1,
+        _ => Vec::new(),
+    };
 
-    let mut files = Vec::new();
-    // Huge pages for the hugetlbfs-backed runs (128 MiB of the guest's memory).
-    let mut script = String::from("failed=0\necho 64 > /proc/sys/vm/nr_hugepages\n");
+    let mut files = c_files(&c_bins, &main_runs);
+    let mut script = String::from(SCRIPT_START);
     for (name, host_path) in &rust_bins {
         let guest = format!("/tests/rust/{name}");
         files.push(GuestFile {
@@ -385,41 +394,12 @@ fn guest_suites(
             guest = sh_quote(&guest),
         );
     }
-    for (name, host_path) in &c_bins {
-        files.push(GuestFile {
-            host: host_path.clone(),
-            guest: format!("/tests/kvm/{name}"),
-        });
-    }
-    for run in &c_runs {
-        let label = run.label();
-        let command: Vec<String> = std::iter::once(format!("/tests/kvm/{}", run.binary))
-            .chain(run.args.iter().cloned())
-            .map(|w| sh_quote(&w))
-            .collect();
-        // KSFT_SKIP (4) is a skip, not a failure, except for the series' own tests: a skip
-        // there means the series is missing something it claims.
-        let (kind, required) = if run.required {
-            (
-                "c!",
-                "[ $rc = 4 ] && echo 'required test skipped: counted as a failure' && rc=1; ",
-            )
-        } else {
-            ("c", "")
-        };
-        let _ = writeln!(
-            script,
-            "echo '{b}{kind} {label}'; {cmd}; rc=$?; {required}echo '{e}{kind} {label}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
-            b = console::TEST_BEGIN,
-            e = console::TEST_END,
-            cmd = command.join(" "),
-        );
-    }
-    script.push_str("exit $failed\n");
+    push_c_runs(&mut script, &main_runs);
+    script.push_str(SCRIPT_END);
     eprintln!(
         "[test] booting the patched kernel: {} Rust test binaries, {} C selftest runs",
         rust_bins.len(),
-        c_runs.len()
+        main_runs.len()
     );
     let outcome = boot(
         layout,
@@ -427,6 +407,7 @@ fn guest_suites(
         "suite",
         &script,
         &files,
+        &[],
         opts.smp,
         &opts.mem,
         opts.timeout,
@@ -450,19 +431,151 @@ fn guest_suites(
         note: String::new(),
     };
     if !outcome.success() {
-        let report = outcome.failure_report();
-        eprintln!("{report}");
-        // A kernel problem or timeout is a failure of its own, whatever the tests said.
-        if !outcome.problems.is_empty() || outcome.timed_out || outcome.exit_status.is_none() {
+        if let Some(why) = report_failed_boot(&outcome) {
             c.counts.failed += 1;
-            c.note = report.lines().next().unwrap_or_default().to_string();
+            c.note = why;
         }
         if rust.counts.failed + c.counts.failed == 0 {
             rust.counts.failed += 1;
             rust.note = "the guest run failed without a failing test".into();
         }
     }
+
+    // Runs needing kernel parameters: one boot per distinct set, C runs only, tallied into the
+    // same guest-c counts. A boot that cannot even start is one failure: the results of the
+    // boots before it still stand.
+    for (i, (cmdline, runs)) in groups.iter().enumerate() {
+        let params = cmdline.join(" ");
+        let mut script = String::from(SCRIPT_START);
+        push_c_runs(&mut script, runs);
+        script.push_str(SCRIPT_END);
+        eprintln!(
+            "[test] booting the patched kernel with `{params}`: {} C selftest runs",
+            runs.len()
+        );
+        let outcome = boot(
+            layout,
+            kernel,
+            &format!("suite-cmdline{}", i + 1),
+            &script,
+            &c_files(&c_bins, runs),
+            cmdline,
+            opts.smp,
+            &opts.mem,
+            opts.timeout,
+            true,
+        );
+        let why = match outcome {
+            Ok(outcome) => {
+                if let Some(t) = outcome.boot_time {
+                    eprintln!(
+                        "[test] guest ({params}) booted in {t:.1?}, ran for {:.1?}",
+                        outcome.elapsed
+                    );
+                }
+                let (_, counts) = tally(&outcome.console);
+                c.counts.add(counts);
+                if outcome.success() {
+                    None
+                } else {
+                    // The main boot charges a silent failure to the Rust suite; this boot
+                    // ran only C tests.
+                    report_failed_boot(&outcome).or_else(|| {
+                        (counts.failed == 0)
+                            .then(|| "the guest run failed without a failing test".into())
+                    })
+                }
+            }
+            Err(e) => {
+                eprintln!("[test] guest ({params}): {e:#}");
+                Some(format!("{e:#}"))
+            }
+        };
+        if let Some(why) = why {
+            c.counts.failed += 1;
+            if !c.note.is_empty() {
+                c.note.push_str("; ");
+            }
+            let _ = write!(c.note, "[{params}] {why}");
+        }
+    }
     Ok(vec![rust, c])
+}
+
+/// The start of every in-guest suite script. Huge pages for the hugetlbfs-backed runs
+/// (128 MiB of the guest's memory).
+const SCRIPT_START: &str = "failed=0\necho 64 > /proc/sys/vm/nr_hugepages\n";
+/// The end: the status says whether any test failed.
+const SCRIPT_END: &str = "exit $failed\n";
+
+/// The C runs grouped by their extra kernel parameters (the same words in the same order), each
+/// group in the order of the list; the group without parameters first, if there is one, then
+/// the others in the order of their first run.
+fn group_by_cmdline(runs: &[kernel::CTestRun]) -> Vec<(Vec<String>, Vec<&kernel::CTestRun>)> {
+    let mut groups: Vec<(Vec<String>, Vec<&kernel::CTestRun>)> = Vec::new();
+    for run in runs {
+        match groups
+            .iter_mut()
+            .find(|(cmdline, _)| *cmdline == run.cmdline)
+        {
+            Some((_, members)) => members.push(run),
+            None => groups.push((run.cmdline.clone(), vec![run])),
+        }
+    }
+    // Runs without parameters first: they go in the main boot.
+    groups.sort_by_key(|(cmdline, _)| !cmdline.is_empty());
+    groups
+}
+
+/// The built selftest binaries `runs` use, placed where `push_c_runs` runs them.
+fn c_files(c_bins: &[(String, PathBuf)], runs: &[&kernel::CTestRun]) -> Vec<GuestFile> {
+    c_bins
+        .iter()
+        .filter(|(name, _)| runs.iter().any(|r| r.binary == *name))
+        .map(|(name, host_path)| GuestFile {
+            host: host_path.clone(),
+            guest: format!("/tests/kvm/{name}"),
+        })
+        .collect()
+}
+
+/// Appends one script line per C run: begin marker, the run, end marker with its status
+/// (what `tally` reads); a failure sets `failed`.
+fn push_c_runs(script: &mut String, runs: &[&kernel::CTestRun]) {
+    for run in runs {
+        let label = run.label();
+        let command: Vec<String> = std::iter::once(format!("/tests/kvm/{}", run.binary))
+            .chain(run.args.iter().cloned())
+            .map(|w| sh_quote(&w))
+            .collect();
+        // KSFT_SKIP (4) is a skip, not a failure, except for the series' own tests: a skip
+        // there means the series is missing something it claims.
+        let (kind, required) = if run.required {
+            (
+                "c!",
+                "[ $rc = 4 ] && echo 'required test skipped: counted as a failure' && rc=1; ",
+            )
+        } else {
+            ("c", "")
+        };
+        let _ = writeln!(
+            script,
+            "echo '{b}{kind} {label}'; {cmd}; rc=$?; {required}echo '{e}{kind} {label}' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1",
+            b = console::TEST_BEGIN,
+            e = console::TEST_END,
+            cmd = command.join(" "),
+        );
+    }
+}
+
+/// Prints why a boot failed. Returns the report's first line when the failure is the kernel's
+/// or the harness's (a problem report, the timeout, no exit status): a failure of its own,
+/// whatever the tests said.
+fn report_failed_boot(outcome: &qemu::VmOutcome) -> Option<String> {
+    let report = outcome.failure_report();
+    eprintln!("{report}");
+    (!outcome.problems.is_empty() || outcome.timed_out || outcome.exit_status.is_none())
+        .then(|| report.lines().next().unwrap_or_default().to_string())
 }
 
 /// Sums results per language from the console: libtest lines for Rust binaries (a binary that
@@ -585,6 +698,78 @@ mod tests {
                 failed: 3,
                 ignored: 0,
                 skipped: 1
+            }
+        );
+    }
+
+    #[test]
+    fn c_runs_group_by_kernel_params() {
+        let runs: Vec<kernel::CTestRun> = [
+            "@kvm_amd.npt=0 ! x86/userfault_test",
+            "guest_memfd_test",
+            "@a=1 t",
+            "! x86/userfault_test",
+            "@kvm_amd.npt=0 demand_paging_test -b 8M",
+        ]
+        .iter()
+        .map(|l| kernel::CTestRun::parse(l).unwrap())
+        .collect();
+        let groups = group_by_cmdline(&runs);
+        let shape: Vec<(Vec<String>, Vec<String>)> = groups
+            .iter()
+            .map(|(cmdline, runs)| (cmdline.clone(), runs.iter().map(|r| r.label()).collect()))
+            .collect();
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shape,
+            [
+                (vec![], owned(&["guest_memfd_test", "x86/userfault_test"])),
+                (
+                    owned(&["kvm_amd.npt=0"]),
+                    owned(&[
+                        "[kvm_amd.npt=0] x86/userfault_test",
+                        "[kvm_amd.npt=0] demand_paging_test -b 8M"
+                    ])
+                ),
+                (owned(&["a=1"]), owned(&["[a=1] t"])),
+            ]
+        );
+        let no_main = group_by_cmdline(&runs[2..3]);
+        assert_eq!(no_main.len(), 1);
+        assert_eq!(no_main[0].0, ["a=1"]);
+    }
+
+    #[test]
+    fn c_run_script_lines_tally() {
+        let run = kernel::CTestRun::parse("@kvm_amd.npt=0 ! x86/userfault_test -s").unwrap();
+        let mut script = String::new();
+        push_c_runs(&mut script, &[&run]);
+        assert_eq!(
+            script,
+            "echo 'KVMUF-TEST-BEGIN c! [kvm_amd.npt=0] x86/userfault_test -s'; \
+             /tests/kvm/x86/userfault_test -s; rc=$?; [ $rc = 4 ] && echo 'required test \
+             skipped: counted as a failure' && rc=1; echo 'KVMUF-TEST-END c! [kvm_amd.npt=0] \
+             x86/userfault_test -s' rc=$rc; [ $rc = 0 ] || [ $rc = 4 ] || failed=1\n"
+        );
+        let bins = [
+            ("x86/userfault_test".to_string(), PathBuf::from("/b/u")),
+            ("guest_memfd_test".to_string(), PathBuf::from("/b/g")),
+        ];
+        let files = c_files(&bins, &[&run]);
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].guest, "/tests/kvm/x86/userfault_test");
+        let console: Vec<String> = [
+            "KVMUF-TEST-BEGIN c! [kvm_amd.npt=0] x86/userfault_test -s",
+            "KVMUF-TEST-END c! [kvm_amd.npt=0] x86/userfault_test -s rc=0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            tally(&console).1,
+            Counts {
+                passed: 1,
+                ..Counts::default()
             }
         );
     }
