@@ -97,25 +97,7 @@ enum Cmd {
         command: Vec<String>,
     },
     /// The cover letter's demand-paging table: every configuration side by side in one boot.
-    Bench {
-        #[command(flatten)]
-        kernel: KernelArgs,
-        #[command(flatten)]
-        shape: VmShape,
-        /// vCPU counts to measure (comma separated).
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2, 4],
-              value_parser = clap::value_parser!(u32).range(1..=64))]
-        vcpus: Vec<u32>,
-        /// Guest memory each vCPU demand-pages (demand_paging_test -b).
-        #[arg(long, default_value = "16M", value_parser = parse_mem)]
-        bytes_per_vcpu: String,
-        /// Runs of each configuration; the median is reported.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
-        repeats: u32,
-        /// Seconds before the VM is killed.
-        #[arg(long, default_value_t = 1800)]
-        timeout: u64,
-    },
+    Bench(BenchArgs),
     /// The whole suite: lint, host tests, series checks, harness checks, tests in the guest.
     Test {
         #[command(flatten)]
@@ -136,6 +118,78 @@ enum Cmd {
         #[arg(long)]
         skip_harness_check: bool,
     },
+}
+
+#[derive(Args, Clone)]
+struct BenchArgs {
+    #[command(flatten)]
+    kernel: KernelArgs,
+    #[command(flatten)]
+    shape: VmShape,
+    /// QEMU's accelerator: `tcg` emulates (runs anywhere); `kvm` needs /dev/kvm with real VMX or
+    /// SVM and nested virtualisation enabled (checked before anything is built).
+    #[arg(long, value_enum, default_value = "tcg")]
+    accel: qemu::Accel,
+    /// Run the matrix on this host, without QEMU: for a host already booted into the patched
+    /// kernel. Not with --accel, --smp or --mem.
+    #[arg(long, conflicts_with_all = ["accel", "smp", "mem"])]
+    host: bool,
+    /// vCPU counts to measure (comma separated): up to 64 under TCG, 512 with --accel kvm or
+    /// --host.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2, 4],
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(bench::MAX_VCPUS)))]
+    vcpus: Vec<u32>,
+    /// Guest memory each vCPU demand-pages (demand_paging_test -b; published runs: 64M).
+    #[arg(short = 'b', long, default_value = "16M", value_parser = parse_mem)]
+    bytes_per_vcpu: String,
+    /// Runs of each configuration; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    repeats: u32,
+    /// Seconds before the VM (or, with --host, the runs) are killed.
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
+    /// Write bench-results.{md,csv,svg} to DIR instead of the cache's run directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Do not run the runtime's handler_bench example on the host.
+    #[arg(long)]
+    no_handler_bench: bool,
+}
+
+impl BenchArgs {
+    /// The options, checked. `command_line`: the command as typed, for the results' header.
+    fn options(self, command_line: String) -> Result<bench::BenchOptions> {
+        let target = if self.host {
+            bench::Target::Host
+        } else {
+            bench::Target::Qemu {
+                accel: self.accel,
+                smp: self.shape.smp,
+                mem: self.shape.mem,
+            }
+        };
+        let opts = bench::BenchOptions {
+            source: self.kernel.source(),
+            target,
+            vcpus: self.vcpus,
+            bytes_per_vcpu: self.bytes_per_vcpu,
+            repeats: self.repeats,
+            timeout: Duration::from_secs(self.timeout),
+            out_dir: self.out,
+            handler_bench: !self.no_handler_bench,
+            command_line,
+        };
+        opts.validate()?;
+        Ok(opts)
+    }
+}
+
+/// `cargo xtask ARGS…`, quoted for a shell: how this command was run.
+fn command_line(args: impl IntoIterator<Item = String>) -> String {
+    std::iter::once("cargo xtask".to_string())
+        .chain(args.into_iter().skip(1).map(|a| sh_quote(&a)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn parse_mem(s: &str) -> Result<String, String> {
@@ -231,6 +285,7 @@ fn real_main() -> Result<ExitCode> {
                 &format!("{script}\n"),
                 &files,
                 &append,
+                qemu::Accel::Tcg,
                 shape.smp,
                 &shape.mem,
                 Duration::from_secs(timeout),
@@ -253,29 +308,9 @@ fn real_main() -> Result<ExitCode> {
             };
             Ok(ExitCode::from(code))
         }
-        Cmd::Bench {
-            kernel: args,
-            shape,
-            vcpus,
-            bytes_per_vcpu,
-            repeats,
-            timeout,
-        } => {
-            if vcpus.is_empty() || vcpus.iter().any(|&v| v == 0 || v > 64) {
-                bail!("--vcpus takes counts from 1 to 64");
-            }
-            bench::run(
-                &layout,
-                &bench::BenchOptions {
-                    source: args.source(),
-                    smp: shape.smp,
-                    mem: shape.mem,
-                    vcpus,
-                    bytes_per_vcpu,
-                    repeats,
-                    timeout: Duration::from_secs(timeout),
-                },
-            )?;
+        Cmd::Bench(args) => {
+            let opts = args.options(command_line(std::env::args()))?;
+            bench::run(&layout, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Test {
@@ -314,20 +349,120 @@ mod tests {
         Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
     }
 
-    #[test]
-    fn bench_defaults_reproduce_the_documented_table() {
-        let Cmd::Bench {
-            vcpus,
-            repeats,
-            bytes_per_vcpu,
-            ..
-        } = parse(&["bench"]).unwrap().command
-        else {
+    fn bench(args: &[&str]) -> Result<bench::BenchOptions> {
+        let all: Vec<&str> = std::iter::once("bench")
+            .chain(args.iter().copied())
+            .collect();
+        let Cmd::Bench(b) = parse(&all)?.command else {
             panic!("not the bench command");
         };
+        b.options("cargo xtask bench".into())
+    }
+
+    #[test]
+    fn bench_defaults_reproduce_the_documented_table() {
+        let o = bench(&[]).unwrap();
         assert_eq!(
-            (vcpus, repeats, bytes_per_vcpu.as_str()),
+            (o.vcpus, o.repeats, o.bytes_per_vcpu.as_str()),
             (vec![1, 2, 4], 5, "16M")
+        );
+        assert_eq!(
+            o.target,
+            bench::Target::Qemu {
+                accel: qemu::Accel::Tcg,
+                smp: 2,
+                mem: "2G".into()
+            }
+        );
+        assert!(o.handler_bench);
+        assert_eq!(o.out_dir, None);
+    }
+
+    #[test]
+    fn bench_options_combine() {
+        // The published command line's -b.
+        let o = bench(&["-b", "64M", "--vcpus", "1,64"]).unwrap();
+        assert_eq!(o.bytes_per_vcpu, "64M");
+        assert_eq!(o.vcpus, [1, 64]);
+        assert_eq!(
+            bench(&["--bytes-per-vcpu", "64M"]).unwrap().bytes_per_vcpu,
+            "64M"
+        );
+
+        let o = bench(&[
+            "--accel", "kvm", "--smp", "8", "--mem", "16G", "--vcpus", "1,96,512",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.target,
+            bench::Target::Qemu {
+                accel: qemu::Accel::Kvm,
+                smp: 8,
+                mem: "16G".into()
+            }
+        );
+        assert_eq!(o.vcpus, [1, 96, 512]);
+
+        let o = bench(&[
+            "--host",
+            "--vcpus",
+            "256",
+            "--out",
+            "docs",
+            "--no-handler-bench",
+        ])
+        .unwrap();
+        assert_eq!(o.target, bench::Target::Host);
+        assert_eq!(o.vcpus, [256]);
+        assert_eq!(o.out_dir, Some(PathBuf::from("docs")));
+        assert!(!o.handler_bench);
+
+        assert_eq!(
+            bench(&["--accel", "tcg"]).unwrap().target,
+            bench(&[]).unwrap().target
+        );
+    }
+
+    #[test]
+    fn bench_refuses_bad_combinations() {
+        for bad in [
+            &["--host", "--accel", "kvm"][..],
+            &["--host", "--accel", "tcg"],
+            &["--host", "--smp", "4"],
+            &["--host", "--mem", "4G"],
+            &["--accel", "hvf"],
+            &["--vcpus", "65"],
+            &["--vcpus", "513", "--host"],
+            &["--vcpus", "600", "--accel", "kvm"],
+            &["--vcpus", "1,2,1"],
+            &["-b", "16K"],
+            &["--out"],
+        ] {
+            let err = bench(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert!(!err.to_string().is_empty(), "{bad:?}");
+        }
+        let err = bench(&["--host", "--smp", "4"]).unwrap_err().to_string();
+        assert!(err.contains("--smp"), "{err}");
+        let err = bench(&["--vcpus", "65"]).unwrap_err().to_string();
+        assert!(err.contains("1 to 64 under TCG"), "{err}");
+    }
+
+    #[test]
+    fn command_line_is_quoted() {
+        let args = [
+            "target/debug/xtask",
+            "bench",
+            "--vcpus",
+            "1,2",
+            "--out",
+            "my dir",
+        ]
+        .map(String::from);
+        assert_eq!(
+            command_line(args),
+            "cargo xtask bench --vcpus 1,2 --out 'my dir'"
         );
     }
 
@@ -361,7 +496,7 @@ mod tests {
         for bad in [
             &["bench", "--vcpus", "0"][..],
             &["bench", "--vcpus", "1,x"],
-            &["bench", "--vcpus", "65"],
+            &["bench", "--vcpus", "513"],
             &["bench", "--repeats", "0"],
             &["bench", "--bytes-per-vcpu", "16K"],
             &["vm", "--mem", "lots", "--", "true"],

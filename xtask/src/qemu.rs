@@ -1,7 +1,9 @@
-//! Boots the built kernel under QEMU/TCG with an initramfs, streams the serial console to the
-//! terminal and a log file, and judges the run: the command's exit status, kernel problem
-//! reports, and the timeout.
+//! Boots the built kernel under QEMU (TCG, or KVM on a host with nested virtualisation) with an
+//! initramfs, streams the serial console to the terminal and a log file, and judges the run: the
+//! command's exit status, kernel problem reports, and the timeout.
 
+use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -14,9 +16,124 @@ use anyhow::{bail, Context, Result};
 use crate::console;
 use crate::host;
 
+/// QEMU's accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Accel {
+    /// Emulation (`-accel tcg -cpu max`): runs anywhere; QEMU emulates SVM with nested paging for
+    /// the guest's own VMs.
+    #[default]
+    Tcg,
+    /// Hardware virtualisation (`-accel kvm -cpu host`): needs /dev/kvm backed by VMX or SVM with
+    /// nested virtualisation enabled, since the guest runs VMs of its own.
+    Kvm,
+}
+
+impl Accel {
+    /// The `-accel` and `-cpu` arguments. `mttcg`: multi-threaded TCG (ignored for KVM).
+    pub fn qemu_args(self, mttcg: bool) -> [&'static str; 4] {
+        match self {
+            // One TCG thread for all guest CPUs unless asked otherwise: see `run`.
+            Accel::Tcg if mttcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
+            Accel::Tcg => ["-accel", "tcg,thread=single", "-cpu", "max"],
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+        }
+    }
+}
+
+/// Whether `KVMUF_MTTCG=1` asks for multi-threaded TCG.
+pub fn mttcg_requested() -> bool {
+    std::env::var_os("KVMUF_MTTCG").is_some_and(|v| v == "1")
+}
+
+/// What `check_kvm_host` looks at, gathered by `KvmHostProbe::read` (or made up by a test).
+#[derive(Debug, Clone)]
+pub struct KvmHostProbe {
+    /// Whether /dev/kvm opened read-write, or why not.
+    pub dev_kvm: Result<(), String>,
+    /// The text of /proc/cpuinfo.
+    pub cpuinfo: String,
+    /// /sys/module/kvm_intel/parameters/nested, if it exists.
+    pub nested_intel: Option<String>,
+    /// /sys/module/kvm_amd/parameters/nested, if it exists.
+    pub nested_amd: Option<String>,
+}
+
+impl KvmHostProbe {
+    pub fn read() -> Self {
+        let dev_kvm = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+            .map_err(|e| e.to_string());
+        let param = |module: &str| {
+            fs::read_to_string(format!("/sys/module/{module}/parameters/nested")).ok()
+        };
+        Self {
+            dev_kvm,
+            cpuinfo: fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+            nested_intel: param("kvm_intel"),
+            nested_amd: param("kvm_amd"),
+        }
+    }
+}
+
+/// Checks that `-accel kvm` can run the guest's own VMs: /dev/kvm opens, the CPU has VMX or SVM
+/// (a paravirtual /dev/kvm, as in many cloud VMs, has neither), and the KVM module for it has
+/// nested virtualisation on. The error names everything that is missing.
+pub fn check_kvm_host(probe: &KvmHostProbe) -> Result<()> {
+    let mut missing = Vec::new();
+    if let Err(e) = &probe.dev_kvm {
+        missing.push(format!("/dev/kvm does not open ({e})"));
+    }
+    let flags: Vec<&str> = probe
+        .cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            (key.trim() == "flags").then_some(value)
+        })
+        .map(|v| v.split_whitespace().collect())
+        .unwrap_or_default();
+    let (module, nested) = if flags.contains(&"vmx") {
+        ("kvm_intel", &probe.nested_intel)
+    } else if flags.contains(&"svm") {
+        ("kvm_amd", &probe.nested_amd)
+    } else {
+        missing.push(
+            "hardware virtualisation: the CPU flags in /proc/cpuinfo have neither vmx nor svm \
+             (this /dev/kvm cannot give the guest VMX/SVM for its own VMs; use --accel tcg)"
+                .to_string(),
+        );
+        ("", &None)
+    };
+    if !module.is_empty() {
+        let path = format!("/sys/module/{module}/parameters/nested");
+        match nested.as_deref().map(str::trim) {
+            Some("Y" | "y" | "1") => {}
+            Some(v) => missing.push(format!(
+                "nested virtualisation: {path} is `{v}` (enable it: `modprobe -r {module} && \
+                 modprobe {module} nested=1`)"
+            )),
+            None => missing.push(format!(
+                "nested virtualisation: {path} does not exist ({module} is not loaded)"
+            )),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "--accel kvm needs /dev/kvm backed by VMX or SVM with nested virtualisation; \
+             missing: {}",
+            missing.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    pub accel: Accel,
     pub bzimage: PathBuf,
     pub initrd: PathBuf,
     pub smp: u32,
@@ -90,11 +207,14 @@ impl VmOutcome {
     }
 }
 
-fn kernel_cmdline(tsc_khz: u64, extra: &[String]) -> String {
-    let mut cmdline = format!(
-        "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 rdinit=/init tsc_early_khz={tsc_khz} \
-         hung_task_panic=0 nokaslr"
-    );
+/// `tsc_khz`: the host TSC rate, given to a TCG guest whose own calibration can fail (a KVM guest
+/// calibrates against kvmclock, and the host's `cpu MHz` need not be its TSC rate).
+fn kernel_cmdline(tsc_khz: Option<u64>, extra: &[String]) -> String {
+    let mut cmdline = String::from("console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 rdinit=/init");
+    if let Some(khz) = tsc_khz {
+        let _ = write!(cmdline, " tsc_early_khz={khz}");
+    }
+    cmdline.push_str(" hung_task_panic=0 nokaslr");
     // Last, so a parameter given twice takes the caller's value.
     for param in extra {
         cmdline.push(' ');
@@ -122,41 +242,50 @@ pub fn check_kernel_param(param: &str) -> Result<()> {
     Ok(())
 }
 
+/// QEMU's arguments for `cfg`. `tsc_khz`: see `kernel_cmdline`; `mttcg`: see `run`.
+pub fn qemu_args(cfg: &VmConfig, tsc_khz: Option<u64>, mttcg: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = cfg
+        .accel
+        .qemu_args(mttcg)
+        .iter()
+        .chain(&["-nodefaults", "-display", "none"])
+        .chain(&["-no-reboot", "-serial", "stdio", "-monitor", "none"])
+        .map(OsString::from)
+        .collect();
+    args.extend(
+        [
+            "-smp".into(),
+            cfg.smp.to_string(),
+            "-m".into(),
+            cfg.mem.clone(),
+        ]
+        .map(OsString::from),
+    );
+    args.push("-kernel".into());
+    args.push(cfg.bzimage.clone().into());
+    args.push("-initrd".into());
+    args.push(cfg.initrd.clone().into());
+    args.push("-append".into());
+    args.push(kernel_cmdline(tsc_khz, &cfg.extra_cmdline).into());
+    args
+}
+
 /// Boots and waits for the outcome.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome> {
     let started = Instant::now();
-    // One TCG thread for all guest CPUs. Multi-threaded TCG running nested SVM guests
+    // Under TCG, one thread for all guest CPUs. Multi-threaded TCG running nested SVM guests
     // intermittently triple-faults or hangs the nested guest (seen with QEMU 7.2 and 10.0, on the
     // unpatched base, with upstream demand_paging_test -v 2 -u MISSING: about one run in ten).
     // Round-robin TCG still interleaves the guest CPUs, showed no failure in 40 such runs, and
     // on two host cores is faster than MTTCG (docs/qemu.md). KVMUF_MTTCG=1 asks for MTTCG, for
     // runs that start no nested vCPU and need guest CPUs that really run in parallel (the
     // concurrent-resolver benchmark).
-    let accel = if std::env::var_os("KVMUF_MTTCG").is_some_and(|v| v == "1") {
-        "tcg,thread=multi"
-    } else {
-        "tcg,thread=single"
+    let tsc_khz = match cfg.accel {
+        Accel::Tcg => Some(host::host_tsc_khz()?),
+        Accel::Kvm => None,
     };
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            accel,
-            "-cpu",
-            "max",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-no-reboot", "-serial", "stdio", "-monitor", "none"])
-        .args(["-smp", &cfg.smp.to_string(), "-m", &cfg.mem])
-        .arg("-kernel")
-        .arg(&cfg.bzimage)
-        .arg("-initrd")
-        .arg(&cfg.initrd)
-        .args([
-            "-append",
-            &kernel_cmdline(host::host_tsc_khz()?, &cfg.extra_cmdline),
-        ])
+        .args(qemu_args(cfg, tsc_khz, mttcg_requested()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -265,14 +394,140 @@ mod tests {
 
     #[test]
     fn extra_params_follow_the_loops_own() {
-        let base = kernel_cmdline(2_000_000, &[]);
+        let base = kernel_cmdline(Some(2_000_000), &[]);
         assert!(base.starts_with("console=ttyS0 "), "{base}");
         assert!(base.contains(" tsc_early_khz=2000000 "), "{base}");
         let extra = ["kvm_amd.npt=0".to_string(), "foo=a,b".to_string()];
         assert_eq!(
-            kernel_cmdline(2_000_000, &extra),
+            kernel_cmdline(Some(2_000_000), &extra),
             format!("{base} kvm_amd.npt=0 foo=a,b")
         );
+        let kvm = kernel_cmdline(None, &[]);
+        assert!(!kvm.contains("tsc_early_khz"), "{kvm}");
+        assert_eq!(kvm, base.replace(" tsc_early_khz=2000000", ""));
+    }
+
+    fn config(accel: Accel) -> VmConfig {
+        VmConfig {
+            accel,
+            bzimage: "/k/bzImage".into(),
+            initrd: "/r/initrd.cpio".into(),
+            smp: 2,
+            mem: "2G".into(),
+            timeout: Duration::from_secs(1),
+            log: "/r/console.log".into(),
+            echo: false,
+            extra_cmdline: vec!["kvm_amd.npt=0".into()],
+        }
+    }
+
+    fn args_of(cfg: &VmConfig, tsc: Option<u64>, mttcg: bool) -> Vec<String> {
+        qemu_args(cfg, tsc, mttcg)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn qemu_command_line_per_accelerator() {
+        let tcg = args_of(&config(Accel::Tcg), Some(2_000_000), false);
+        assert_eq!(
+            tcg[..4],
+            ["-accel", "tcg,thread=single", "-cpu", "max"],
+            "{tcg:?}"
+        );
+        let tail = [
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-smp",
+            "2",
+            "-m",
+            "2G",
+            "-kernel",
+            "/k/bzImage",
+            "-initrd",
+            "/r/initrd.cpio",
+            "-append",
+        ];
+        assert_eq!(tcg[4..tcg.len() - 1], tail, "{tcg:?}");
+        assert_eq!(
+            tcg.last().unwrap(),
+            &kernel_cmdline(Some(2_000_000), &["kvm_amd.npt=0".into()])
+        );
+
+        let mttcg = args_of(&config(Accel::Tcg), Some(2_000_000), true);
+        assert_eq!(mttcg[..4], ["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        assert_eq!(mttcg[4..], tcg[4..]);
+
+        // KVM: host CPU (its VMX/SVM passed through), no TSC rate, KVMUF_MTTCG has no effect.
+        for mttcg in [false, true] {
+            let kvm = args_of(&config(Accel::Kvm), None, mttcg);
+            assert_eq!(kvm[..4], ["-accel", "kvm", "-cpu", "host"], "{kvm:?}");
+            assert_eq!(kvm[4..kvm.len() - 1], tail);
+            let cmdline = kvm.last().unwrap();
+            assert!(!cmdline.contains("tsc_early_khz"), "{cmdline}");
+            assert!(cmdline.ends_with(" kvm_amd.npt=0"), "{cmdline}");
+        }
+    }
+
+    fn probe(flags: &str, intel: Option<&str>, amd: Option<&str>) -> KvmHostProbe {
+        KvmHostProbe {
+            dev_kvm: Ok(()),
+            cpuinfo: format!(
+                "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu {flags} sse2\n\n\
+                 processor\t: 1\nflags\t\t: fpu {flags} sse2\n"
+            ),
+            nested_intel: intel.map(String::from),
+            nested_amd: amd.map(String::from),
+        }
+    }
+
+    #[test]
+    fn kvm_accel_needs_vmx_or_svm_and_nested() {
+        check_kvm_host(&probe("vmx ept", Some("Y\n"), None)).unwrap();
+        check_kvm_host(&probe("svm npt", None, Some("1\n"))).unwrap();
+
+        // A paravirtual /dev/kvm (this project's cloud VM): opens, but no VMX/SVM.
+        let err = check_kvm_host(&probe("hypervisor", None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("neither vmx nor svm"), "{err}");
+        assert!(!err.contains("/dev/kvm does not open"), "{err}");
+
+        let err = check_kvm_host(&probe("vmx", Some("N\n"), Some("1")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/sys/module/kvm_intel/parameters/nested is `N`"),
+            "{err}"
+        );
+        let err = check_kvm_host(&probe("svm", Some("Y"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/sys/module/kvm_amd/parameters/nested does not exist"),
+            "{err}"
+        );
+
+        // Everything missing at once: every reason is named.
+        let mut p = probe("", None, None);
+        p.dev_kvm = Err("No such file or directory (os error 2)".into());
+        let err = check_kvm_host(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("/dev/kvm does not open (No such file or directory"),
+            "{err}"
+        );
+        assert!(err.contains("neither vmx nor svm"), "{err}");
+        // No flags line at all is no VMX/SVM either.
+        let mut p = probe("vmx", Some("Y"), None);
+        p.cpuinfo = "processor: 0\n".into();
+        assert!(check_kvm_host(&p).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::host;
 use crate::initramfs::{self, sh_quote, GuestFile};
 use crate::kernel::{self, BuiltKernel, Flavour, SourceChoice};
 use crate::layout::Layout;
-use crate::qemu::{self, VmConfig};
+use crate::qemu::{self, Accel, VmConfig};
 use crate::series_check;
 
 /// The Rust target the in-guest binaries are built for (static glibc).
@@ -245,6 +245,7 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
             script,
             &[],
             &[],
+            Accel::Tcg,
             1,
             "512M",
             Duration::from_secs(timeout),
@@ -274,7 +275,7 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
 }
 
 /// Builds an initramfs with `files` and `script`, boots with `extra_cmdline` after the loop's own
-/// kernel parameters, returns the outcome.
+/// kernel parameters under `accel`, returns the outcome.
 #[allow(clippy::too_many_arguments)]
 pub fn boot(
     layout: &Layout,
@@ -283,6 +284,7 @@ pub fn boot(
     script: &str,
     files: &[GuestFile],
     extra_cmdline: &[String],
+    accel: Accel,
     smp: u32,
     mem: &str,
     timeout: Duration,
@@ -292,6 +294,7 @@ pub fn boot(
     let (staging, initrd, log) = qemu::scratch(&layout.run_dir(), tag)?;
     initramfs::build(&initrd, &staging, script, files)?;
     let outcome = qemu::run(&VmConfig {
+        accel,
         bzimage: kernel.bzimage(),
         initrd: initrd.clone(),
         smp,
@@ -408,6 +411,7 @@ fn guest_suites(
         &script,
         &files,
         &[],
+        Accel::Tcg,
         opts.smp,
         &opts.mem,
         opts.timeout,
@@ -460,6 +464,7 @@ fn guest_suites(
             &script,
             &c_files(&c_bins, runs),
             cmdline,
+            Accel::Tcg,
             opts.smp,
             &opts.mem,
             opts.timeout,
