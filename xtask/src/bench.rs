@@ -10,12 +10,13 @@
 //! measured in one run, and the counts, are the result. The same results are written as
 //! Markdown, CSV and an SVG chart.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -227,14 +228,24 @@ const KERNEL_MARK: &str = "KVMUF-BENCH-KERNEL ";
 /// Its transparent huge page setting.
 const THP_MARK: &str = "KVMUF-BENCH-THP ";
 
+/// How many lines of a failed run's output the script prints after its `run failed:` line;
+/// `run` shows that line and these on stderr.
+const FAILED_RUN_TAIL: usize = 25;
+
 /// One run, as a shell function: runs the test, extracts the rate, the `KVM stats:` counts and
 /// the `KVM userfault (…)` count from its output, shows the output if the run failed, and prints
 /// one result line (what `parse_result_line` reads). Missing values print as `-`. POSIX sh and
-/// basic regular expressions only: busybox in the guest, any sh on the host.
+/// basic regular expressions only: busybox in the guest, any sh on the host. `@TAIL@` is
+/// `FAILED_RUN_TAIL` (see `run_function`).
+///
+/// The test runs in the background and is waited for: a shell that is waiting for a foreground
+/// command runs a signal's trap only once that command ends, but `wait` returns at once, so the
+/// trap `run_on_host` sets takes the running test down with the shell.
 const RUN_FUNCTION: &str = r#"bench_run() {
 	c=$1 v=$2 rep=$3
 	shift 3
-	"$DPT" -b "$B" -a -v "$v" -r "$v" "$@" >"$OUT" 2>&1
+	"$DPT" -b "$B" -a -v "$v" -r "$v" "$@" >"$OUT" 2>&1 &
+	wait $!
 	rc=$?
 	r=$(sed -n 's/^Overall demand paging rate:[[:space:]]*\([0-9.]*\).*/\1/p' "$OUT" | head -n 1)
 	st=$(sed -n 's/^.*KVM stats:\(.*\)$/\1/p' "$OUT" | head -n 1)
@@ -251,15 +262,21 @@ const RUN_FUNCTION: &str = r#"bench_run() {
 	done
 	if [ "$rc" != 0 ] || [ -z "$r" ] || [ -z "$st" ]; then
 		echo "run failed: -v $v $* (status $rc)"
-		tail -n 25 "$OUT"
+		tail -n @TAIL@ "$OUT"
 	fi
 	echo "KVMUF-BENCH $c $v $rep rc=$rc rate=${r:--} pages=$pages exits=$exits pf_taken=$pf_taken pf_fixed=$pf_fixed uf=${uf:--}"
 }
 "#;
 
+fn run_function() -> String {
+    RUN_FUNCTION.replace("@TAIL@", &FAILED_RUN_TAIL.to_string())
+}
+
 /// The whole matrix as one shell script, repeat-major. `dpt`: the test binary; `out`: a scratch
 /// file for one run's output. The guest and `--host` run the same text but for these two paths.
 fn script(opts: &BenchOptions, dpt: &str, out: &str) -> String {
+    // No pathname expansion: `bench_run` splits the test's `KVM stats:` line into words
+    // unquoted, and a `*` or `?` in what the test printed must stay itself.
     let mut s = String::from("set -f\n");
     let _ = writeln!(
         s,
@@ -268,7 +285,7 @@ fn script(opts: &BenchOptions, dpt: &str, out: &str) -> String {
         sh_quote(out),
         sh_quote(&opts.bytes_per_vcpu)
     );
-    s.push_str(RUN_FUNCTION);
+    s.push_str(&run_function());
     let _ = writeln!(s, "echo \"{KERNEL_MARK}$(uname -r)\"");
     let _ = writeln!(
         s,
@@ -414,7 +431,9 @@ fn collect(lines: &[String], vcpus: &[u32], repeats: u32) -> Collected {
         samples: vec![vec![Vec::new(); vcpus.len()]; CONFIGS.len()],
         ..Collected::default()
     };
-    let mut seen = vec![vec![0u32; vcpus.len()]; CONFIGS.len()];
+    // (config, vCPU index, repeat) of every result line taken: a run reports once.
+    let mut seen = HashSet::new();
+    let mut reported = vec![vec![0u32; vcpus.len()]; CONFIGS.len()];
     for line in lines {
         if let Some(k) = line.split(KERNEL_MARK).nth(1) {
             c.kernel.get_or_insert_with(|| k.trim().to_string());
@@ -432,27 +451,44 @@ fn collect(lines: &[String], vcpus: &[u32], repeats: u32) -> Collected {
             }
             Some(Ok(run)) => run,
         };
-        let name = CONFIGS[run.config].name;
+        let malformed = |why: String| format!("malformed result line `{}`: {why}", line.trim());
         let Some(vi) = vcpus.iter().position(|&x| x == run.vcpus) else {
-            c.failures.push(format!(
-                "{name}: a result for {}, which were not asked for",
+            c.failures.push(malformed(format!(
+                "a result for {}, which were not asked for",
                 vcpu_label(run.vcpus)
-            ));
+            )));
             continue;
         };
-        seen[run.config][vi] += 1;
+        // Also keeps `repeat + 1` below from overflowing.
+        if run.repeat >= repeats {
+            c.failures.push(malformed(format!(
+                "repeat index {} is not below the {repeats} repeats asked for",
+                run.repeat
+            )));
+            continue;
+        }
+        let name = CONFIGS[run.config].name;
+        let which = format!(
+            "{name} with {} (repeat {})",
+            vcpu_label(run.vcpus),
+            run.repeat + 1
+        );
+        if !seen.insert((run.config, vi, run.repeat)) {
+            c.failures.push(malformed(format!(
+                "a second result for {which}, not counted"
+            )));
+            continue;
+        }
+        reported[run.config][vi] += 1;
         match run.sample {
             Ok(s) => c.samples[run.config][vi].push(s),
-            Err(why) => c.failures.push(format!(
-                "{name} with {} (repeat {}): {why}",
-                vcpu_label(run.vcpus),
-                run.repeat + 1
-            )),
+            Err(why) => c.failures.push(format!("{which}: {why}")),
         }
     }
     for (ci, cfg) in CONFIGS.iter().enumerate() {
         for (vi, v) in vcpus.iter().enumerate() {
-            let missing = repeats.saturating_sub(seen[ci][vi]);
+            // At most `repeats`: each repeat below it is taken once.
+            let missing = repeats - reported[ci][vi];
             if missing > 0 {
                 c.failures.push(format!(
                     "{} with {}: {missing} of {repeats} runs printed no result line",
@@ -465,10 +501,16 @@ fn collect(lines: &[String], vcpus: &[u32], repeats: u32) -> Collected {
     c
 }
 
+/// The middle value; of an even count, the mean of the two middle values.
 fn median(xs: &[f64]) -> Option<f64> {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
-    (!v.is_empty()).then(|| v[v.len() / 2])
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// One configuration at one vCPU count, over its repeats.
@@ -721,8 +763,10 @@ struct Report<'a> {
 impl Report<'_> {
     fn workload(&self) -> String {
         format!(
-            "demand_paging_test -b {} -a -v N -r N, median of {} runs",
-            self.bytes_per_vcpu, self.repeats
+            "demand_paging_test -b {} -a -v N -r N, median of {} run{}",
+            self.bytes_per_vcpu,
+            self.repeats,
+            if self.repeats == 1 { "" } else { "s" }
         )
     }
 
@@ -1086,21 +1130,57 @@ fn render_svg(r: &Report) -> String {
     s
 }
 
-/// Runs `script` with `sh` on this host, collecting its stdout lines until it exits or
-/// `timeout` passes (then its process group is killed). Returns the lines and, on a timeout,
-/// why the run is incomplete.
-fn run_on_host(script: &str, timeout: Duration) -> Result<(Vec<String>, Option<String>)> {
-    let started = Instant::now();
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(script)
+/// The start of every script `run_on_host` runs. The shell's parent-death signal is SIGTERM
+/// (see `spawn_on_host`): when xtask ends, however it ends (Ctrl-C, which reaches only xtask's
+/// process group, included), the shell kills its own process group, the running test with it.
+/// `kill -9 0` ends the shell too, so the script does not go on to the next run.
+const HOST_PROLOGUE: &str = "trap 'kill -9 0' HUP INT TERM\n";
+
+/// Starts `sh DIR/bench.sh` holding `HOST_PROLOGUE` and `script`, in a process group of its
+/// own. A file rather than `sh -c`: one argument is limited to 128 KiB, and the unrolled
+/// matrix can be longer.
+fn spawn_on_host(script: &str, dir: &Path) -> Result<Child> {
+    let file = dir.join("bench.sh");
+    fs::write(&file, format!("{HOST_PROLOGUE}{script}"))
+        .with_context(|| format!("writing {}", file.display()))?;
+    let parent = std::process::id();
+    let mut cmd = Command::new("sh");
+    cmd.arg(&file)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        // Its own process group, so a timeout ends the test it is running too.
-        .process_group(0)
-        .spawn()
-        .context("cannot start sh")?;
+        // Its own process group, so a timeout ends the test it is running too. That also keeps
+        // the terminal's Ctrl-C from reaching it: the parent-death signal stands in.
+        .process_group(0);
+    // The signal comes when the thread that started sh ends: `run_on_host`'s caller, which
+    // waits for sh before it returns.
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and
+    // getppid(2), which are async-signal-safe, and builds its errors without allocating.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // xtask may have ended between fork and prctl: then no signal will come.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().context("cannot start sh")
+}
+
+/// Runs `script` with `sh` on this host (its file in `dir`), collecting its stdout lines until
+/// it exits or `timeout` passes (then its process group is killed). Returns the lines and, on
+/// a timeout, why the run is incomplete.
+fn run_on_host(
+    script: &str,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<(Vec<String>, Option<String>)> {
+    let started = Instant::now();
+    let mut child = spawn_on_host(script, dir)?;
     let stdout = child.stdout.take().context("sh stdout")?;
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -1136,12 +1216,20 @@ fn run_on_host(script: &str, timeout: Duration) -> Result<(Vec<String>, Option<S
     Ok((lines, timed_out))
 }
 
-/// `--host`: this host must have KVM (whether it is the patched kernel, the runs tell).
+/// `--host`: this host must have KVM that this user may use (whether it is the patched kernel,
+/// the runs tell).
 fn check_host_kvm(dev_kvm: &Path) -> Result<()> {
     if !dev_kvm.exists() {
         bail!(
             "--host: {} does not exist: this host has no KVM; boot it into the patched kernel \
              with KVM enabled, or drop --host to run under QEMU",
+            dev_kvm.display()
+        );
+    }
+    if let Err(e) = qemu::open_dev_kvm(dev_kvm) {
+        bail!(
+            "--host: {} does not open read-write ({e}): the tests need it; run as a user in its \
+             group (usually `kvm`) or as root",
             dev_kvm.display()
         );
     }
@@ -1166,15 +1254,52 @@ fn check_test_runs(dpt: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `16M`, `2G` in bytes.
-fn size_bytes(s: &str) -> Option<u64> {
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let shift = match unit {
-        "M" => 20,
-        "G" => 30,
+/// `16M`, `2G` in bytes: digits and a unit, nothing else (no sign, no spaces); `None` if it
+/// is not such a size or does not fit in a u64. `--mem` and `-b` take the same syntax.
+pub fn size_bytes(s: &str) -> Option<u64> {
+    let (num, shift) = match (s.strip_suffix('M'), s.strip_suffix('G')) {
+        (Some(num), _) => (num, 20),
+        (_, Some(num)) => (num, 30),
         _ => return None,
     };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     num.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// A directory that is removed when dropped, on every way out of the function that holds it.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(path: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How many failures the final error names; the rest are in bench-results.md.
+const FAILURES_SHOWN: usize = 3;
+
+/// The final error's line about failed runs: their count, the first few, where the rest are.
+fn failures_summary(failures: &[String], results: &Path, log: &str) -> String {
+    let mut s = format!(
+        "{} demand_paging_test run{} failed ({}",
+        failures.len(),
+        if failures.len() == 1 { "" } else { "s" },
+        failures[..failures.len().min(FAILURES_SHOWN)].join("; ")
+    );
+    if failures.len() > FAILURES_SHOWN {
+        let _ = write!(s, "; and {} more", failures.len() - FAILURES_SHOWN);
+    }
+    let _ = write!(s, "); all of them in {}; console: {log}", results.display());
+    s
 }
 
 pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
@@ -1225,15 +1350,17 @@ pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
             let outcome = suite::boot(
                 layout,
                 &kernel,
-                "bench",
-                &script,
-                &files,
-                &[],
-                *accel,
-                *smp,
-                mem,
-                opts.timeout,
-                false,
+                &suite::BootSpec {
+                    tag: "bench",
+                    script: &script,
+                    files: &files,
+                    extra_cmdline: &[],
+                    accel: *accel,
+                    smp: *smp,
+                    mem,
+                    timeout: opts.timeout,
+                    echo: false,
+                },
             )?;
             if !outcome.success() {
                 // Keep what finished (a timeout at the last runs loses little), unless nothing
@@ -1255,29 +1382,33 @@ pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
         }
         Target::Host => {
             check_test_runs(&dpt)?;
-            let scratch = layout
-                .run_dir()
-                .join(format!("bench-host-{}", std::process::id()));
-            fs::create_dir_all(&scratch)?;
-            let out = scratch.join("out");
+            let scratch = ScratchDir::create(
+                layout
+                    .run_dir()
+                    .join(format!("bench-host-{}", std::process::id())),
+            )?;
+            let out = scratch.0.join("out");
             let script = script(opts, &dpt.to_string_lossy(), &out.to_string_lossy());
-            let (lines, timed_out) = run_on_host(&script, opts.timeout)?;
-            let _ = fs::remove_dir_all(&scratch);
+            let (lines, timed_out) = run_on_host(&script, &scratch.0, opts.timeout)?;
+            drop(scratch);
             problems.extend(timed_out);
             (lines, "the output above".to_string())
         }
     };
     for (i, line) in lines.iter().enumerate() {
         if line.starts_with("run failed: ") {
-            eprintln!("[bench] {}", lines[i..(i + 26).min(lines.len())].join("\n"));
+            // The line and the output tail the script shows after it.
+            let end = (i + 1 + FAILED_RUN_TAIL).min(lines.len());
+            eprintln!("[bench] {}", lines[i..end].join("\n"));
         }
     }
+    let dir = opts.out_dir.clone().unwrap_or_else(|| layout.run_dir());
     let collected = collect(&lines, &opts.vcpus, opts.repeats);
     if !collected.failures.is_empty() {
-        problems.push(format!(
-            "{} demand_paging_test runs failed ({}); console: {log}",
-            collected.failures.len(),
-            collected.failures.join("; ")
+        problems.push(failures_summary(
+            &collected.failures,
+            &dir.join("bench-results.md"),
+            &log,
         ));
     }
     let handler = opts.handler_bench.then(|| {
@@ -1304,7 +1435,6 @@ pub fn run(layout: &Layout, opts: &BenchOptions) -> Result<()> {
     };
     let md = render_markdown(&report);
     println!("{md}");
-    let dir = opts.out_dir.clone().unwrap_or_else(|| layout.run_dir());
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for (ext, text) in [
         ("md", md),
@@ -1527,18 +1657,50 @@ mod tests {
             format!("KVMUF-BENCH {anon} 2 0 rc=0 rate=200 pages=4096"),
             format!("KVMUF-BENCH {anon} 8 0 rc=0 rate=200 {full}"),
             "KVMUF-BENCH garbage".into(),
+            // The same run again: a failure, not a third sample.
+            format!("KVMUF-BENCH {anon} 1 1 rc=0 rate=900 {full}"),
+            // Repeats out of range: u32::MAX once made `repeat + 1` overflow.
+            format!("KVMUF-BENCH {anon} 2 {} rc=0 rate=200 {full}", u32::MAX),
+            format!("KVMUF-BENCH {anon} 2 2 rc=0 rate=200 {full}"),
         ];
         let c = collect(&lines, &[1, 2], 2);
         assert_eq!(c.kernel.as_deref(), Some("7.3.4-kvmuf"));
         assert_eq!(c.thp.as_deref(), Some("always [madvise] never"));
-        assert_eq!(c.samples[anon][0].len(), 2);
+        let rates: Vec<f64> = c.samples[anon][0].iter().map(|s| s.rate).collect();
+        assert_eq!(rates, [100.0, 300.0]);
         assert!(c.samples[anon][1].is_empty());
         let f = c.failures.join("\n");
+        assert!(
+            f.contains(&format!(
+                "malformed result line `KVMUF-BENCH {anon} 1 1 rc=0 rate=900 {full}`: a second \
+                 result for anon, no userfault with 1 vCPU (repeat 2), not counted"
+            )),
+            "{f}"
+        );
+        assert!(
+            f.contains(&format!(
+                "`KVMUF-BENCH {anon} 2 {} rc=0 rate=200 {full}`: repeat index {} is not below \
+                 the 2 repeats asked for",
+                u32::MAX,
+                u32::MAX
+            )),
+            "{f}"
+        );
+        assert!(
+            f.contains(&format!("rate=200 {full}`: repeat index 2 is not below")),
+            "{f}"
+        );
         assert!(
             f.contains("anon, no userfault with 2 vCPUs (repeat 1): malformed `KVM stats:`"),
             "{f}"
         );
-        assert!(f.contains("a result for 8 vCPUs"), "{f}");
+        assert!(
+            f.contains(&format!(
+                "`KVMUF-BENCH {anon} 8 0 rc=0 rate=200 {full}`: a result for 8 vCPUs, which \
+                 were not asked for"
+            )),
+            "{f}"
+        );
         assert!(
             f.contains("malformed result line `KVMUF-BENCH garbage`"),
             "{f}"
@@ -1552,15 +1714,33 @@ mod tests {
             f.contains("thp, KVM userfault async with 1 vCPU: 2 of 2 runs"),
             "{f}"
         );
-        assert_eq!(c.failures.len(), 3 + 1 + 2 * (CONFIGS.len() - 1));
+        assert_eq!(c.failures.len(), 3 + 3 + 1 + 2 * (CONFIGS.len() - 1));
+    }
+
+    #[test]
+    fn median_of_even_counts_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[7.0]), Some(7.0));
+        assert_eq!(median(&[300.0, 100.0]), Some(200.0));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[1.0, 1.0, 5.0, 9.0]), Some(3.0));
+    }
+
+    /// A scratch directory for one test, removed however the test ends.
+    fn test_dir(name: &str) -> ScratchDir {
+        ScratchDir::create(
+            std::env::temp_dir().join(format!("xtask-bench-{name}-{}", std::process::id())),
+        )
+        .unwrap()
     }
 
     /// The script, run by the host's sh against a stand-in for demand_paging_test printing what
     /// the real one prints: the extraction and the result lines, end to end.
     #[test]
     fn script_extracts_rate_and_counts() {
-        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let scratch = test_dir("script");
+        let dir = &scratch.0;
         let fake = dir.join("demand_paging_test");
         // -v 1: a good run (sync/async print their count); -v 2: no stats line; -v 4: the test
         // fails after printing its rate.
@@ -1595,22 +1775,33 @@ exit 0
             &fake.to_string_lossy(),
             &dir.join("out with space").to_string_lossy(),
         );
-        assert!(text.contains(RUN_FUNCTION));
+        assert!(text.contains(&run_function()));
         assert!(RUN_FUNCTION.contains(&format!("echo \"{RESULT_MARK}$c ")));
+        assert!(
+            text.contains(&format!("\ttail -n {FAILED_RUN_TAIL} \"$OUT\"\n"))
+                && !text.contains("@TAIL@"),
+            "{text}"
+        );
         let sync = idx("anon, KVM userfault sync");
         assert!(
             text.contains(&format!("\nbench_run {sync} 2 0 -k sync\n")),
             "{text}"
         );
         assert!(text.contains("\nbench_run 0 1 0\n"), "{text}");
-        let (lines, timed_out) = run_on_host(&text, Duration::from_secs(60)).unwrap();
+        let (lines, timed_out) = run_on_host(&text, dir, Duration::from_secs(60)).unwrap();
         assert_eq!(timed_out, None);
         check_extraction(&opts, &lines);
 
         // The guest runs it with busybox's sh, sed, head and tail: the same again with those,
-        // where busybox is installed.
+        // where busybox is installed. Nothing else `cargo test` runs needs busybox (the VM
+        // commands install it when they need it), so without it this half is skipped, saying so.
         let busybox = Path::new("/bin/busybox");
-        if busybox.is_file() {
+        if !busybox.is_file() {
+            eprintln!(
+                "script_extracts_rate_and_counts: skipping the busybox half: no /bin/busybox \
+                 (apt-get install busybox-static)"
+            );
+        } else {
             let applets = dir.join("applets");
             fs::create_dir_all(&applets).unwrap();
             for applet in ["sh", "sed", "head", "tail", "cat", "uname"] {
@@ -1624,13 +1815,13 @@ exit 0
                     sh_quote(&applets.to_string_lossy()),
                     sh_quote(&file.to_string_lossy())
                 ),
+                dir,
                 Duration::from_secs(60),
             )
             .unwrap();
             assert_eq!(timed_out, None);
             check_extraction(&opts, &lines);
         }
-        let _ = fs::remove_dir_all(&dir);
     }
 
     fn check_extraction(opts: &BenchOptions, lines: &[String]) {
@@ -1678,13 +1869,93 @@ exit 0
 
     #[test]
     fn run_on_host_times_out() {
+        let scratch = test_dir("timeout");
         let (lines, why) = run_on_host(
             "echo started; sleep 30; echo late",
+            &scratch.0,
             Duration::from_millis(300),
         )
         .unwrap();
         assert_eq!(lines, ["started"]);
         assert!(why.unwrap().contains("timed out"));
+    }
+
+    /// `--host --vcpus 1,2,4,8,16,32,64 --repeats 50` unrolls to more than the 128 KiB one
+    /// `sh -c` argument may hold.
+    #[test]
+    fn run_on_host_takes_long_scripts() {
+        let mut opts = options(&[1, 2, 4, 8, 16, 32, 64], 50);
+        opts.target = Target::Host;
+        opts.validate().unwrap();
+        let long = script(&opts, "/nonexistent/demand_paging_test", "/nonexistent/out");
+        assert!(long.len() > 128 << 10, "{}", long.len());
+        // As long, but quick to run.
+        let filler = ": padding padding padding padding padding padding padding padding\n";
+        let text = format!(
+            "{}echo done\n",
+            filler.repeat(long.len() / filler.len() + 1)
+        );
+        let scratch = test_dir("long");
+        let (lines, timed_out) = run_on_host(&text, &scratch.0, Duration::from_secs(60)).unwrap();
+        assert_eq!((lines, timed_out), (vec!["done".to_string()], None));
+    }
+
+    /// When xtask ends, the shell and the test it is running end too, though they are in a
+    /// process group of their own. The parent-death signal comes when the thread that started
+    /// the shell ends, which a test can do without ending the test binary.
+    #[test]
+    fn host_runs_die_with_xtask() {
+        let scratch = test_dir("pdeathsig");
+        let pid_file = scratch.0.join("pid");
+        // The sleep stands in for a demand_paging_test run, started as `bench_run` starts it.
+        let script = format!(
+            "sleep 60 &\necho $! >{}.tmp && mv {0}.tmp {0}\nwait $!\necho survived\n",
+            sh_quote(&pid_file.to_string_lossy())
+        );
+        let dir = scratch.0.clone();
+        let watched = pid_file.clone();
+        let mut child = std::thread::spawn(move || {
+            let child = spawn_on_host(&script, &dir).unwrap();
+            let started = Instant::now();
+            while !watched.exists() {
+                assert!(started.elapsed() < Duration::from_secs(30), "no pid file");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            child
+        })
+        .join()
+        .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
+        assert_eq!(out, "");
+        // The sleep is gone too: no process, or a zombie nobody has reaped yet.
+        let pid = fs::read_to_string(&pid_file).unwrap();
+        let stat = PathBuf::from(format!("/proc/{}/stat", pid.trim()));
+        let started = Instant::now();
+        loop {
+            match fs::read_to_string(&stat) {
+                Err(_) => break,
+                Ok(s)
+                    if s.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('Z')) =>
+                {
+                    break
+                }
+                Ok(s) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "still running: {s}"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
     }
 
     fn report_fixture() -> (Meta, Vec<Vec<Cell>>, Vec<String>) {
@@ -1775,7 +2046,6 @@ exit 0
             t.contains("Failed runs (not in the medians):\n- thp, uffd MISSING"),
             "{t}"
         );
-        assert_eq!(median(&[]), None);
 
         let failed =
             Err("handler_bench printed no line of the form `best round`; its output:\nx".into());
@@ -2042,11 +2312,96 @@ exit 0
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/kvm does not exist"), "{e}");
-        assert!(check_test_runs(Path::new("/nonexistent/dpt")).is_err());
+        // There but not openable read-write (a directory stands in for a /dev/kvm this user
+        // may not open: the check is the same open).
+        let scratch = test_dir("kvm");
+        let e = check_host_kvm(&scratch.0).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{} does not open read-write (",
+                scratch.0.display()
+            )),
+            "{e}"
+        );
+        let e = check_test_runs(Path::new("/nonexistent/dpt"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "/nonexistent/dpt was not built");
         check_test_runs(Path::new("/bin/true")).unwrap();
+    }
+
+    #[test]
+    fn sizes_parse() {
         assert_eq!(size_bytes("64M"), Some(64 << 20));
         assert_eq!(size_bytes("2G"), Some(2 << 30));
-        assert_eq!(size_bytes("2K"), None);
-        assert_eq!(size_bytes(""), None);
+        assert_eq!(size_bytes("0M"), Some(0));
+        assert_eq!(size_bytes("17179869183G"), Some(17179869183 << 30));
+        for bad in [
+            "",
+            "M",
+            "G",
+            "2K",
+            "2",
+            "+2M",
+            "-2M",
+            " 2M",
+            "2 M",
+            "1.5G",
+            "2MM",
+            "2m",
+            "é",
+            "17179869184G",
+        ] {
+            assert_eq!(size_bytes(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn scratch_dir_goes_on_every_path() {
+        let path = std::env::temp_dir().join(format!("xtask-bench-drop-{}", std::process::id()));
+        // As in `run`: an early `?` while the directory is held.
+        let result = (|| -> Result<()> {
+            let dir = ScratchDir::create(path.clone())?;
+            fs::write(dir.0.join("f"), "x")?;
+            assert!(path.is_dir());
+            bail!("a failure with the directory held")
+        })();
+        assert!(result.is_err());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn many_failures_are_counted_not_listed() {
+        let results = Path::new("/r/bench-results.md");
+        let one = failures_summary(&["a: why".into()], results, "the output above");
+        assert_eq!(
+            one,
+            "1 demand_paging_test run failed (a: why); all of them in /r/bench-results.md; \
+             console: the output above"
+        );
+        let many: Vec<String> = (1..=40).map(|i| format!("run {i}: why")).collect();
+        let s = failures_summary(&many, results, "/r/console.log");
+        assert_eq!(
+            s,
+            "40 demand_paging_test runs failed (run 1: why; run 2: why; run 3: why; and 37 \
+             more); all of them in /r/bench-results.md; console: /r/console.log"
+        );
+    }
+
+    #[test]
+    fn workload_counts_runs_in_the_plural() {
+        let (meta, cells, failures) = report_fixture();
+        let mut r = report(&meta, &cells, &failures, None);
+        assert!(
+            r.workload().ends_with("median of 3 runs"),
+            "{}",
+            r.workload()
+        );
+        r.repeats = 1;
+        assert!(
+            r.workload().ends_with("median of 1 run"),
+            "{}",
+            r.workload()
+        );
     }
 }

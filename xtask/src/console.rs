@@ -25,6 +25,8 @@ const PROBLEMS: &[&str] = &[
     "KASAN: ",
     "possible circular locking dependency",
     "Unable to handle kernel",
+    // kmemleak's scan result ("kmemleak: 2 new suspected memory leaks (see ...)").
+    "new suspected memory leaks",
 ];
 
 /// Strips a `[   12.345678] ` printk timestamp; `None` if the line is not a kernel line.
@@ -122,6 +124,10 @@ mod tests {
             problem_in("\r[ 5.5] WARNING: possible circular locking dependency detected").is_some()
         );
         // A test printing the same words is not a kernel report.
+        assert!(problem_in(
+            "[ 99.1] kmemleak: 2 new suspected memory leaks (see /sys/kernel/debug/kmemleak)"
+        )
+        .is_some());
         assert!(problem_in("WARNING: this is test output").is_none());
         assert!(problem_in("[ 1.0] kvm_amd: TSC scaling supported").is_none());
         assert!(problem_in("[abc] BUG: nope").is_none());

@@ -16,6 +16,7 @@ mod qemu;
 mod series_check;
 mod suite;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -78,7 +79,7 @@ enum Cmd {
         #[command(flatten)]
         shape: VmShape,
         /// Seconds before the VM is killed.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 300, value_parser = timeout_secs())]
         timeout: u64,
         /// Put a host file in the guest: HOST[:GUEST] (default /usr/local/bin/NAME).
         #[arg(long, value_name = "HOST[:GUEST]")]
@@ -105,7 +106,7 @@ enum Cmd {
         #[command(flatten)]
         shape: VmShape,
         /// Seconds before the in-guest run is killed.
-        #[arg(long, default_value_t = 2400)]
+        #[arg(long, default_value_t = 2400, value_parser = timeout_secs())]
         timeout: u64,
         #[arg(long)]
         skip_lint: bool,
@@ -146,7 +147,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
     repeats: u32,
     /// Seconds before the VM (or, with --host, the runs) are killed.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 1800, value_parser = timeout_secs())]
     timeout: u64,
     /// Write bench-results.{md,csv,svg} to DIR instead of the cache's run directory.
     #[arg(long, value_name = "DIR")]
@@ -184,20 +185,29 @@ impl BenchArgs {
     }
 }
 
-/// `cargo xtask ARGS…`, quoted for a shell: how this command was run.
-fn command_line(args: impl IntoIterator<Item = String>) -> String {
+/// `cargo xtask ARGS…`, quoted for a shell: how this command was run. For the results' header
+/// only, so an argument that is not UTF-8 is shown lossily rather than refused.
+fn command_line(args: impl IntoIterator<Item = OsString>) -> String {
     std::iter::once("cargo xtask".to_string())
-        .chain(args.into_iter().skip(1).map(|a| sh_quote(&a)))
+        .chain(
+            args.into_iter()
+                .skip(1)
+                .map(|a| sh_quote(&a.to_string_lossy())),
+        )
         .collect::<Vec<_>>()
         .join(" ")
 }
 
 fn parse_mem(s: &str) -> Result<String, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    match (num.parse::<u64>(), unit) {
-        (Ok(n), "M" | "G") if n > 0 => Ok(s.to_string()),
+    match bench::size_bytes(s) {
+        Some(n) if n > 0 => Ok(s.to_string()),
         _ => Err(format!("`{s}` is not a size like 512M or 2G")),
     }
+}
+
+/// `--timeout`: whole seconds, at least one (0 would kill the run before it starts).
+fn timeout_secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..)
 }
 
 fn parse_kernel_param(s: &str) -> Result<String, String> {
@@ -281,15 +291,17 @@ fn real_main() -> Result<ExitCode> {
             let outcome = suite::boot(
                 &layout,
                 &built,
-                "vm",
-                &format!("{script}\n"),
-                &files,
-                &append,
-                qemu::Accel::Tcg,
-                shape.smp,
-                &shape.mem,
-                Duration::from_secs(timeout),
-                true,
+                &suite::BootSpec {
+                    tag: "vm",
+                    script: &format!("{script}\n"),
+                    files: &files,
+                    extra_cmdline: &append,
+                    accel: qemu::Accel::Tcg,
+                    smp: shape.smp,
+                    mem: &shape.mem,
+                    timeout: Duration::from_secs(timeout),
+                    echo: true,
+                },
             )?;
             if let Some(t) = outcome.boot_time {
                 eprintln!(
@@ -309,7 +321,7 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::from(code))
         }
         Cmd::Bench(args) => {
-            let opts = args.options(command_line(std::env::args()))?;
+            let opts = args.options(command_line(std::env::args_os()))?;
             bench::run(&layout, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -425,28 +437,44 @@ mod tests {
 
     #[test]
     fn bench_refuses_bad_combinations() {
-        for bad in [
-            &["--host", "--accel", "kvm"][..],
-            &["--host", "--accel", "tcg"],
-            &["--host", "--smp", "4"],
-            &["--host", "--mem", "4G"],
-            &["--accel", "hvf"],
-            &["--vcpus", "65"],
-            &["--vcpus", "513", "--host"],
-            &["--vcpus", "600", "--accel", "kvm"],
-            &["--vcpus", "1,2,1"],
-            &["-b", "16K"],
-            &["--out"],
+        for (bad, why) in [
+            (
+                &["--host", "--accel", "kvm"][..],
+                "'--host' cannot be used with '--accel <ACCEL>'",
+            ),
+            (
+                &["--host", "--accel", "tcg"],
+                "'--host' cannot be used with '--accel <ACCEL>'",
+            ),
+            (
+                &["--host", "--smp", "4"],
+                "'--host' cannot be used with '--smp <SMP>'",
+            ),
+            (
+                &["--host", "--mem", "4G"],
+                "'--host' cannot be used with '--mem <MEM>'",
+            ),
+            (
+                &["--accel", "hvf"],
+                "invalid value 'hvf' for '--accel <ACCEL>'",
+            ),
+            (&["--vcpus", "65"], "1 to 64 under TCG"),
+            (&["--vcpus", "513", "--host"], "513 is not in 1..=512"),
+            (
+                &["--vcpus", "600", "--accel", "kvm"],
+                "600 is not in 1..=512",
+            ),
+            (&["--vcpus", "1,2,1"], "--vcpus lists 1 twice"),
+            (&["-b", "16K"], "`16K` is not a size like 512M or 2G"),
+            (&["--out"], "a value is required for '--out <DIR>'"),
+            (&["--timeout", "0"], "0 is not in 1.."),
         ] {
             let err = bench(bad)
                 .err()
-                .unwrap_or_else(|| panic!("{bad:?} was accepted"));
-            assert!(!err.to_string().is_empty(), "{bad:?}");
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"))
+                .to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
         }
-        let err = bench(&["--host", "--smp", "4"]).unwrap_err().to_string();
-        assert!(err.contains("--smp"), "{err}");
-        let err = bench(&["--vcpus", "65"]).unwrap_err().to_string();
-        assert!(err.contains("1 to 64 under TCG"), "{err}");
     }
 
     #[test]
@@ -459,11 +487,19 @@ mod tests {
             "--out",
             "my dir",
         ]
-        .map(String::from);
+        .map(OsString::from);
         assert_eq!(
             command_line(args),
             "cargo xtask bench --vcpus 1,2 --out 'my dir'"
         );
+        // An argument that is not UTF-8 is shown, not refused.
+        let args = [
+            OsString::from("xtask"),
+            "bench".into(),
+            "--out".into(),
+            std::os::unix::ffi::OsStringExt::from_vec(b"d\xffir".to_vec()),
+        ];
+        assert_eq!(command_line(args), "cargo xtask bench --out 'd\u{fffd}ir'");
     }
 
     #[test]
@@ -493,24 +529,68 @@ mod tests {
 
     #[test]
     fn bad_flags_are_clear_errors() {
-        for bad in [
-            &["bench", "--vcpus", "0"][..],
-            &["bench", "--vcpus", "1,x"],
-            &["bench", "--vcpus", "513"],
-            &["bench", "--repeats", "0"],
-            &["bench", "--bytes-per-vcpu", "16K"],
-            &["vm", "--mem", "lots", "--", "true"],
-            &["vm", "--smp", "0", "--", "true"],
-            &["vm", "--append", "a b", "--", "true"],
-            &["vm", "--append", "", "--", "true"],
-            &["vm", "--append=x='1'", "--", "true"],
-            &["vm", "--append=--", "--", "true"],
-            &["vm"],
+        for (bad, why) in [
+            (&["bench", "--vcpus", "0"][..], "0 is not in 1..=512"),
+            (
+                &["bench", "--vcpus", "1,x"],
+                "invalid value 'x' for '--vcpus <VCPUS>'",
+            ),
+            (&["bench", "--vcpus", "513"], "513 is not in 1..=512"),
+            (&["bench", "--repeats", "0"], "0 is not in 1..=50"),
+            (
+                &["bench", "--bytes-per-vcpu", "16K"],
+                "`16K` is not a size like 512M or 2G",
+            ),
+            (
+                &["bench", "--bytes-per-vcpu", "99999999999G"],
+                "`99999999999G` is not a size",
+            ),
+            (
+                &["vm", "--mem", "lots", "--", "true"],
+                "`lots` is not a size",
+            ),
+            (&["vm", "--mem", "0G", "--", "true"], "`0G` is not a size"),
+            (&["vm", "--mem", "+2G", "--", "true"], "`+2G` is not a size"),
+            (&["vm", "--smp", "0", "--", "true"], "0 is not in 1..=16"),
+            (
+                &["vm", "--timeout", "0", "--", "true"],
+                "invalid value '0' for '--timeout <TIMEOUT>'",
+            ),
+            (&["test", "--timeout", "0"], "0 is not in 1.."),
+            (
+                &["vm", "--append", "a b", "--", "true"],
+                "` ` is not allowed",
+            ),
+            (
+                &["vm", "--append", "", "--", "true"],
+                "empty kernel parameter",
+            ),
+            (
+                &["vm", "--append=x='1'", "--", "true"],
+                "`'` is not allowed",
+            ),
+            (&["vm", "--append=--", "--", "true"], "starts with `-`"),
+            (
+                &["vm", "--append", "console=tty0", "--", "true"],
+                "the harness sets `console` itself",
+            ),
+            (
+                &["vm"],
+                "the following required arguments were not provided",
+            ),
         ] {
             let err = parse(bad)
                 .err()
-                .unwrap_or_else(|| panic!("{bad:?} was accepted"));
-            assert!(!err.to_string().is_empty(), "{bad:?}");
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"))
+                .to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
         }
+        let Cmd::Vm { timeout, .. } = parse(&["vm", "--timeout", "1", "--", "true"])
+            .unwrap()
+            .command
+        else {
+            panic!("not the vm command");
+        };
+        assert_eq!(timeout, 1);
     }
 }

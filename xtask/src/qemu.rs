@@ -58,14 +58,19 @@ pub struct KvmHostProbe {
     pub nested_amd: Option<String>,
 }
 
+/// Whether `path` (/dev/kvm) opens read-write, as KVM's users need it to, or why not.
+pub fn open_dev_kvm(path: &Path) -> Result<(), String> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 impl KvmHostProbe {
     pub fn read() -> Self {
-        let dev_kvm = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .map(drop)
-            .map_err(|e| e.to_string());
+        let dev_kvm = open_dev_kvm(Path::new("/dev/kvm"));
         let param = |module: &str| {
             fs::read_to_string(format!("/sys/module/{module}/parameters/nested")).ok()
         };
@@ -215,7 +220,9 @@ fn kernel_cmdline(tsc_khz: Option<u64>, extra: &[String]) -> String {
         let _ = write!(cmdline, " tsc_early_khz={khz}");
     }
     cmdline.push_str(" hung_task_panic=0 nokaslr");
-    // Last, so a parameter given twice takes the caller's value.
+    // Last. Most parameters given twice take the last value, so the caller's wins, but not
+    // all (each `console=` adds a console, some take the first): `check_kernel_param` refuses
+    // the loop's own that the harness depends on.
     for param in extra {
         cmdline.push(' ');
         cmdline.push_str(param);
@@ -223,9 +230,15 @@ fn kernel_cmdline(tsc_khz: Option<u64>, extra: &[String]) -> String {
     cmdline
 }
 
+/// The loop's own kernel parameters that an extra one must not name: the harness reads the
+/// serial console, needs the reboot a panic causes to end the run, and boots the initramfs's
+/// /init.
+const HARNESS_PARAMS: [&str; 4] = ["console", "earlyprintk", "panic", "rdinit"];
+
 /// An extra kernel parameter is one word of plain characters: the command line is a single
 /// QEMU argument split by the kernel at spaces, where quotes have their own meaning. A leading
-/// `-` is refused too: `--` ends the kernel's parameters and hands the rest to /init.
+/// `-` is refused too: `--` ends the kernel's parameters and hands the rest to /init. So are
+/// the parameters in `HARNESS_PARAMS`.
 pub fn check_kernel_param(param: &str) -> Result<()> {
     if param.is_empty() {
         bail!("empty kernel parameter");
@@ -238,6 +251,14 @@ pub fn check_kernel_param(param: &str) -> Result<()> {
     }
     if param.starts_with('-') {
         bail!("kernel parameter `{param}` starts with `-`");
+    }
+    let name = param.split_once('=').map_or(param, |(name, _)| name);
+    if HARNESS_PARAMS.contains(&name) {
+        bail!(
+            "kernel parameter `{param}`: the harness sets `{name}` itself and depends on it \
+             (not allowed: {})",
+            HARNESS_PARAMS.join(", ")
+        );
     }
     Ok(())
 }
@@ -535,10 +556,32 @@ mod tests {
         for good in ["kvm_amd.npt=0", "nokaslr", "a-b_c.d=1,2", "x=-1"] {
             check_kernel_param(good).unwrap();
         }
-        for bad in [
-            "", "a b", "a\tb", "x='1'", "x=\"1\"", "a;b", "--", "-x", "a/b", "é",
+        for (bad, why) in [
+            ("", "empty kernel parameter"),
+            ("a b", "` ` is not allowed"),
+            ("a\tb", "`\t` is not allowed"),
+            ("x='1'", "`'` is not allowed"),
+            ("x=\"1\"", "`\"` is not allowed"),
+            ("a;b", "`;` is not allowed"),
+            ("--", "starts with `-`"),
+            ("-x", "starts with `-`"),
+            ("a/b", "`/` is not allowed"),
+            ("é", "`é` is not allowed"),
+            ("console=tty0", "sets `console` itself"),
+            ("earlyprintk=vga", "sets `earlyprintk` itself"),
+            ("panic=10", "sets `panic` itself"),
+            ("rdinit=sh", "sets `rdinit` itself"),
+            ("console", "sets `console` itself"),
         ] {
-            assert!(check_kernel_param(bad).is_err(), "{bad:?} was accepted");
+            let err = check_kernel_param(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"))
+                .to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        // Only the name counts: these merely start like one of the harness's.
+        for good in ["panic_on_warn=1", "consoleblank=0", "x=console"] {
+            check_kernel_param(good).unwrap();
         }
     }
 }

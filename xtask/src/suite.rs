@@ -241,15 +241,17 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
         let outcome = boot(
             layout,
             kernel,
-            "harness",
-            script,
-            &[],
-            &[],
-            Accel::Tcg,
-            1,
-            "512M",
-            Duration::from_secs(timeout),
-            false,
+            &BootSpec {
+                tag: "harness",
+                script,
+                files: &[],
+                extra_cmdline: &[],
+                accel: Accel::Tcg,
+                smp: 1,
+                mem: "512M",
+                timeout: Duration::from_secs(timeout),
+                echo: false,
+            },
         );
         match outcome {
             Ok(o) if check(&o) => {
@@ -274,35 +276,39 @@ fn harness_check(layout: &Layout, kernel: &BuiltKernel) -> SuiteResult {
     }
 }
 
-/// Builds an initramfs with `files` and `script`, boots with `extra_cmdline` after the loop's own
-/// kernel parameters under `accel`, returns the outcome.
-#[allow(clippy::too_many_arguments)]
-pub fn boot(
-    layout: &Layout,
-    kernel: &BuiltKernel,
-    tag: &str,
-    script: &str,
-    files: &[GuestFile],
-    extra_cmdline: &[String],
-    accel: Accel,
-    smp: u32,
-    mem: &str,
-    timeout: Duration,
-    echo: bool,
-) -> Result<qemu::VmOutcome> {
+/// One boot: what the guest runs and on what.
+pub struct BootSpec<'a> {
+    /// Names the scratch directory under the run directory.
+    pub tag: &'a str,
+    /// The shell script /init runs.
+    pub script: &'a str,
+    /// Host files placed in the guest.
+    pub files: &'a [GuestFile],
+    /// Kernel parameters after the loop's own; each passed `qemu::check_kernel_param`.
+    pub extra_cmdline: &'a [String],
+    pub accel: Accel,
+    pub smp: u32,
+    pub mem: &'a str,
+    pub timeout: Duration,
+    /// Print console lines as they arrive.
+    pub echo: bool,
+}
+
+/// Builds an initramfs with the spec's files and script, boots it, returns the outcome.
+pub fn boot(layout: &Layout, kernel: &BuiltKernel, spec: &BootSpec) -> Result<qemu::VmOutcome> {
     host::ensure(host::Tools::Vm)?;
-    let (staging, initrd, log) = qemu::scratch(&layout.run_dir(), tag)?;
-    initramfs::build(&initrd, &staging, script, files)?;
+    let (staging, initrd, log) = qemu::scratch(&layout.run_dir(), spec.tag)?;
+    initramfs::build(&initrd, &staging, spec.script, spec.files)?;
     let outcome = qemu::run(&VmConfig {
-        accel,
+        accel: spec.accel,
         bzimage: kernel.bzimage(),
         initrd: initrd.clone(),
-        smp,
-        mem: mem.to_string(),
-        timeout,
+        smp: spec.smp,
+        mem: spec.mem.to_string(),
+        timeout: spec.timeout,
         log: log.clone(),
-        echo,
-        extra_cmdline: extra_cmdline.to_vec(),
+        echo: spec.echo,
+        extra_cmdline: spec.extra_cmdline.to_vec(),
     });
     // Keep only the console log; the staging tree and archive are large.
     let _ = fs::remove_dir_all(&staging);
@@ -407,15 +413,17 @@ fn guest_suites(
     let outcome = boot(
         layout,
         kernel,
-        "suite",
-        &script,
-        &files,
-        &[],
-        Accel::Tcg,
-        opts.smp,
-        &opts.mem,
-        opts.timeout,
-        true,
+        &BootSpec {
+            tag: "suite",
+            script: &script,
+            files: &files,
+            extra_cmdline: &[],
+            accel: Accel::Tcg,
+            smp: opts.smp,
+            mem: &opts.mem,
+            timeout: opts.timeout,
+            echo: true,
+        },
     )?;
     if let Some(t) = outcome.boot_time {
         eprintln!(
@@ -447,55 +455,54 @@ fn guest_suites(
 
     // Runs needing kernel parameters: one boot per distinct set, C runs only, tallied into the
     // same guest-c counts. A boot that cannot even start is one failure: the results of the
-    // boots before it still stand.
+    // boots before it still stand. If the main boot never got as far as /init, these would
+    // not either: each is one failure then, without waiting out its timeout.
+    let main_booted = outcome.boot_time.is_some();
     for (i, (cmdline, runs)) in groups.iter().enumerate() {
         let params = cmdline.join(" ");
-        let mut script = String::from(SCRIPT_START);
-        push_c_runs(&mut script, runs);
-        script.push_str(SCRIPT_END);
-        eprintln!(
-            "[test] booting the patched kernel with `{params}`: {} C selftest runs",
-            runs.len()
-        );
-        let outcome = boot(
-            layout,
-            kernel,
-            &format!("suite-cmdline{}", i + 1),
-            &script,
-            &c_files(&c_bins, runs),
-            cmdline,
-            Accel::Tcg,
-            opts.smp,
-            &opts.mem,
-            opts.timeout,
-            true,
-        );
-        let why = match outcome {
-            Ok(outcome) => {
-                if let Some(t) = outcome.boot_time {
+        let outcome = if main_booted {
+            let mut script = String::from(SCRIPT_START);
+            push_c_runs(&mut script, runs);
+            script.push_str(SCRIPT_END);
+            eprintln!(
+                "[test] booting the patched kernel with `{params}`: {} C selftest runs",
+                runs.len()
+            );
+            boot(
+                layout,
+                kernel,
+                &BootSpec {
+                    tag: &format!("suite-cmdline{}", i + 1),
+                    script: &script,
+                    files: &c_files(&c_bins, runs),
+                    extra_cmdline: cmdline,
+                    accel: Accel::Tcg,
+                    smp: opts.smp,
+                    mem: &opts.mem,
+                    timeout: opts.timeout,
+                    echo: true,
+                },
+            )
+            .map_err(|e| format!("{e:#}"))
+        } else {
+            Err(format!(
+                "not booted: the main boot never reached {}",
+                console::BOOTED_MARKER
+            ))
+        };
+        match &outcome {
+            Ok(o) => {
+                if let Some(t) = o.boot_time {
                     eprintln!(
                         "[test] guest ({params}) booted in {t:.1?}, ran for {:.1?}",
-                        outcome.elapsed
+                        o.elapsed
                     );
                 }
-                let (_, counts) = tally(&outcome.console);
-                c.counts.add(counts);
-                if outcome.success() {
-                    None
-                } else {
-                    // The main boot charges a silent failure to the Rust suite; this boot
-                    // ran only C tests.
-                    report_failed_boot(&outcome).or_else(|| {
-                        (counts.failed == 0)
-                            .then(|| "the guest run failed without a failing test".into())
-                    })
-                }
             }
-            Err(e) => {
-                eprintln!("[test] guest ({params}): {e:#}");
-                Some(format!("{e:#}"))
-            }
-        };
+            Err(e) => eprintln!("[test] guest ({params}): {e}"),
+        }
+        let (counts, why) = judge_extra_boot(outcome.as_ref().map_err(String::as_str));
+        c.counts.add(counts);
         if let Some(why) = why {
             c.counts.failed += 1;
             if !c.note.is_empty() {
@@ -510,8 +517,13 @@ fn guest_suites(
 /// The start of every in-guest suite script. Huge pages for the hugetlbfs-backed runs
 /// (128 MiB of the guest's memory).
 const SCRIPT_START: &str = "failed=0\necho 64 > /proc/sys/vm/nr_hugepages\n";
-/// The end: the status says whether any test failed.
-const SCRIPT_END: &str = "exit $failed\n";
+/// The end: a kmemleak scan where the kernel has kmemleak (the debug flavour), whose
+/// "new suspected memory leaks" line fails the run like any other kernel report, with the
+/// leaks listed; then the status says whether any test failed. kmemleak reports only objects
+/// older than 5 s, so the leaks of the last few seconds' tests are not seen.
+const SCRIPT_END: &str = "if [ -w /sys/kernel/debug/kmemleak ]; then \
+echo scan > /sys/kernel/debug/kmemleak; head -c 20000 /sys/kernel/debug/kmemleak; fi\n\
+exit $failed\n";
 
 /// The C runs grouped by their extra kernel parameters (the same words in the same order), each
 /// group in the order of the list; the group without parameters first, if there is one, then
@@ -571,6 +583,27 @@ fn push_c_runs(script: &mut String, runs: &[&kernel::CTestRun]) {
             cmd = command.join(" "),
         );
     }
+}
+
+/// One boot with kernel parameters (C runs only), or why it did not run: the C counts its
+/// console shows, and why the boot itself failed, if it did — one more failure on top of the
+/// counts. A boot that did not run or start, a timeout, a kernel problem report, or a failed
+/// run without a failing test each give one; a test that fails inside a boot that otherwise
+/// went well is only its own failure.
+fn judge_extra_boot(outcome: Result<&qemu::VmOutcome, &str>) -> (Counts, Option<String>) {
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => return (Counts::default(), Some(e.to_string())),
+    };
+    let (_, counts) = tally(&outcome.console);
+    if outcome.success() {
+        return (counts, None);
+    }
+    // The main boot charges a silent failure to the Rust suite; this boot ran only C tests.
+    let why = report_failed_boot(outcome).or_else(|| {
+        (counts.failed == 0).then(|| "the guest run failed without a failing test".into())
+    });
+    (counts, why)
 }
 
 /// Prints why a boot failed. Returns the report's first line when the failure is the kernel's
@@ -777,6 +810,109 @@ mod tests {
                 ..Counts::default()
             }
         );
+    }
+
+    fn outcome(exit_status: Option<i32>, console: &[&str]) -> qemu::VmOutcome {
+        qemu::VmOutcome {
+            exit_status,
+            problems: Vec::new(),
+            timed_out: false,
+            console: console.iter().map(|s| s.to_string()).collect(),
+            log: "/r/console.log".into(),
+            elapsed: Duration::from_secs(9),
+            boot_time: Some(Duration::from_secs(3)),
+        }
+    }
+
+    /// The failures one extra boot adds to guest-c: its tests' and its own.
+    fn failures((counts, why): (Counts, Option<String>)) -> u64 {
+        counts.failed + u64::from(why.is_some())
+    }
+
+    const PASSING_RUN: [&str; 2] = [
+        "KVMUF-TEST-BEGIN c [a=1] guest_memfd_test",
+        "KVMUF-TEST-END c [a=1] guest_memfd_test rc=0",
+    ];
+
+    #[test]
+    fn extra_boots_are_judged() {
+        // It went well.
+        let ok = outcome(Some(0), &PASSING_RUN);
+        let (counts, why) = judge_extra_boot(Ok(&ok));
+        assert_eq!((counts.passed, counts.failed, why), (1, 0, None));
+
+        // It did not start (or was skipped): one failure, with the reason.
+        let (counts, why) = judge_extra_boot(Err("cannot start qemu-system-x86_64"));
+        assert_eq!(counts, Counts::default());
+        assert_eq!(why.as_deref(), Some("cannot start qemu-system-x86_64"));
+
+        // A timeout, even after its tests passed: one failure.
+        let mut hung = outcome(None, &PASSING_RUN);
+        hung.timed_out = true;
+        let judged = judge_extra_boot(Ok(&hung));
+        assert_eq!(judged.0.passed, 1);
+        assert!(
+            judged.1.as_deref().unwrap().contains("timed out after"),
+            "{judged:?}"
+        );
+        assert_eq!(failures(judged), 1);
+
+        // A kernel problem report, though every test passed and the script exited 0.
+        let mut warned = outcome(Some(0), &PASSING_RUN);
+        warned.problems = vec!["WARNING: CPU: 0 PID: 1 at mm/gup.c:1 x".into()];
+        let judged = judge_extra_boot(Ok(&warned));
+        assert!(
+            judged
+                .1
+                .as_deref()
+                .unwrap()
+                .contains("the kernel reported: WARNING: "),
+            "{judged:?}"
+        );
+        assert_eq!(failures(judged), 1);
+
+        // A non-zero exit that no test accounts for.
+        let judged = judge_extra_boot(Ok(&outcome(Some(1), &PASSING_RUN)));
+        assert_eq!(
+            judged.1.as_deref(),
+            Some("the guest run failed without a failing test")
+        );
+        assert_eq!(failures(judged), 1);
+
+        // A non-zero exit a failing test explains: that test's failure only.
+        let failing = outcome(
+            Some(1),
+            &[
+                "KVMUF-TEST-BEGIN c [a=1] demand_paging_test",
+                "KVMUF-TEST-END c [a=1] demand_paging_test rc=254",
+            ],
+        );
+        let judged = judge_extra_boot(Ok(&failing));
+        assert_eq!((judged.0.failed, &judged.1), (1, &None));
+
+        // A required run that skips a case (exit 0) or as a whole (rc 4, which the script turns
+        // into 1): a failure, here as in the main boot.
+        let skipped_case = outcome(
+            Some(0),
+            &[
+                "KVMUF-TEST-BEGIN c! [kvm_amd.npt=0] x86/userfault_test",
+                "ok 1 sync # SKIP no KVM_CAP_USERFAULT",
+                "KVMUF-TEST-END c! [kvm_amd.npt=0] x86/userfault_test rc=0",
+            ],
+        );
+        let judged = judge_extra_boot(Ok(&skipped_case));
+        assert_eq!((judged.0.failed, judged.0.passed), (1, 0));
+        assert_eq!(failures(judged), 1);
+        let skipped_run = outcome(
+            Some(1),
+            &[
+                "KVMUF-TEST-BEGIN c! [kvm_amd.npt=0] x86/userfault_test",
+                "required test skipped: counted as a failure",
+                "KVMUF-TEST-END c! [kvm_amd.npt=0] x86/userfault_test rc=1",
+            ],
+        );
+        let judged = judge_extra_boot(Ok(&skipped_run));
+        assert_eq!((judged.0.failed, &judged.1), (1, &None));
     }
 
     #[test]
