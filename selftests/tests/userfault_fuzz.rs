@@ -1,0 +1,1947 @@
+//! A seeded, multi-threaded fuzzer of the KVM userfault uAPI (docs/uapi.md).
+//!
+//! One VM with a 64-page anonymous data memslot (identity mapped) and two vCPUs. Each guest
+//! loops over pseudo-random words of the data slot, asserts every word it reads holds the
+//! word's pattern ([`word_value`], never 0), sometimes stores it back unchanged, and reports its
+//! iteration count with a SYNC every [`SYNC_EVERY`] iterations; it returns (DONE) once the host
+//! sets a stop flag in the framework's system slot. Around it, host threads issue random
+//! operations until the deadline:
+//!
+//! - two vCPU threads run KVM_RUN and serve USERFAULT exits (populate, then CLEAR or RESOLVE);
+//! - two resolver threads read records from the userfault fd (poll + blocking reads,
+//!   non-blocking reads, random buffer sizes including ones smaller than a record), check them,
+//!   populate and RESOLVE;
+//! - a chaos thread re-marks pages USERFAULT, clears populated ranges, evicts pages (USERFAULT,
+//!   then the host copy is zeroed or dropped), issues invalid calls expecting exact errnos,
+//!   REQUEUEs, closes and recreates the fd (alternately with and without VCPU_FAULTS, so vCPU
+//!   faults switch between records and exits), signals the vCPU threads, adds, deletes, moves
+//!   and re-flags a scratch memslot the guest never touches, toggles dirty logging on the data
+//!   slot (a flags-only update), and forks children that RESOLVE one page through the
+//!   inherited fd;
+//! - a scratch thread races SET/CLEAR/RESOLVE on the scratch window (present or not) and on
+//!   gpas with no memslot against the chaos thread's memslot updates;
+//! - a watchdog fails the run if a vCPU makes no progress for `KVMUF_FUZZ_STALL_SECS`.
+//!
+//! Invariants, checked throughout: a page the host did not populate never reaches the guest
+//! (the guest's content check: pages start zero-filled and USERFAULT, are only made
+//! resolvable, by CLEAR or RESOLVE, after they were populated, and evictions zero them behind a
+//! fresh USERFAULT); every exit is a USERFAULT exit for one page of the data slot with exactly
+//! one of READ/WRITE; every record is well formed (size, reserved, known flags, GUEST only
+//! from a VCPU_FAULTS fd, vcpu_id of a vCPU) and names a gfn of the data slot or the scratch
+//! window; invalid calls fail with exactly the errno docs/uapi.md (and the C userfault_test)
+//! give, valid ones succeed; each vCPU's SYNC count grows by exactly SYNC_EVERY each time and
+//! never stalls. At the end the chaos stops, every page is populated (after the host checked
+//! the ones that were), all USERFAULT is cleared, the stop flag is set, and every vCPU must
+//! reach DONE and every thread must join within `KVM_SELFTESTS_TIMEOUT_SECS`, with no thread
+//! of the process left in D state.
+//!
+//! Knobs: `KVMUF_FUZZ_SEED` (u64; default derived from the time), `KVMUF_FUZZ_SECS` (default
+//! 20), `KVMUF_FUZZ_STALL_SECS` (default 15), `KVM_SELFTESTS_TIMEOUT_SECS` (default 120, the
+//! bound of every wait). The seed is printed first (`fuzz seed: N`). Thread `i`'s random
+//! generator is seeded from seed + i and each guest's access sequence from the seed, so a seed
+//! reproduces every thread's choices and each guest's accesses; the interleaving of the threads
+//! (and hence which records and exits each one sees) is up to the scheduler, so a seed
+//! reproduces the mix of operations and the kind of races, not one exact run. The run ends
+//! with one `fuzz summary: ...` line of counts.
+//!
+//! Needs the patched kernel; on a kernel without the series it prints a `[SKIP]` line.
+//! `KVMUF_FUZZ_SECS=20 cargo test -p kvm-selftests --test userfault_fuzz -- --ignored --nocapture`
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use kvm_selftests::caps::env_u64;
+use kvm_selftests::guest::{self, read_u64, write_u64};
+use kvm_selftests::uapi::{
+    ioc, kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, IOC_NONE, IOC_READ,
+    IOC_WRITE, KVMIO, KVM_CAP_USERFAULT_FD_FLAGS, KVM_CREATE_USERFAULT_FD,
+    KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR, KVM_MEMORY_ATTRIBUTES_FLAG_SET,
+    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_MEMORY_EXIT_FLAG_EXEC, KVM_MEMORY_EXIT_FLAG_READ,
+    KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_MEMORY_EXIT_FLAG_WRITE, KVM_USERFAULT_FD_FLAG_NONBLOCK,
+    KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, KVM_USERFAULT_MSG_ALL, KVM_USERFAULT_MSG_EXEC,
+    KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ, KVM_USERFAULT_MSG_VCPU,
+    KVM_USERFAULT_MSG_WRITE, KVM_USERFAULT_RESOLVE, USERFAULT_MSG_SIZE,
+};
+use kvm_selftests::userfault::{
+    self as uf, clear_userfault, create_fd_raw, read_raw, requeue, resolve, resolve_raw,
+    set_attributes, set_userfault,
+};
+use kvm_selftests::vm::{SYS_GVA, TEST_GPA};
+use kvm_selftests::{guest_assert_eq, Backing, Exit, HostMapping, TestVm, Ucall, Vcpu};
+use nix::errno::Errno;
+
+const TEST: &str = "userfault_fuzz::fuzz_userfault_uapi";
+const PAGE: u64 = 4096;
+const NR_VCPUS: usize = 2;
+const NR_RESOLVERS: usize = 2;
+
+const DATA_SLOT: u32 = 1;
+const DATA_PAGES: u64 = 64;
+const DATA_GPA: u64 = TEST_GPA;
+const DATA_SIZE: u64 = DATA_PAGES * PAGE;
+
+/// The scratch memslot: `SCRATCH_PAGES` pages that the chaos thread adds, deletes and moves
+/// between `SCRATCH_POSITIONS` non-overlapping places of the scratch window, far from the data
+/// slot. Nothing in the guest touches it.
+const SCRATCH_SLOT: u32 = 2;
+const SCRATCH_PAGES: u64 = 16;
+const SCRATCH_SIZE: u64 = SCRATCH_PAGES * PAGE;
+const SCRATCH_POSITIONS: u64 = 4;
+const SCRATCH_BASE: u64 = TEST_GPA + (1 << 30);
+const SCRATCH_END: u64 = SCRATCH_BASE + SCRATCH_POSITIONS * SCRATCH_SIZE;
+
+/// A window no memslot ever covers: SET/CLEAR/RESOLVE there succeed and do nothing
+/// (bad_input_attributes, the C test's "resolving memory without a memslot is fine").
+const NOSLOT_GPA: u64 = TEST_GPA + (2 << 30);
+const NOSLOT_PAGES: u64 = 1 << 12;
+
+/// The stop flag: a page of the system slot that the framework leaves unused (between the TSS
+/// at 0x3000 and the page-table pool at 0x10_0000; see vm.rs), mapped at SYS_GVA + gpa.
+const STOP_GPA: u64 = 0x8000;
+const STOP_GVA: u64 = SYS_GVA + STOP_GPA;
+
+/// Guest iterations between two progress SYNCs.
+const SYNC_EVERY: u64 = 256;
+/// First SYNC argument of a guest content mismatch report (`[MISMATCH, gpa, value, iter]`),
+/// sent before the guest assertion so that the host gets the values unformatted.
+const MISMATCH: u64 = 0xbad0_c0de_bad0_c0de;
+
+const EXIT_ACCESS: u64 =
+    KVM_MEMORY_EXIT_FLAG_READ | KVM_MEMORY_EXIT_FLAG_WRITE | KVM_MEMORY_EXIT_FLAG_EXEC;
+const MSG_ACCESS: u32 = KVM_USERFAULT_MSG_READ | KVM_USERFAULT_MSG_WRITE | KVM_USERFAULT_MSG_EXEC;
+
+/// `KVM_SET_MEMORY_ATTRIBUTES = _IOW(KVMIO, 0xd2, struct kvm_memory_attributes)`: a VM ioctl,
+/// which the userfault fd must not know.
+const KVM_SET_MEMORY_ATTRIBUTES: u64 = ioc(IOC_WRITE, KVMIO, 0xd2, 32);
+
+/// The word at guest physical address `gpa` (8-byte aligned) of a populated page: a bijection
+/// of the gpa (an odd multiplier times a multiple of 8, plus 1), so never 0 (what an unpopulated
+/// page holds) and different for every word (a page mapped at the wrong gfn shows).
+#[inline(always)]
+fn word_value(gpa: u64) -> u64 {
+    gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+fn page_gpa(page: u64) -> u64 {
+    DATA_GPA + page * PAGE
+}
+
+fn data_page(gpa: u64) -> Option<u64> {
+    (DATA_GPA..DATA_GPA + DATA_SIZE)
+        .contains(&gpa)
+        .then(|| (gpa - DATA_GPA) / PAGE)
+}
+
+fn scratch_gpa(pos: u64) -> u64 {
+    SCRATCH_BASE + pos * SCRATCH_SIZE
+}
+
+fn timeout() -> Duration {
+    Duration::from_secs(env_u64("KVM_SELFTESTS_TIMEOUT_SECS", 120))
+}
+
+// ---- random numbers ----
+
+/// splitmix64 (Steele, Lea, Flood 2014), hand-written so that the fuzzer needs no `rand`
+/// dependency: a 64-bit counter through a mixing function. Good enough to pick operations, and
+/// seeding thread `i` with `seed + i` gives unrelated streams.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn for_thread(seed: u64, index: u64) -> Self {
+        Rng(seed.wrapping_add(index))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `num / den`.
+    fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
+
+    /// A range of 1..=max_pages pages starting inside `[base, base + pages)`, clipped to it.
+    fn range(&mut self, base: u64, pages: u64, max_pages: u64) -> (u64, u64) {
+        let start = self.below(pages);
+        let len = (1 + self.below(max_pages)).min(pages - start);
+        (base + start * PAGE, len * PAGE)
+    }
+}
+
+// ---- guest code ----
+
+/// Each vCPU: random words of the data slot, checked against their pattern, sometimes stored
+/// back unchanged; a SYNC with the iteration count every SYNC_EVERY iterations; returns (DONE)
+/// once the stop flag is set. xorshift64* with the seed the host passed, so the access sequence
+/// is a function of the seed.
+extern "C" fn guest_fuzz(seed: u64, vcpu: u64, stop_gva: u64, _: u64) {
+    let mut x = seed | 1;
+    let mut iter: u64 = 0;
+    // SAFETY: the stop flag page is mapped (test setup); a load only.
+    while unsafe { read_u64(stop_gva) } == 0 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let page = (r >> 40) % DATA_PAGES;
+        let word = (r >> 20) & (PAGE / 8 - 1);
+        let gpa = DATA_GPA + page * PAGE + word * 8;
+        // SAFETY: the data slot is identity mapped; the access may be the USERFAULT under test.
+        let v = unsafe { read_u64(gpa) };
+        if v != word_value(gpa) {
+            guest::sync(&[MISMATCH, gpa, v, iter]);
+            guest_assert_eq!(v, word_value(gpa), gpa, iter);
+        }
+        if r & 7 == 0 {
+            // SAFETY: as above; the value is the one just checked, so storing it changes nothing
+            // but makes the access a write (another fault kind, dirty logging).
+            unsafe { write_u64(gpa, v) };
+        }
+        iter += 1;
+        if iter % SYNC_EVERY == 0 {
+            guest::sync(&[vcpu, iter]);
+        }
+    }
+}
+
+// ---- counters ----
+
+macro_rules! stats {
+    ($($name:ident),* $(,)?) => {
+        /// Operation counters, all relaxed atomics (read only for the summary).
+        #[derive(Default)]
+        struct Stats {
+            $($name: AtomicU64,)*
+        }
+
+        impl Stats {
+            fn all(&self) -> BTreeMap<&'static str, u64> {
+                [$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+                    .into_iter()
+                    .collect()
+            }
+        }
+    };
+}
+
+stats!(
+    // vCPU threads
+    vcpu_runs,
+    uf_exits,
+    uf_exits_read,
+    uf_exits_write,
+    vcpu_eintr,
+    vcpu_clear,
+    vcpu_resolve,
+    // page state
+    populates,
+    // resolver threads
+    resolver_ops,
+    reads,
+    read_eagain,
+    read_eintr,
+    poll_timeouts,
+    records,
+    records_guest,
+    records_kvm,
+    records_scratch,
+    resolver_resolves,
+    // chaos thread
+    chaos_ops,
+    set_ranges,
+    clear_ranges,
+    clear_fd_ranges,
+    evict_zero,
+    evict_dontneed,
+    noslot_ops,
+    invalid,
+    requeue_calls,
+    requeued,
+    fd_close,
+    fd_create,
+    fd_create_vcpu_faults,
+    signals_vcpu,
+    signals_resolver,
+    slot_add,
+    slot_delete,
+    slot_move,
+    slot_flags,
+    data_slot_flags,
+    fork_resolve,
+    // scratch thread
+    scratch_ops,
+    scratch_set,
+    scratch_clear,
+    scratch_resolve,
+);
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+// ---- shared state ----
+
+/// One data page's host state. `populated` is the invariant's bit: a page may only be made
+/// resolvable while it is set, and only the holder of the page's lock changes it.
+#[derive(Default)]
+struct PageState {
+    populated: bool,
+    /// The last few operations on the page (µs since start, thread, what), for failure reports.
+    history: VecDeque<(u64, &'static str, &'static str)>,
+}
+
+/// The current userfault fd. Threads clone the `Arc` for the duration of one operation, so the
+/// descriptor number they use stays open (no fd-number reuse race); the chaos thread closes it
+/// only once it holds the last reference, so that the close (which wakes every waiter) happens
+/// at a known point and the next KVM_CREATE_USERFAULT_FD cannot see it still open.
+struct UfFd {
+    fd: OwnedFd,
+    flags: u64,
+    generation: u64,
+}
+
+struct Shared {
+    /// Declared before `scratch`: fields drop in order, and the VM (with the scratch memslot)
+    /// must go before the memory behind it.
+    vm: TestVm,
+    data: Arc<HostMapping>,
+    sys: Arc<HostMapping>,
+    scratch: HostMapping,
+    pages: Vec<Mutex<PageState>>,
+    fd: Mutex<Option<Arc<UfFd>>>,
+    /// The fd flags `KVM_CREATE_USERFAULT_FD` accepts here.
+    fd_flags_supported: u64,
+    start: Instant,
+    /// Tells the chaos and scratch threads to finish.
+    stop_chaos: AtomicBool,
+    /// Set before the host writes the guest's stop flag: from then on DONE is expected.
+    stopping: AtomicBool,
+    stop_resolvers: AtomicBool,
+    stop_watchdog: AtomicBool,
+    /// A failure was recorded: every thread returns as soon as it can.
+    abort: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Per vCPU: SYNCs seen, last guest iteration count, DONE reached.
+    syncs: [AtomicU64; NR_VCPUS],
+    iters: [AtomicU64; NR_VCPUS],
+    done: [AtomicBool; NR_VCPUS],
+    /// Scratch slot position + 1 (0: absent), for reports.
+    scratch_at: AtomicU64,
+    /// pthread ids of the vCPU and resolver threads (signal targets), set before the chaos
+    /// thread starts; valid until joined, which happens only after the chaos thread ended.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    resolver_threads: Mutex<Vec<libc::pthread_t>>,
+    st: Stats,
+    /// (operation, errno) → count of invalid calls that failed as expected.
+    errnos: Mutex<BTreeMap<(&'static str, i32), u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking thread is already a recorded failure; the others go on to report.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn fail(&self, who: &str, msg: String) {
+        let mut f = lock(&self.failure);
+        if f.is_none() {
+            *f = Some(format!(
+                "{who} at {:.3}s: {msg}",
+                self.start.elapsed().as_secs_f64()
+            ));
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+
+    fn current_fd(&self) -> Option<Arc<UfFd>> {
+        lock(&self.fd).clone()
+    }
+
+    fn page(&self, page: u64) -> MutexGuard<'_, PageState> {
+        lock(&self.pages[page as usize])
+    }
+
+    fn log(&self, ps: &mut PageState, who: &'static str, what: &'static str) {
+        if ps.history.len() == 8 {
+            ps.history.pop_front();
+        }
+        ps.history.push_back((self.now_us(), who, what));
+    }
+
+    /// Writes the page's pattern through the host mapping. Only for unpopulated pages, which are
+    /// USERFAULT: the guest cannot be accessing them.
+    fn populate(&self, page: u64, ps: &mut PageState, who: &'static str) {
+        let mut buf = vec![0u8; PAGE as usize];
+        for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&word_value(page_gpa(page) + i as u64 * 8).to_ne_bytes());
+        }
+        self.data.write((page * PAGE) as usize, &buf);
+        ps.populated = true;
+        self.log(ps, who, "populate");
+        inc(&self.st.populates);
+    }
+
+    /// Serves a fault on `page`: populates it if needed, then makes it resolvable through the fd
+    /// (`via`) or KVM_SET_MEMORY_ATTRIBUTES(CLEAR), all under the page's lock.
+    fn populate_and_resolve(&self, page: u64, via: Option<&UfFd>, who: &'static str) -> Result<()> {
+        let mut ps = self.page(page);
+        if !ps.populated {
+            self.populate(page, &mut ps, who);
+        }
+        let gpa = page_gpa(page);
+        match via {
+            Some(f) => {
+                resolve(f.fd.as_raw_fd(), gpa, PAGE).with_context(|| {
+                    format!(
+                        "KVM_USERFAULT_RESOLVE({gpa:#x}, 1 page) on fd #{}",
+                        f.generation
+                    )
+                })?;
+                self.log(&mut ps, who, "resolve");
+            }
+            None => {
+                clear_userfault(&self.vm.fd, gpa, PAGE)
+                    .with_context(|| format!("CLEAR USERFAULT({gpa:#x}, 1 page)"))?;
+                self.log(&mut ps, who, "clear");
+            }
+        }
+        Ok(())
+    }
+
+    fn page_report(&self, page: u64) -> String {
+        let ps = self.page(page);
+        let hist: Vec<String> = ps
+            .history
+            .iter()
+            .map(|(t, who, what)| format!("{:.6}s {who} {what}", *t as f64 / 1e6))
+            .collect();
+        format!(
+            "page {page} (gpa {:#x}): populated={}, history [{}]",
+            page_gpa(page),
+            ps.populated,
+            hist.join(", ")
+        )
+    }
+
+    fn fd_report(&self) -> String {
+        match self.current_fd() {
+            Some(f) => format!("fd #{} (flags {:#x})", f.generation, f.flags),
+            None => "no userfault fd".to_string(),
+        }
+    }
+
+    /// Checks an invalid call failed with exactly `want` and tallies it.
+    fn expect_errno<T>(
+        &self,
+        what: &'static str,
+        got: std::result::Result<T, Errno>,
+        want: Errno,
+    ) -> Result<()> {
+        match got {
+            Err(e) if e == want => {
+                inc(&self.st.invalid);
+                *lock(&self.errnos).entry((what, e as i32)).or_default() += 1;
+                Ok(())
+            }
+            Err(e) => bail!("{what}: expected {want}, got {e}"),
+            Ok(_) => bail!("{what}: expected {want}, but the call succeeded"),
+        }
+    }
+
+    fn summary(&self, seed: u64, secs: u64) -> String {
+        let s = self.st.all();
+        let g = |k: &str| s.get(k).copied().unwrap_or(0);
+        let per_vcpu = |a: &[AtomicU64; NR_VCPUS]| {
+            a.iter()
+                .map(|v| v.load(Ordering::Relaxed).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut by_errno: BTreeMap<i32, u64> = BTreeMap::new();
+        for ((_, e), n) in lock(&self.errnos).iter() {
+            *by_errno.entry(*e).or_default() += n;
+        }
+        let errnos: Vec<String> = by_errno
+            .iter()
+            .map(|(e, n)| format!("{:?}:{n}", Errno::from_raw(*e)))
+            .collect();
+        let ops = g("chaos_ops") + g("scratch_ops") + g("resolver_ops") + g("vcpu_runs");
+        format!(
+            "seed={seed} secs={secs} elapsed={:.1}s ops={ops} (chaos={} scratch={} resolver={} \
+             kvm_run={}) syncs=[{}] guest_iters=[{}] exits={} (read={} write={}) eintr={} \
+             records={} (guest={} kvm={} scratch={}) reads={} (eagain={} eintr={} \
+             poll_timeouts={}) resolves={} (vcpu_clear={} vcpu_resolve={} resolver={} \
+             chaos_clear={} chaos_resolve={} fork={}) populates={} sets={} evicts={} \
+             (zero={} dontneed={}) invalid={} ({}) requeue={}/{} fd=created:{},closed:{},\
+             vcpu_faults:{} signals=vcpu:{},resolver:{} memslot=add:{},delete:{},move:{},\
+             flags:{},data_flags:{} scratch=set:{},clear:{},resolve:{} noslot={}",
+            self.start.elapsed().as_secs_f64(),
+            g("chaos_ops"),
+            g("scratch_ops"),
+            g("resolver_ops"),
+            g("vcpu_runs"),
+            per_vcpu(&self.syncs),
+            per_vcpu(&self.iters),
+            g("uf_exits"),
+            g("uf_exits_read"),
+            g("uf_exits_write"),
+            g("vcpu_eintr"),
+            g("records"),
+            g("records_guest"),
+            g("records_kvm"),
+            g("records_scratch"),
+            g("reads"),
+            g("read_eagain"),
+            g("read_eintr"),
+            g("poll_timeouts"),
+            g("vcpu_clear")
+                + g("vcpu_resolve")
+                + g("resolver_resolves")
+                + g("clear_ranges")
+                + g("clear_fd_ranges")
+                + g("fork_resolve"),
+            g("vcpu_clear"),
+            g("vcpu_resolve"),
+            g("resolver_resolves"),
+            g("clear_ranges"),
+            g("clear_fd_ranges"),
+            g("fork_resolve"),
+            g("populates"),
+            g("set_ranges"),
+            g("evict_zero") + g("evict_dontneed"),
+            g("evict_zero"),
+            g("evict_dontneed"),
+            g("invalid"),
+            errnos.join(" "),
+            g("requeue_calls"),
+            g("requeued"),
+            g("fd_create"),
+            g("fd_close"),
+            g("fd_create_vcpu_faults"),
+            g("signals_vcpu"),
+            g("signals_resolver"),
+            g("slot_add"),
+            g("slot_delete"),
+            g("slot_move"),
+            g("slot_flags"),
+            g("data_slot_flags"),
+            g("scratch_set"),
+            g("scratch_clear"),
+            g("scratch_resolve"),
+            g("noslot_ops"),
+        )
+    }
+
+    fn invalid_detail(&self) -> String {
+        lock(&self.errnos)
+            .iter()
+            .map(|((what, e), n)| format!("{what}={:?}x{n}", Errno::from_raw(*e)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+// ---- host helpers ----
+
+/// SIGUSR1 with a no-op handler and without SA_RESTART: a signalled KVM_RUN, poll or blocking
+/// read returns EINTR instead of being restarted.
+fn install_sigusr1() -> Result<()> {
+    extern "C" fn noop(_: libc::c_int) {}
+    // SAFETY: installs an async-signal-safe no-op handler; `sa` is fully initialised.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = noop as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sigaction(SIGUSR1)");
+        }
+    }
+    Ok(())
+}
+
+fn kick(thread: libc::pthread_t) {
+    // SAFETY: `thread` belongs to a thread of ours that has not been joined yet (see
+    // Shared::vcpu_threads), so the id is valid even if the thread has returned; SIGUSR1 has a
+    // no-op handler.
+    unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+}
+
+/// `poll(2)` for POLLIN; EINTR (a kick) counts as a timeout.
+fn poll_fd(fd: RawFd, timeout_ms: i32) -> Result<i16> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if r < 0 {
+        let e = Errno::last();
+        if e == Errno::EINTR {
+            return Ok(0);
+        }
+        bail!("poll: {e}");
+    }
+    Ok(if r == 0 { 0 } else { p.revents })
+}
+
+fn proc_task(tid: &str, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/{file}"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn tasks() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The scheduler state letter of a task (`/proc/.../stat`, after the parenthesised name).
+fn task_state(tid: &str) -> String {
+    let stat = proc_task(tid, "stat");
+    stat.rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// Every thread of the process: tid, name, state, wchan; with `stacks`, also the kernel stack
+/// where /proc exposes it (root, CONFIG_STACKTRACE), for hang reports.
+fn thread_report(stacks: bool) -> String {
+    let mut out = Vec::new();
+    for tid in tasks() {
+        let mut line = format!(
+            "{tid} {} {} wchan={}",
+            proc_task(&tid, "comm"),
+            task_state(&tid),
+            uf::wchan(tid.parse().unwrap_or(0))
+        );
+        if stacks {
+            let stack = proc_task(&tid, "stack");
+            if !stack.is_empty() {
+                let frames: Vec<&str> = stack
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().nth(1))
+                    .collect();
+                line += &format!(" stack=[{}]", frames.join(" < "));
+            }
+        }
+        out.push(line);
+    }
+    out.join("; ")
+}
+
+/// No thread of the process stays in uninterruptible sleep (a transient D, e.g. a page fault
+/// being served, must clear within a second).
+fn check_no_d_state() -> Result<()> {
+    let mut stuck = Vec::new();
+    for _ in 0..20 {
+        stuck = tasks()
+            .into_iter()
+            .filter(|t| task_state(t) == "D")
+            .map(|t| {
+                format!(
+                    "{t} {} wchan={}",
+                    proc_task(&t, "comm"),
+                    uf::wchan(t.parse().unwrap_or(0))
+                )
+            })
+            .collect();
+        if stuck.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("threads in D state for a second after the run: {stuck:?}")
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-string panic".to_string())
+}
+
+/// Spawns a named worker; its error or panic becomes the run's failure (first one wins).
+fn spawn(
+    sh: &Arc<Shared>,
+    name: &'static str,
+    body: impl FnOnce(&Shared) -> Result<()> + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    let s = sh.clone();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(
+            move || match std::panic::catch_unwind(AssertUnwindSafe(|| body(&s))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => s.fail(name, format!("{e:#}")),
+                Err(p) => s.fail(name, format!("panicked: {}", panic_message(&*p))),
+            },
+        )
+        .with_context(|| format!("spawn {name}"))
+}
+
+/// Waits, bounded by `limit`, until `cond` holds or the run failed.
+fn wait_until(sh: &Shared, limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if sh.aborted() || Instant::now() > deadline {
+            return cond();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+// ---- vCPU threads ----
+
+const VCPU_NAMES: [&str; NR_VCPUS] = ["uf-vcpu0", "uf-vcpu1"];
+const RESOLVER_NAMES: [&str; NR_RESOLVERS] = ["uf-resolver0", "uf-resolver1"];
+
+fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<()> {
+    let who = VCPU_NAMES[idx];
+    let mut last_iter = 0;
+    while !sh.aborted() {
+        inc(&sh.st.vcpu_runs);
+        match vcpu.run() {
+            Ok(Exit::Ucall(Ucall::Sync(a))) if a.len() == 4 && a[0] == MISMATCH => {
+                let (gpa, got, iter) = (a[1], a[2], a[3]);
+                let page = data_page(gpa).unwrap_or(u64::MAX);
+                let host = if page < DATA_PAGES {
+                    format!(
+                        "host now reads {:#x} there; {}",
+                        sh.data.read_u64((gpa - DATA_GPA) as usize),
+                        sh.page_report(page)
+                    )
+                } else {
+                    "gpa outside the data slot".to_string()
+                };
+                bail!(
+                    "vCPU {idx}: the guest read {got:#x} at gpa {gpa:#x} (iteration {iter}), \
+                     expected {:#x}: a page the host did not populate reached the guest? {host}; {}",
+                    word_value(gpa),
+                    sh.fd_report()
+                );
+            }
+            Ok(Exit::Ucall(Ucall::Sync(a))) => {
+                ensure!(
+                    a.len() == 2 && a[0] == idx as u64,
+                    "vCPU {idx}: unexpected SYNC {a:x?}"
+                );
+                ensure!(
+                    a[1] == last_iter + SYNC_EVERY,
+                    "vCPU {idx}: progress SYNC at iteration {} after {last_iter} (expected +{SYNC_EVERY})",
+                    a[1]
+                );
+                last_iter = a[1];
+                sh.iters[idx].store(last_iter, Ordering::Relaxed);
+                sh.syncs[idx].fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Exit::Ucall(Ucall::Done)) => {
+                ensure!(
+                    sh.stopping.load(Ordering::SeqCst),
+                    "vCPU {idx}: the guest reported DONE before the host set the stop flag"
+                );
+                sh.done[idx].store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            Ok(Exit::Ucall(Ucall::Assert(m))) => bail!("vCPU {idx}: {m}"),
+            Ok(Exit::Ucall(u)) => bail!("vCPU {idx}: unexpected guest event {u:?}"),
+            Ok(Exit::MemoryFault { flags, gpa, size }) => {
+                ensure!(
+                    flags & KVM_MEMORY_EXIT_FLAG_USERFAULT != 0,
+                    "vCPU {idx}: memory fault exit without USERFAULT (flags {flags:#x}, gpa {gpa:#x}, size {size:#x})"
+                );
+                let access = flags & EXIT_ACCESS;
+                ensure!(
+                    flags & !(KVM_MEMORY_EXIT_FLAG_USERFAULT | EXIT_ACCESS) == 0
+                        && (access == KVM_MEMORY_EXIT_FLAG_READ
+                            || access == KVM_MEMORY_EXIT_FLAG_WRITE),
+                    "vCPU {idx}: USERFAULT exit flags {flags:#x} (gpa {gpa:#x}): expected exactly one of READ/WRITE (data pages are never executed) and nothing else"
+                );
+                ensure!(
+                    size == PAGE && gpa % PAGE == 0,
+                    "vCPU {idx}: USERFAULT exit for gpa {gpa:#x} size {size:#x}: not one page"
+                );
+                let page = data_page(gpa).ok_or_else(|| {
+                    anyhow!("vCPU {idx}: USERFAULT exit for gpa {gpa:#x}, outside the data slot")
+                })?;
+                inc(&sh.st.uf_exits);
+                inc(if access == KVM_MEMORY_EXIT_FLAG_READ {
+                    &sh.st.uf_exits_read
+                } else {
+                    &sh.st.uf_exits_write
+                });
+                let fd = if rng.chance(1, 2) {
+                    sh.current_fd()
+                } else {
+                    None
+                };
+                inc(if fd.is_some() {
+                    &sh.st.vcpu_resolve
+                } else {
+                    &sh.st.vcpu_clear
+                });
+                sh.populate_and_resolve(page, fd.as_deref(), who)
+                    .with_context(|| format!("vCPU {idx}: serving the exit for {gpa:#x}"))?;
+            }
+            Ok(Exit::Intr) => inc(&sh.st.vcpu_eintr),
+            Err(e) if e.errno() == libc::EINTR => inc(&sh.st.vcpu_eintr),
+            Ok(other) => bail!("vCPU {idx}: unexpected exit {other:?}"),
+            Err(e) => bail!("vCPU {idx}: KVM_RUN: {e}"),
+        }
+    }
+    Ok(())
+}
+
+// ---- resolver threads ----
+
+enum Target {
+    Data(u64),
+    Scratch,
+}
+
+/// Checks one record read from `f` and says what it is for.
+fn check_record(f: &UfFd, r: &kvm_userfault_msg) -> Result<Target> {
+    ensure!(
+        r.size as usize == USERFAULT_MSG_SIZE && r.reserved == 0,
+        "record {r:?}: size must be the negotiated {USERFAULT_MSG_SIZE}, reserved 0"
+    );
+    ensure!(
+        r.flags & !KVM_USERFAULT_MSG_ALL == 0 && r.flags & MSG_ACCESS != 0,
+        "record {r:?}: unknown flags or no READ/WRITE/EXEC"
+    );
+    if r.flags & KVM_USERFAULT_MSG_GUEST != 0 {
+        ensure!(
+            f.flags & KVM_USERFAULT_FD_FLAG_VCPU_FAULTS != 0,
+            "record {r:?}: a GUEST record from fd #{} created without VCPU_FAULTS (flags {:#x})",
+            f.generation,
+            f.flags
+        );
+        let access = r.flags & MSG_ACCESS;
+        ensure!(
+            r.flags & KVM_USERFAULT_MSG_VCPU != 0
+                && (access == KVM_USERFAULT_MSG_READ || access == KVM_USERFAULT_MSG_WRITE),
+            "record {r:?}: a GUEST record needs VCPU and exactly one of READ/WRITE (the guest never executes data pages)"
+        );
+    }
+    if r.flags & KVM_USERFAULT_MSG_VCPU != 0 {
+        ensure!(
+            (r.vcpu_id as usize) < NR_VCPUS,
+            "record {r:?}: vcpu_id of no vCPU"
+        );
+    }
+    let gpa = r
+        .gfn
+        .checked_mul(PAGE)
+        .ok_or_else(|| anyhow!("record {r:?}: gfn out of range"))?;
+    if let Some(page) = data_page(gpa) {
+        return Ok(Target::Data(page));
+    }
+    ensure!(
+        (SCRATCH_BASE..SCRATCH_END).contains(&gpa),
+        "record {r:?}: gfn {:#x} is in no memslot the fuzzer made (data {:#x}+{DATA_SIZE:#x}, scratch window {SCRATCH_BASE:#x}..{SCRATCH_END:#x})",
+        r.gfn,
+        DATA_GPA
+    );
+    Ok(Target::Scratch)
+}
+
+fn resolver_thread(sh: &Shared, idx: usize, mut rng: Rng) -> Result<()> {
+    let who = RESOLVER_NAMES[idx];
+    while !sh.stop_resolvers.load(Ordering::SeqCst) && !sh.aborted() {
+        let Some(f) = sh.current_fd() else {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        inc(&sh.st.resolver_ops);
+        let raw = f.fd.as_raw_fd();
+        let nonblock = f.flags & KVM_USERFAULT_FD_FLAG_NONBLOCK != 0;
+        if rng.chance(1, 16) {
+            // Smaller than one record: EINVAL before anything else (blocking or not).
+            let len = 1 + rng.below(USERFAULT_MSG_SIZE as u64 - 1) as usize;
+            sh.expect_errno("read_short_buffer", read_raw(raw, len), Errno::EINVAL)?;
+            continue;
+        }
+        // A blocking fd is read only once poll says a record is there (another resolver may
+        // still take it first: then the read blocks until the next record or a kick); a
+        // non-blocking one also without polling.
+        if !nonblock || rng.chance(1, 2) {
+            let revents = poll_fd(raw, rng.below(20) as i32)?;
+            ensure!(
+                revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) == 0,
+                "poll on fd #{}: revents {revents:#x} while the VM lives",
+                f.generation
+            );
+            if revents & libc::POLLIN == 0 {
+                inc(&sh.st.poll_timeouts);
+                continue;
+            }
+        }
+        let len = match rng.below(4) {
+            0 => USERFAULT_MSG_SIZE,
+            1 => USERFAULT_MSG_SIZE * (1 + rng.below(8) as usize),
+            2 => USERFAULT_MSG_SIZE * (1 + rng.below(4) as usize) + 1 + rng.below(23) as usize,
+            _ => 4096,
+        };
+        inc(&sh.st.reads);
+        let bytes = match read_raw(raw, len) {
+            Ok(b) => b,
+            Err(Errno::EAGAIN) if nonblock => {
+                inc(&sh.st.read_eagain);
+                continue;
+            }
+            Err(Errno::EINTR) if !nonblock => {
+                inc(&sh.st.read_eintr);
+                continue;
+            }
+            Err(e) => bail!(
+                "read({len}) on fd #{} (flags {:#x}): {e}",
+                f.generation,
+                f.flags
+            ),
+        };
+        ensure!(
+            !bytes.is_empty(),
+            "read({len}) on fd #{}: end of file while the VM lives",
+            f.generation
+        );
+        ensure!(
+            bytes.len() % USERFAULT_MSG_SIZE == 0
+                && bytes.len() <= len / USERFAULT_MSG_SIZE * USERFAULT_MSG_SIZE,
+            "read({len}) on fd #{} returned {} bytes: not whole records that fit the buffer",
+            f.generation,
+            bytes.len()
+        );
+        for r in uf::decode(&bytes) {
+            let target = check_record(&f, &r).with_context(|| format!("fd #{}", f.generation))?;
+            inc(&sh.st.records);
+            inc(if r.flags & KVM_USERFAULT_MSG_GUEST != 0 {
+                &sh.st.records_guest
+            } else {
+                &sh.st.records_kvm
+            });
+            match target {
+                Target::Data(page) => {
+                    sh.populate_and_resolve(page, Some(&f), who)?;
+                    inc(&sh.st.resolver_resolves);
+                }
+                Target::Scratch => {
+                    inc(&sh.st.records_scratch);
+                    resolve(raw, r.gfn * PAGE, PAGE)
+                        .with_context(|| format!("RESOLVE scratch gfn {:#x}", r.gfn))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- chaos thread ----
+
+struct Chaos {
+    rng: Rng,
+    /// Scratch slot: position (None: absent) and flags.
+    scratch: Option<u64>,
+    scratch_flags: u32,
+    data_flags: u32,
+    /// Flags of the last fd created: the next one toggles VCPU_FAULTS.
+    last_vcpu_faults: bool,
+    next_generation: u64,
+}
+
+fn chaos_thread(sh: &Shared, rng: Rng, first_vcpu_faults: bool) -> Result<()> {
+    let mut c = Chaos {
+        rng,
+        scratch: None,
+        scratch_flags: 0,
+        data_flags: 0,
+        last_vcpu_faults: first_vcpu_faults,
+        next_generation: 1,
+    };
+    while !sh.stop_chaos.load(Ordering::SeqCst) && !sh.aborted() {
+        inc(&sh.st.chaos_ops);
+        let op = c.rng.below(100);
+        let r = match op {
+            0..=13 => c.set_range(sh),
+            14..=21 => c.clear_range(sh),
+            22..=31 => c.evict(sh),
+            32..=47 => c.invalid(sh),
+            48..=51 => c.noslot(sh),
+            52..=56 => c.requeue(sh),
+            57..=60 => c.fd_cycle(sh),
+            61..=72 => c.signal(sh),
+            73..=84 => c.scratch_slot(sh),
+            85..=86 => c.data_slot_flags(sh),
+            87 => c.fork_resolve(sh),
+            _ => Ok(()), // idle: let the vCPUs run
+        };
+        r.with_context(|| format!("chaos op {op}"))?;
+        std::thread::sleep(Duration::from_micros(c.rng.below(2000)));
+    }
+    // Leave the memslots as the end phase expects: data slot without dirty logging, scratch
+    // slot deleted.
+    if c.data_flags != 0 {
+        c.data_slot_flags(sh)?;
+    }
+    if let Some(pos) = c.scratch {
+        sh.vm
+            .set_region2(SCRATCH_SLOT, 0, scratch_gpa(pos), 0, 0, None, 0)
+            .map_err(|e| anyhow!("delete the scratch slot: {e}"))?;
+        sh.scratch_at.store(0, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+impl Chaos {
+    /// SET USERFAULT on a random range around a populated page (re-marking: the guest faults
+    /// again); sometimes across the end of the data slot, whose rest has no memslot.
+    fn set_range(&mut self, sh: &Shared) -> Result<()> {
+        let (gpa, size) = if self.rng.chance(1, 8) {
+            let before = 1 + self.rng.below(4);
+            (
+                DATA_GPA + DATA_SIZE - before * PAGE,
+                (before + 1 + self.rng.below(4)) * PAGE,
+            )
+        } else {
+            let start = (0..8)
+                .map(|_| self.rng.below(DATA_PAGES))
+                .find(|&p| sh.page(p).populated)
+                .unwrap_or_else(|| self.rng.below(DATA_PAGES));
+            let len = (1 + self.rng.below(8)).min(DATA_PAGES - start);
+            (page_gpa(start), len * PAGE)
+        };
+        set_userfault(&sh.vm.fd, gpa, size)
+            .with_context(|| format!("SET USERFAULT({gpa:#x}, {size:#x})"))?;
+        inc(&sh.st.set_ranges);
+        Ok(())
+    }
+
+    /// CLEAR (or RESOLVE through the fd) a range of populated pages, holding their locks
+    /// (ascending order, as everywhere) so that none is evicted meanwhile. Half the time the
+    /// range is populated first, else only its populated prefix is cleared.
+    fn clear_range(&mut self, sh: &Shared) -> Result<()> {
+        let start = self.rng.below(DATA_PAGES);
+        let len = (1 + self.rng.below(8)).min(DATA_PAGES - start);
+        let fill = self.rng.chance(1, 2);
+        let mut guards = Vec::new();
+        for p in start..start + len {
+            let mut ps = sh.page(p);
+            if !ps.populated {
+                if !fill {
+                    break;
+                }
+                sh.populate(p, &mut ps, "uf-chaos");
+            }
+            guards.push(ps);
+        }
+        if guards.is_empty() {
+            return Ok(());
+        }
+        let (gpa, size) = (page_gpa(start), guards.len() as u64 * PAGE);
+        let fd = if self.rng.chance(1, 2) {
+            sh.current_fd()
+        } else {
+            None
+        };
+        let what = match &fd {
+            Some(f) => {
+                resolve(f.fd.as_raw_fd(), gpa, size).with_context(|| {
+                    format!("RESOLVE({gpa:#x}, {size:#x}) on fd #{}", f.generation)
+                })?;
+                inc(&sh.st.clear_fd_ranges);
+                "range resolve"
+            }
+            None => {
+                clear_userfault(&sh.vm.fd, gpa, size)
+                    .with_context(|| format!("CLEAR USERFAULT({gpa:#x}, {size:#x})"))?;
+                inc(&sh.st.clear_ranges);
+                "range clear"
+            }
+        };
+        for ps in guards.iter_mut() {
+            sh.log(ps, "uf-chaos", what);
+        }
+        Ok(())
+    }
+
+    /// Evicts a populated page: USERFAULT first (which must zap every mapping of it), then the
+    /// host copy is zeroed, or dropped with MADV_DONTNEED (anonymous memory reads back as
+    /// zeros), and the page is unpopulated. A guest that still reached the old contents through
+    /// a stale mapping would not notice, but one that reaches the new contents reads 0.
+    fn evict(&mut self, sh: &Shared) -> Result<()> {
+        let page = self.rng.below(DATA_PAGES);
+        let mut ps = sh.page(page);
+        if !ps.populated {
+            return Ok(());
+        }
+        let gpa = page_gpa(page);
+        set_userfault(&sh.vm.fd, gpa, PAGE)
+            .with_context(|| format!("SET USERFAULT({gpa:#x}) to evict"))?;
+        let off = (page * PAGE) as usize;
+        if self.rng.chance(1, 2) {
+            sh.data.fill(off, PAGE as usize, 0);
+            inc(&sh.st.evict_zero);
+            sh.log(&mut ps, "uf-chaos", "evict (zeroed)");
+        } else {
+            // SAFETY: the page lies inside the data mapping, which lives as long as `sh`;
+            // nothing on the host holds a reference into it.
+            let r = unsafe {
+                libc::madvise(
+                    (sh.data.addr() + off as u64) as *mut libc::c_void,
+                    PAGE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            ensure!(r == 0, "madvise(MADV_DONTNEED): {}", Errno::last());
+            inc(&sh.st.evict_dontneed);
+            sh.log(&mut ps, "uf-chaos", "evict (dontneed)");
+        }
+        ps.populated = false;
+        Ok(())
+    }
+
+    /// One invalid call, which must fail with exactly the documented errno. The ranges point at
+    /// the data slot, so a wrongly accepted CLEAR or RESOLVE would also show as a guest content
+    /// failure.
+    fn invalid(&mut self, sh: &Shared) -> Result<()> {
+        let uf_attr = KVM_MEMORY_ATTRIBUTE_USERFAULT;
+        let (set, clear) = (
+            KVM_MEMORY_ATTRIBUTES_FLAG_SET,
+            KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR,
+        );
+        let delta = if self.rng.chance(1, 2) { set } else { clear };
+        let gpa = page_gpa(self.rng.below(DATA_PAGES));
+        let vm = &sh.vm.fd;
+        let rng = &mut self.rng;
+        let einval = Errno::EINVAL;
+        let fd = sh.current_fd();
+        match rng.below(17) {
+            0 => sh.expect_errno(
+                "attr_unaligned_gpa",
+                set_attributes(vm, gpa + 1 + rng.below(PAGE - 1), PAGE, uf_attr, delta),
+                einval,
+            ),
+            1 => sh.expect_errno(
+                "attr_unaligned_size",
+                set_attributes(
+                    vm,
+                    gpa,
+                    PAGE * rng.below(4) + 1 + rng.below(PAGE - 1),
+                    uf_attr,
+                    delta,
+                ),
+                einval,
+            ),
+            2 => sh.expect_errno(
+                "attr_zero_size",
+                set_attributes(vm, gpa, 0, uf_attr, delta),
+                einval,
+            ),
+            3 => {
+                // gpa + size wraps past 2^64 (to 0 or above).
+                let k = 1 + rng.below(4);
+                let (g, s) = (0u64.wrapping_sub(k * PAGE), (k + rng.below(4)) * PAGE);
+                sh.expect_errno(
+                    "attr_overflow",
+                    set_attributes(vm, g, s, uf_attr, delta),
+                    einval,
+                )
+            }
+            4 => sh.expect_errno(
+                "attr_set_and_clear",
+                set_attributes(vm, gpa, PAGE, uf_attr, set | clear),
+                einval,
+            ),
+            5 => {
+                let bit = 2 + rng.below(62);
+                let flags = (1u64 << bit) | if rng.chance(1, 2) { delta } else { 0 };
+                sh.expect_errno(
+                    "attr_unknown_flag",
+                    set_attributes(vm, gpa, PAGE, uf_attr, flags),
+                    einval,
+                )
+            }
+            6 => sh.expect_errno(
+                "attr_exact_userfault",
+                set_attributes(vm, gpa, PAGE, uf_attr, 0),
+                einval,
+            ),
+            7 => {
+                // Any attribute but USERFAULT (PRIVATE included) is unsupported on a default VM.
+                let bit = (5 + rng.below(63)) % 64;
+                let bit = if bit == 4 { 3 } else { bit };
+                let attrs = (1u64 << bit) | if rng.chance(1, 2) { uf_attr } else { 0 };
+                sh.expect_errno(
+                    "attr_unknown_attribute",
+                    set_attributes(vm, gpa, PAGE, attrs, delta),
+                    einval,
+                )
+            }
+            n @ 8..=13 if fd.is_some() => {
+                let raw = fd.as_ref().unwrap().fd.as_raw_fd();
+                let mut r = kvm_userfault_range {
+                    gpa,
+                    size: PAGE,
+                    flags: 0,
+                    reserved: 0,
+                };
+                let what = match n {
+                    8 => {
+                        r.gpa += 1 + rng.below(PAGE - 1);
+                        "resolve_unaligned_gpa"
+                    }
+                    9 => {
+                        r.size = PAGE * rng.below(4) + 1 + rng.below(PAGE - 1);
+                        "resolve_unaligned_size"
+                    }
+                    10 => {
+                        r.size = 0;
+                        "resolve_zero_size"
+                    }
+                    11 => {
+                        let k = 1 + rng.below(4);
+                        (r.gpa, r.size) = (0u64.wrapping_sub(k * PAGE), (k + rng.below(4)) * PAGE);
+                        "resolve_overflow"
+                    }
+                    12 => {
+                        r.flags = rng.next() | 1 << rng.below(64);
+                        "resolve_flags"
+                    }
+                    _ => {
+                        r.reserved = rng.next() | 1 << rng.below(64);
+                        "resolve_reserved"
+                    }
+                };
+                sh.expect_errno(what, resolve_raw(raw, &r), einval)
+            }
+            14 if fd.is_some() => {
+                let raw = fd.as_ref().unwrap().fd.as_raw_fd();
+                let len = 1 + rng.below(USERFAULT_MSG_SIZE as u64 - 1) as usize;
+                sh.expect_errno("read_short_buffer", read_raw(raw, len), einval)
+            }
+            15 if fd.is_some() => {
+                let raw = fd.as_ref().unwrap().fd.as_raw_fd();
+                // Numbers the fd does not implement: neighbours of its own, its own numbers with
+                // another direction or size, and VM ioctls.
+                let nr = rng.pick(&[
+                    ioc(IOC_NONE, KVMIO, 0xd9, 0),
+                    ioc(IOC_NONE, KVMIO, 0xd5, 0),
+                    ioc(IOC_WRITE, KVMIO, 0xd8, 32),
+                    ioc(IOC_READ, KVMIO, 0xd7, 32),
+                    KVM_CREATE_USERFAULT_FD,
+                    KVM_SET_MEMORY_ATTRIBUTES,
+                ]);
+                let mut arg = [0u64; 8];
+                // SAFETY: an ioctl the fd rejects; `arg` is a valid 64-byte buffer in case
+                // anything looked at it.
+                let r = unsafe { libc::ioctl(raw, nr as libc::c_ulong, arg.as_mut_ptr()) };
+                let got = if r < 0 { Err(Errno::last()) } else { Ok(r) };
+                sh.expect_errno("fd_unknown_ioctl", got, Errno::ENOTTY)
+            }
+            16 if fd.is_some() => {
+                // A second fd while one is open (only this thread creates and closes fds).
+                let mut arg = kvm_create_userfault_fd {
+                    flags: rng.below(4) & sh.fd_flags_supported,
+                    msg_size: USERFAULT_MSG_SIZE as u32,
+                    ..Default::default()
+                };
+                sh.expect_errno(
+                    "create_second_fd",
+                    create_fd_raw(vm, &mut arg),
+                    Errno::EBUSY,
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Bad KVM_CREATE_USERFAULT_FD arguments, tried while no fd is open (with one open the
+    /// kernel happens to check the arguments first too, but docs/uapi.md does not order the two
+    /// errors).
+    fn bad_create(&mut self, sh: &Shared) -> Result<()> {
+        let mut arg = kvm_create_userfault_fd {
+            msg_size: USERFAULT_MSG_SIZE as u32,
+            ..Default::default()
+        };
+        let what = match self.rng.below(4) {
+            0 => {
+                let unsupported: Vec<u64> = (0..64)
+                    .map(|b| 1u64 << b)
+                    .filter(|f| f & sh.fd_flags_supported == 0)
+                    .collect();
+                arg.flags = self.rng.pick(&unsupported);
+                "create_unknown_flag"
+            }
+            1 => {
+                arg.pad = 1 + self.rng.below(u32::MAX as u64) as u32;
+                "create_pad"
+            }
+            2 => {
+                arg.reserved[self.rng.below(6) as usize] = 1 + self.rng.below(u64::MAX - 1);
+                "create_reserved"
+            }
+            _ => {
+                arg.msg_size = self.rng.below(USERFAULT_MSG_SIZE as u64) as u32;
+                "create_msg_size"
+            }
+        };
+        sh.expect_errno(what, create_fd_raw(&sh.vm.fd, &mut arg), Errno::EINVAL)
+    }
+
+    /// Valid operations where no memslot is: SET/CLEAR/RESOLVE succeed and change nothing.
+    fn noslot(&mut self, sh: &Shared) -> Result<()> {
+        let (gpa, size) = self.rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
+        match (self.rng.below(3), sh.current_fd()) {
+            (0, _) => set_userfault(&sh.vm.fd, gpa, size),
+            (1, Some(f)) => resolve(f.fd.as_raw_fd(), gpa, size),
+            _ => clear_userfault(&sh.vm.fd, gpa, size),
+        }
+        .with_context(|| format!("SET/CLEAR/RESOLVE without a memslot ({gpa:#x}, {size:#x})"))?;
+        inc(&sh.st.noslot_ops);
+        Ok(())
+    }
+
+    /// REQUEUE: re-posts read but unresolved records (resolvers handle the duplicates).
+    fn requeue(&mut self, sh: &Shared) -> Result<()> {
+        let Some(f) = sh.current_fd() else {
+            return Ok(());
+        };
+        let n = requeue(f.fd.as_raw_fd())
+            .with_context(|| format!("KVM_USERFAULT_REQUEUE on fd #{}", f.generation))?;
+        ensure!(n >= 0, "KVM_USERFAULT_REQUEUE returned {n}");
+        inc(&sh.st.requeue_calls);
+        sh.st.requeued.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes the fd (if one is open) and usually creates the next one, with VCPU_FAULTS
+    /// toggled from the previous one and NONBLOCK and the asked record size at random.
+    fn fd_cycle(&mut self, sh: &Shared) -> Result<()> {
+        let old = lock(&sh.fd).take();
+        if let Some(old) = old {
+            close_exclusive(sh, old)?;
+            inc(&sh.st.fd_close);
+            for _ in 0..self.rng.below(3) {
+                self.bad_create(sh)?;
+            }
+            if self.rng.chance(1, 3) {
+                // Stay without a fd for a while: vCPU faults are exits only.
+                return Ok(());
+            }
+        }
+        let vcpu_faults = !self.last_vcpu_faults;
+        let flags = if vcpu_faults {
+            KVM_USERFAULT_FD_FLAG_VCPU_FAULTS
+        } else {
+            0
+        } | if self.rng.chance(1, 2) {
+            KVM_USERFAULT_FD_FLAG_NONBLOCK
+        } else {
+            0
+        };
+        let generation = self.next_generation;
+        let f = create_uf_fd(sh, flags, generation, &mut self.rng)?;
+        self.next_generation += 1;
+        self.last_vcpu_faults = vcpu_faults;
+        *lock(&sh.fd) = Some(Arc::new(f));
+        inc(&sh.st.fd_create);
+        if vcpu_faults {
+            inc(&sh.st.fd_create_vcpu_faults);
+        }
+        Ok(())
+    }
+
+    fn signal(&mut self, sh: &Shared) -> Result<()> {
+        if self.rng.chance(3, 4) {
+            let t = lock(&sh.vcpu_threads).clone();
+            kick(self.rng.pick(&t));
+            inc(&sh.st.signals_vcpu);
+        } else {
+            let t = lock(&sh.resolver_threads).clone();
+            kick(self.rng.pick(&t));
+            inc(&sh.st.signals_resolver);
+        }
+        Ok(())
+    }
+
+    /// Adds, deletes, moves or re-flags (dirty logging) the scratch slot, while the scratch
+    /// thread SETs, CLEARs and RESOLVEs in its window.
+    fn scratch_slot(&mut self, sh: &Shared) -> Result<()> {
+        let hva = sh.scratch.addr();
+        let set_region = |flags: u32, gpa: u64, size: u64, what: &str| {
+            sh.vm
+                .set_region2(SCRATCH_SLOT, flags, gpa, size, hva, None, 0)
+                .map_err(|e| {
+                    anyhow!(
+                        "{what} scratch slot (gpa {gpa:#x}, size {size:#x}, flags {flags:#x}): {e}"
+                    )
+                })
+        };
+        match self.scratch {
+            None => {
+                let pos = self.rng.below(SCRATCH_POSITIONS);
+                self.scratch_flags = if self.rng.chance(1, 2) {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                };
+                set_region(self.scratch_flags, scratch_gpa(pos), SCRATCH_SIZE, "add")?;
+                self.scratch = Some(pos);
+                inc(&sh.st.slot_add);
+                if self.rng.chance(1, 2) {
+                    // State that the delete must drop and the move must carry.
+                    set_userfault(&sh.vm.fd, scratch_gpa(pos), SCRATCH_SIZE)
+                        .context("SET USERFAULT on the new scratch slot")?;
+                }
+            }
+            Some(pos) => match self.rng.below(3) {
+                0 => {
+                    set_region(0, scratch_gpa(pos), 0, "delete")?;
+                    self.scratch = None;
+                    inc(&sh.st.slot_delete);
+                }
+                1 => {
+                    let to = (pos + 1 + self.rng.below(SCRATCH_POSITIONS - 1)) % SCRATCH_POSITIONS;
+                    set_region(self.scratch_flags, scratch_gpa(to), SCRATCH_SIZE, "move")?;
+                    self.scratch = Some(to);
+                    inc(&sh.st.slot_move);
+                }
+                _ => {
+                    self.scratch_flags ^= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+                    set_region(
+                        self.scratch_flags,
+                        scratch_gpa(pos),
+                        SCRATCH_SIZE,
+                        "re-flag",
+                    )?;
+                    inc(&sh.st.slot_flags);
+                }
+            },
+        }
+        sh.scratch_at
+            .store(self.scratch.map_or(0, |p| p + 1), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A flags-only update of the data slot (dirty logging on or off) under the running guest:
+    /// the slot's USERFAULT state must survive it (else the guest reads unpopulated pages).
+    fn data_slot_flags(&mut self, sh: &Shared) -> Result<()> {
+        self.data_flags ^= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        sh.vm
+            .set_region2(
+                DATA_SLOT,
+                self.data_flags,
+                DATA_GPA,
+                DATA_SIZE,
+                sh.data.addr(),
+                None,
+                0,
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "flags-only update of the data slot to {:#x}: {e}",
+                    self.data_flags
+                )
+            })?;
+        inc(&sh.st.data_slot_flags);
+        Ok(())
+    }
+
+    /// A child process inherits the fd and RESOLVEs one populated page through it (the
+    /// page's lock is held until the child is reaped). The child's copy of the (private)
+    /// memory is its own, so the page is populated here, before the fork.
+    fn fork_resolve(&mut self, sh: &Shared) -> Result<()> {
+        let Some(f) = sh.current_fd() else {
+            return Ok(());
+        };
+        let page = self.rng.below(DATA_PAGES);
+        let mut ps = sh.page(page);
+        if !ps.populated {
+            sh.populate(page, &mut ps, "uf-chaos");
+        }
+        let range = kvm_userfault_range {
+            gpa: page_gpa(page),
+            size: PAGE,
+            flags: 0,
+            reserved: 0,
+        };
+        let raw = f.fd.as_raw_fd();
+        // SAFETY: fork in a multi-threaded process: the child runs only async-signal-safe code
+        // (one ioctl, reading errno, _exit) on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: see above; `range` is a live, initialised kvm_userfault_range.
+            unsafe {
+                let r = libc::ioctl(
+                    raw,
+                    KVM_USERFAULT_RESOLVE as libc::c_ulong,
+                    &range as *const kvm_userfault_range,
+                );
+                let code = if r == 0 {
+                    0
+                } else {
+                    (*libc::__errno_location()).clamp(1, 255)
+                };
+                libc::_exit(code);
+            }
+        }
+        ensure!(pid > 0, "fork: {}", Errno::last());
+        let deadline = Instant::now() + timeout();
+        let mut status = 0;
+        loop {
+            // SAFETY: reaps our own child; `status` is a valid out-parameter.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                break;
+            }
+            ensure!(r == 0, "waitpid({pid}): {}", Errno::last());
+            if Instant::now() > deadline {
+                // SAFETY: our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                bail!(
+                    "the child resolving page {page} through the inherited fd #{} did not exit within {:?}",
+                    f.generation,
+                    timeout()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        ensure!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's KVM_USERFAULT_RESOLVE of page {page} through the inherited fd #{}: {}",
+            f.generation,
+            if libc::WIFEXITED(status) {
+                format!("{}", Errno::from_raw(libc::WEXITSTATUS(status)))
+            } else {
+                format!("wait status {status:#x}")
+            }
+        );
+        sh.log(&mut ps, "uf-chaos", "fork resolve");
+        inc(&sh.st.fork_resolve);
+        Ok(())
+    }
+}
+
+/// KVM_CREATE_USERFAULT_FD with `flags` and a random acceptable `msg_size`; checks the
+/// negotiated record size and the descriptor flags.
+fn create_uf_fd(sh: &Shared, flags: u64, generation: u64, rng: &mut Rng) -> Result<UfFd> {
+    let ask = rng.pick(&[24u32, 25, 100, 4096, u32::MAX]);
+    let mut arg = kvm_create_userfault_fd {
+        flags,
+        msg_size: ask,
+        ..Default::default()
+    };
+    let fd = create_fd_raw(&sh.vm.fd, &mut arg).with_context(|| {
+        format!("KVM_CREATE_USERFAULT_FD(flags {flags:#x}, msg_size {ask}) #{generation}")
+    })?;
+    ensure!(
+        arg.msg_size as usize == USERFAULT_MSG_SIZE,
+        "KVM_CREATE_USERFAULT_FD(msg_size {ask}) negotiated {} bytes, expected {USERFAULT_MSG_SIZE}",
+        arg.msg_size
+    );
+    // SAFETY: fcntl queries on a descriptor we own.
+    let (fl, fdfl) = unsafe {
+        (
+            libc::fcntl(fd.as_raw_fd(), libc::F_GETFL),
+            libc::fcntl(fd.as_raw_fd(), libc::F_GETFD),
+        )
+    };
+    ensure!(
+        (fl & libc::O_NONBLOCK != 0) == (flags & KVM_USERFAULT_FD_FLAG_NONBLOCK != 0)
+            && fdfl & libc::FD_CLOEXEC != 0,
+        "fd #{generation} (flags {flags:#x}): F_GETFL {fl:#x}, F_GETFD {fdfl:#x} (O_NONBLOCK iff NONBLOCK; always O_CLOEXEC)"
+    );
+    Ok(UfFd {
+        fd,
+        flags,
+        generation,
+    })
+}
+
+/// Closes the fd once this is its last reference, kicking the resolvers out of blocking reads
+/// and polls meanwhile (a read blocked with nothing to come would otherwise hold it forever).
+fn close_exclusive(sh: &Shared, old: Arc<UfFd>) -> Result<()> {
+    let deadline = Instant::now() + timeout();
+    let mut old = old;
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(f) => {
+                drop(f);
+                return Ok(());
+            }
+            Err(a) => old = a,
+        }
+        ensure!(
+            Instant::now() < deadline && !sh.aborted(),
+            "fd #{} still in use by {} other threads after {:?}; threads: {}",
+            old.generation,
+            Arc::strong_count(&old) - 1,
+            timeout(),
+            thread_report(true)
+        );
+        for t in lock(&sh.resolver_threads).iter() {
+            kick(*t);
+            inc(&sh.st.signals_resolver);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+// ---- scratch thread ----
+
+/// SET/CLEAR/RESOLVE on random ranges of the scratch window (the scratch slot may be there,
+/// elsewhere, or nowhere, and may move meanwhile) and where no memslot is: all must succeed.
+/// Never touches the data slot, so it needs no page lock.
+fn scratch_thread(sh: &Shared, mut rng: Rng) -> Result<()> {
+    while !sh.stop_chaos.load(Ordering::SeqCst) && !sh.aborted() {
+        inc(&sh.st.scratch_ops);
+        let (gpa, size) = rng.range(SCRATCH_BASE, SCRATCH_POSITIONS * SCRATCH_PAGES, 24);
+        match rng.below(4) {
+            0 => {
+                set_userfault(&sh.vm.fd, gpa, size)
+                    .with_context(|| format!("SET scratch ({gpa:#x}, {size:#x})"))?;
+                inc(&sh.st.scratch_set);
+            }
+            1 => {
+                clear_userfault(&sh.vm.fd, gpa, size)
+                    .with_context(|| format!("CLEAR scratch ({gpa:#x}, {size:#x})"))?;
+                inc(&sh.st.scratch_clear);
+            }
+            2 => {
+                if let Some(f) = sh.current_fd() {
+                    resolve(f.fd.as_raw_fd(), gpa, size).with_context(|| {
+                        format!(
+                            "RESOLVE scratch ({gpa:#x}, {size:#x}) on fd #{}",
+                            f.generation
+                        )
+                    })?;
+                    inc(&sh.st.scratch_resolve);
+                }
+            }
+            _ => {
+                let (gpa, size) = rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
+                clear_userfault(&sh.vm.fd, gpa, size)
+                    .with_context(|| format!("CLEAR without a memslot ({gpa:#x}, {size:#x})"))?;
+                inc(&sh.st.noslot_ops);
+            }
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(1000)));
+    }
+    Ok(())
+}
+
+// ---- watchdog ----
+
+fn watchdog_thread(sh: &Shared, stall: Duration, seed: u64, secs: u64) -> Result<()> {
+    let mut last = [0u64; NR_VCPUS];
+    let mut since = [Instant::now(); NR_VCPUS];
+    while !sh.stop_watchdog.load(Ordering::SeqCst) && !sh.aborted() {
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..NR_VCPUS {
+            let n = sh.syncs[i].load(Ordering::Relaxed);
+            if n != last[i] || sh.done[i].load(Ordering::SeqCst) {
+                last[i] = n;
+                since[i] = Instant::now();
+            } else if since[i].elapsed() > stall {
+                bail!(
+                    "vCPU {i} made no progress (SYNC count {n}, guest iteration {}) for {stall:?}; \
+                     {}; scratch slot at {}; threads: {}; counts: {}",
+                    sh.iters[i].load(Ordering::Relaxed),
+                    sh.fd_report(),
+                    sh.scratch_at.load(Ordering::Relaxed),
+                    thread_report(true),
+                    sh.summary(seed, secs)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- the test ----
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn fuzz_userfault_uapi() {
+    let seed = match std::env::var("KVMUF_FUZZ_SEED") {
+        Ok(_) => env_u64("KVMUF_FUZZ_SEED", 0),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
+        }
+    };
+    println!("fuzz seed: {seed}");
+    kvm_selftests::require_userfault!(TEST);
+    if let Err(e) = fuzz(seed) {
+        panic!("{TEST} failed (seed {seed}; rerun with KVMUF_FUZZ_SEED={seed}): {e:#}");
+    }
+}
+
+fn fuzz(seed: u64) -> Result<()> {
+    let secs = env_u64("KVMUF_FUZZ_SECS", 20);
+    let stall = Duration::from_secs(env_u64("KVMUF_FUZZ_STALL_SECS", 15));
+    println!(
+        "fuzz: {secs}s, {NR_VCPUS} vCPUs on {DATA_PAGES} pages, {NR_RESOLVERS} resolvers, \
+         chaos + scratch + watchdog threads (the interleaving is not reproducible from the seed)"
+    );
+    install_sigusr1()?;
+
+    let mut vm = TestVm::new().context("create the VM")?;
+    vm.add_mapped_region(DATA_SLOT, DATA_GPA, DATA_SIZE, Backing::Anonymous)
+        .context("data memslot")?;
+    vm.map(STOP_GVA, STOP_GPA, PAGE)
+        .context("map the stop flag")?;
+    let sys = vm.region(0).mapping.clone();
+    sys.write_u64(STOP_GPA as usize, 0);
+    let data = vm.region(DATA_SLOT).mapping.clone();
+    let fd_flags_supported = vm.check_cap(KVM_CAP_USERFAULT_FD_FLAGS as u64) as u64;
+    ensure!(
+        fd_flags_supported & KVM_USERFAULT_FD_FLAG_VCPU_FAULTS != 0,
+        "KVM_CAP_USERFAULT_FD_FLAGS {fd_flags_supported:#x} lacks VCPU_FAULTS"
+    );
+    // No page is populated yet, and every one is USERFAULT.
+    set_userfault(&vm.fd, DATA_GPA, DATA_SIZE).context("SET USERFAULT on the data slot")?;
+    let mut vcpus = Vec::new();
+    for i in 0..NR_VCPUS {
+        let guest_seed = Rng::for_thread(seed, 100 + i as u64).next();
+        vcpus.push(
+            vm.add_vcpu_with(guest_fuzz, &[guest_seed, i as u64, STOP_GVA])
+                .with_context(|| format!("vCPU {i}"))?,
+        );
+    }
+    let scratch = HostMapping::anonymous(SCRATCH_SIZE as usize).context("scratch memory")?;
+
+    // Thread indices for the random streams: vCPUs 0.., resolvers 10.., chaos 20, scratch 21.
+    let mut chaos_rng = Rng::for_thread(seed, 20);
+    let first_vcpu_faults = chaos_rng.chance(1, 2);
+    let sh = Arc::new(Shared {
+        vm,
+        data,
+        sys,
+        scratch,
+        pages: (0..DATA_PAGES).map(|_| Mutex::default()).collect(),
+        fd: Mutex::new(None),
+        fd_flags_supported,
+        start: Instant::now(),
+        stop_chaos: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        stop_resolvers: AtomicBool::new(false),
+        stop_watchdog: AtomicBool::new(false),
+        abort: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        syncs: Default::default(),
+        iters: Default::default(),
+        done: Default::default(),
+        scratch_at: AtomicU64::new(0),
+        vcpu_threads: Mutex::new(Vec::new()),
+        resolver_threads: Mutex::new(Vec::new()),
+        st: Stats::default(),
+        errnos: Mutex::new(BTreeMap::new()),
+    });
+    // The first fd (or none), as the chaos thread will cycle them.
+    if chaos_rng.chance(2, 3) {
+        let flags = if first_vcpu_faults {
+            KVM_USERFAULT_FD_FLAG_VCPU_FAULTS
+        } else {
+            0
+        } | if chaos_rng.chance(1, 2) {
+            KVM_USERFAULT_FD_FLAG_NONBLOCK
+        } else {
+            0
+        };
+        let f = create_uf_fd(&sh, flags, 0, &mut chaos_rng)?;
+        *lock(&sh.fd) = Some(Arc::new(f));
+        inc(&sh.st.fd_create);
+        if first_vcpu_faults {
+            inc(&sh.st.fd_create_vcpu_faults);
+        }
+    }
+
+    let mut vcpu_handles = Vec::new();
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let rng = Rng::for_thread(seed, i as u64);
+        let h = spawn(&sh, VCPU_NAMES[i], move |s| vcpu_thread(s, vcpu, i, rng))?;
+        lock(&sh.vcpu_threads).push(h.as_pthread_t());
+        vcpu_handles.push(h);
+    }
+    let mut resolver_handles = Vec::new();
+    for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
+        let rng = Rng::for_thread(seed, 10 + i as u64);
+        let h = spawn(&sh, name, move |s| resolver_thread(s, i, rng))?;
+        lock(&sh.resolver_threads).push(h.as_pthread_t());
+        resolver_handles.push(h);
+    }
+    let watchdog = spawn(&sh, "uf-watchdog", move |s| {
+        watchdog_thread(s, stall, seed, secs)
+    })?;
+    let scratch_rng = Rng::for_thread(seed, 21);
+    let scratch = spawn(&sh, "uf-scratch", move |s| scratch_thread(s, scratch_rng))?;
+    let chaos = spawn(&sh, "uf-chaos", move |s| {
+        chaos_thread(s, chaos_rng, first_vcpu_faults)
+    })?;
+
+    let result = run_and_finish(
+        &sh,
+        secs,
+        vcpu_handles,
+        resolver_handles,
+        vec![chaos, scratch],
+        watchdog,
+    );
+    println!("fuzz summary: {}", sh.summary(seed, secs));
+    println!("fuzz invalid calls: {}", sh.invalid_detail());
+    result
+}
+
+/// Runs until the deadline, then the end phase; any recorded failure wins.
+fn run_and_finish(
+    sh: &Arc<Shared>,
+    secs: u64,
+    vcpus: Vec<JoinHandle<()>>,
+    resolvers: Vec<JoinHandle<()>>,
+    chaos: Vec<JoinHandle<()>>,
+    watchdog: JoinHandle<()>,
+) -> Result<()> {
+    let deadline = sh.start + Duration::from_secs(secs);
+    while Instant::now() < deadline && !sh.aborted() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = finish(sh, vcpus, resolvers, chaos, watchdog);
+    if let Some(f) = lock(&sh.failure).take() {
+        // Whatever the end phase says, the first failure is the one to report.
+        bail!("{f}");
+    }
+    r
+}
+
+fn finish(
+    sh: &Arc<Shared>,
+    vcpus: Vec<JoinHandle<()>>,
+    resolvers: Vec<JoinHandle<()>>,
+    chaos: Vec<JoinHandle<()>>,
+    watchdog: JoinHandle<()>,
+) -> Result<()> {
+    let limit = timeout();
+    let join_all = |hs: Vec<JoinHandle<()>>, what: &str| -> Result<()> {
+        ensure!(
+            wait_until(sh, limit, || hs.iter().all(|h| h.is_finished())),
+            "{what} did not finish within {limit:?}; threads: {}",
+            thread_report(true)
+        );
+        for h in hs {
+            // Errors and panics were caught in the thread and recorded as the failure.
+            let _ = h.join();
+        }
+        Ok(())
+    };
+    // 1. Stop the chaos (its last act deletes the scratch slot and turns dirty logging off).
+    sh.stop_chaos.store(true, Ordering::SeqCst);
+    join_all(chaos, "the chaos and scratch threads")?;
+    ensure!(!sh.aborted(), "failure during the run");
+    // 2. The host still holds what it populated (nothing wrote anything else), then every page
+    //    is populated and all USERFAULT cleared.
+    for page in 0..DATA_PAGES {
+        let mut ps = sh.page(page);
+        if ps.populated {
+            for w in 0..PAGE / 8 {
+                let gpa = page_gpa(page) + w * 8;
+                let v = sh.data.read_u64((gpa - DATA_GPA) as usize);
+                ensure!(
+                    v == word_value(gpa),
+                    "populated page {page}: host reads {v:#x} at gpa {gpa:#x}, expected {:#x}",
+                    word_value(gpa)
+                );
+            }
+        } else {
+            sh.populate(page, &mut ps, "main");
+        }
+    }
+    clear_userfault(&sh.vm.fd, DATA_GPA, DATA_SIZE).context("final CLEAR of the data slot")?;
+    // 3. The stop flag: every vCPU must reach DONE.
+    sh.stopping.store(true, Ordering::SeqCst);
+    sh.sys.write_u64(STOP_GPA as usize, 1);
+    let all_done = wait_until(sh, limit, || {
+        sh.done.iter().all(|d| d.load(Ordering::SeqCst))
+    });
+    ensure!(
+        all_done,
+        "vCPUs DONE {:?} within {limit:?} after the stop flag; {}; threads: {}",
+        sh.done
+            .iter()
+            .map(|d| d.load(Ordering::SeqCst))
+            .collect::<Vec<_>>(),
+        sh.fd_report(),
+        thread_report(true)
+    );
+    join_all(vcpus, "the vCPU threads")?;
+    // 4. The resolvers, kicked out of blocking reads and polls.
+    sh.stop_resolvers.store(true, Ordering::SeqCst);
+    let kicker = lock(&sh.resolver_threads).clone();
+    let stopped = wait_until(sh, limit, || {
+        let done = resolvers.iter().all(|h| h.is_finished());
+        if !done {
+            kicker.iter().for_each(|t| kick(*t));
+        }
+        done
+    });
+    ensure!(
+        stopped,
+        "resolver threads still running {limit:?} after the stop; threads: {}",
+        thread_report(true)
+    );
+    join_all(resolvers, "the resolver threads")?;
+    // 5. No thread left in uninterruptible sleep, then the watchdog.
+    check_no_d_state()?;
+    sh.stop_watchdog.store(true, Ordering::SeqCst);
+    join_all(vec![watchdog], "the watchdog")?;
+    ensure!(!sh.aborted(), "failure in the end phase");
+    for i in 0..NR_VCPUS {
+        ensure!(
+            sh.syncs[i].load(Ordering::Relaxed) > 0,
+            "vCPU {i} never reported progress"
+        );
+    }
+    drop(lock(&sh.fd).take());
+    Ok(())
+}
