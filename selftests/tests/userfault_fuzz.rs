@@ -107,6 +107,9 @@ const NOSLOT_PAGES: u64 = 1 << 12;
 const STOP_GPA: u64 = 0x8000;
 const STOP_GVA: u64 = SYS_GVA + STOP_GPA;
 
+/// Port of the guest's `rep outsb` (KVM's emulator reads the data slot itself).
+const OUTS_PORT: u16 = 0x1001;
+
 /// Guest iterations between two progress SYNCs.
 const SYNC_EVERY: u64 = 256;
 /// First SYNC argument of a guest content mismatch report (`[MISMATCH, gpa, value, iter]`),
@@ -192,10 +195,22 @@ impl Rng {
 
 // ---- guest code ----
 
-/// Each vCPU: random words of the data slot, checked against their pattern, sometimes stored
-/// back unchanged; a SYNC with the iteration count every SYNC_EVERY iterations; returns (DONE)
-/// once the stop flag is set. xorshift64* with the seed the host passed, so the access sequence
-/// is a function of the seed.
+/// `rep outsb` of the 8 bytes at `gpa` to OUTS_PORT, with `gpa` in R8 for the host (string
+/// port I/O is emulated: KVM reads guest memory itself, one of "KVM's own accesses").
+#[inline(always)]
+fn outs_word(gpa: u64) {
+    // SAFETY: string port output from mapped guest memory; only traps to the host.
+    unsafe {
+        core::arch::asm!("rep outsb", inout("rsi") gpa => _, inout("rcx") 8u64 => _,
+                         in("dx") OUTS_PORT, in("r8") gpa, options(nostack, preserves_flags));
+    }
+}
+
+/// Each vCPU: random words of the data slot, mostly loaded and checked against their
+/// pattern (sometimes stored back unchanged), sometimes stored blindly with their pattern (a
+/// WRITE fault first), rarely read by KVM's emulator (`rep outsb`); a SYNC with the iteration
+/// count every SYNC_EVERY iterations; returns (DONE) once the stop flag is set. xorshift64*
+/// with the seed the host passed, so the access sequence is a function of the seed.
 extern "C" fn guest_fuzz(seed: u64, vcpu: u64, stop_gva: u64, _: u64) {
     let mut x = seed | 1;
     let mut iter: u64 = 0;
@@ -208,16 +223,27 @@ extern "C" fn guest_fuzz(seed: u64, vcpu: u64, stop_gva: u64, _: u64) {
         let page = (r >> 40) % DATA_PAGES;
         let word = (r >> 20) & (PAGE / 8 - 1);
         let gpa = DATA_GPA + page * PAGE + word * 8;
-        // SAFETY: the data slot is identity mapped; the access may be the USERFAULT under test.
-        let v = unsafe { read_u64(gpa) };
-        if v != word_value(gpa) {
-            guest::sync(&[MISMATCH, gpa, v, iter]);
-            guest_assert_eq!(v, word_value(gpa), gpa, iter);
-        }
-        if r & 7 == 0 {
-            // SAFETY: as above; the value is the one just checked, so storing it changes nothing
-            // but makes the access a write (another fault kind, dirty logging).
-            unsafe { write_u64(gpa, v) };
+        let op = r & 255;
+        if op < 16 {
+            // SAFETY: the data slot is identity mapped; the store may be the USERFAULT under
+            // test. It writes the word's own pattern, so it changes nothing once the page is
+            // populated (and a store that wrongly reached an unpopulated page would leave the
+            // rest of it zero, for later loads to find).
+            unsafe { write_u64(gpa, word_value(gpa)) };
+        } else if op == 16 {
+            outs_word(gpa);
+        } else {
+            // SAFETY: as above; the load may be the USERFAULT under test.
+            let v = unsafe { read_u64(gpa) };
+            if v != word_value(gpa) {
+                guest::sync(&[MISMATCH, gpa, v, iter]);
+                guest_assert_eq!(v, word_value(gpa), gpa, iter);
+            }
+            if op < 48 {
+                // SAFETY: as above; the value is the one just checked, so storing it changes
+                // nothing but makes the access a write.
+                unsafe { write_u64(gpa, v) };
+            }
         }
         iter += 1;
         if iter % SYNC_EVERY == 0 {
@@ -255,6 +281,9 @@ stats!(
     vcpu_eintr,
     vcpu_clear,
     vcpu_resolve,
+    kvm_reads,
+    kvm_reads_unpopulated,
+    kvm_reads_unpopulated_fd,
     // page state
     populates,
     // resolver threads
@@ -271,6 +300,7 @@ stats!(
     // chaos thread
     chaos_ops,
     set_ranges,
+    exact_updates,
     clear_ranges,
     clear_fd_ranges,
     evict_zero,
@@ -331,6 +361,8 @@ struct Shared {
     scratch: HostMapping,
     pages: Vec<Mutex<PageState>>,
     fd: Mutex<Option<Arc<UfFd>>>,
+    /// Bumped after each close of a fd has returned (its release has run).
+    fd_closes: AtomicU64,
     /// The fd flags `KVM_CREATE_USERFAULT_FD` accepts here.
     fd_flags_supported: u64,
     start: Instant,
@@ -501,7 +533,8 @@ impl Shared {
              kvm_run={}) syncs=[{}] guest_iters=[{}] exits={} (read={} write={}) eintr={} \
              records={} (guest={} kvm={} scratch={}) reads={} (eagain={} eintr={} \
              poll_timeouts={}) resolves={} (vcpu_clear={} vcpu_resolve={} resolver={} \
-             chaos_clear={} chaos_resolve={} fork={}) populates={} sets={} evicts={} \
+             chaos_clear={} chaos_resolve={} fork={}) kvm_reads={} (unpopulated={} \
+             unpopulated_with_fd={}) populates={} sets={} exact={} evicts={} \
              (zero={} dontneed={}) invalid={} ({}) requeue={}/{} fd=created:{},closed:{},\
              vcpu_faults:{} signals=vcpu:{},resolver:{} memslot=add:{},delete:{},move:{},\
              flags:{},data_flags:{} scratch=set:{},clear:{},resolve:{} noslot={}",
@@ -536,8 +569,12 @@ impl Shared {
             g("clear_ranges"),
             g("clear_fd_ranges"),
             g("fork_resolve"),
+            g("kvm_reads"),
+            g("kvm_reads_unpopulated"),
+            g("kvm_reads_unpopulated_fd"),
             g("populates"),
             g("set_ranges"),
+            g("exact_updates"),
             g("evict_zero") + g("evict_dontneed"),
             g("evict_zero"),
             g("evict_dontneed"),
@@ -739,9 +776,36 @@ const RESOLVER_NAMES: [&str; NR_RESOLVERS] = ["uf-resolver0", "uf-resolver1"];
 fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<()> {
     let who = VCPU_NAMES[idx];
     let mut last_iter = 0;
+    // The bytes of the current `rep outsb` (KVM may deliver them in several exits), and
+    // whether one fd stayed open across every KVM_RUN that produced them.
+    let mut outs: Vec<u8> = Vec::new();
+    let mut outs_fd_throughout = true;
     while !sh.aborted() {
         inc(&sh.st.vcpu_runs);
-        match vcpu.run() {
+        let fd_before = (
+            sh.current_fd().is_some(),
+            sh.fd_closes.load(Ordering::SeqCst),
+        );
+        let exit = vcpu.run();
+        let fd_throughout = fd_before.0 && sh.fd_closes.load(Ordering::SeqCst) == fd_before.1;
+        match exit {
+            Ok(Exit::IoOut { port, data }) if port == OUTS_PORT => {
+                if outs.is_empty() {
+                    outs_fd_throughout = true;
+                }
+                outs_fd_throughout &= fd_throughout;
+                outs.extend_from_slice(&data);
+                ensure!(
+                    outs.len() <= 8,
+                    "vCPU {idx}: `rep outsb` of 8 bytes produced {} bytes",
+                    outs.len()
+                );
+                if outs.len() == 8 {
+                    let gpa = vcpu.fd.get_regs().context("KVM_GET_REGS")?.r8;
+                    check_kvm_read(sh, idx, gpa, &outs, outs_fd_throughout)?;
+                    outs.clear();
+                }
+            }
             Ok(Exit::Ucall(Ucall::Sync(a))) if a.len() == 4 && a[0] == MISMATCH => {
                 let (gpa, got, iter) = (a[1], a[2], a[3]);
                 let page = data_page(gpa).unwrap_or(u64::MAX);
@@ -828,6 +892,50 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
             Ok(other) => bail!("vCPU {idx}: unexpected exit {other:?}"),
             Err(e) => bail!("vCPU {idx}: KVM_RUN: {e}"),
         }
+    }
+    Ok(())
+}
+
+/// What KVM's emulator read from the data slot for a guest `rep outsb` at `gpa`. Without a fd
+/// KVM's own accesses are not intercepted (docs/uapi.md) and may read a page that is not
+/// populated (zeros); with one they wait for the resolve. So every byte must be the pattern's
+/// or 0, and zeros while one fd stayed open throughout are counted (they can also come from
+/// an access that passed its USERFAULT check just before an eviction's SET, which the uAPI
+/// does not order), not failed.
+fn check_kvm_read(
+    sh: &Shared,
+    idx: usize,
+    gpa: u64,
+    got: &[u8],
+    fd_throughout: bool,
+) -> Result<()> {
+    ensure!(
+        gpa % 8 == 0 && data_page(gpa).is_some(),
+        "vCPU {idx}: `rep outsb` from gpa {gpa:#x} (R8): not a word of the data slot"
+    );
+    let want = word_value(gpa).to_le_bytes();
+    inc(&sh.st.kvm_reads);
+    if got == want {
+        return Ok(());
+    }
+    ensure!(
+        got.iter().zip(want).all(|(g, w)| *g == w || *g == 0),
+        "vCPU {idx}: KVM's emulator read {got:02x?} at gpa {gpa:#x}, expected {want:02x?} \
+         (or zeros of an unpopulated page): wrong contents; {}; {}",
+        sh.page_report(data_page(gpa).unwrap()),
+        sh.fd_report()
+    );
+    inc(if fd_throughout {
+        &sh.st.kvm_reads_unpopulated_fd
+    } else {
+        &sh.st.kvm_reads_unpopulated
+    });
+    if fd_throughout {
+        println!(
+            "fuzz note: vCPU {idx}: KVM's emulator read {got:02x?} at gpa {gpa:#x} with a fd open \
+             throughout: {}",
+            sh.page_report(data_page(gpa).unwrap())
+        );
     }
     Ok(())
 }
@@ -1005,7 +1113,8 @@ fn chaos_thread(sh: &Shared, rng: Rng, first_vcpu_faults: bool) -> Result<()> {
             14..=21 => c.clear_range(sh),
             22..=31 => c.evict(sh),
             32..=47 => c.invalid(sh),
-            48..=51 => c.noslot(sh),
+            48..=49 => c.noslot(sh),
+            50..=51 => c.exact_update(sh),
             52..=56 => c.requeue(sh),
             57..=60 => c.fd_cycle(sh),
             61..=72 => c.signal(sh),
@@ -1327,6 +1436,18 @@ impl Chaos {
         sh.expect_errno(what, create_fd_raw(&sh.vm.fd, &mut arg), Errno::EINVAL)
     }
 
+    /// An exact-value update (flags 0, attributes 0, as VMMs do for private/shared
+    /// conversions) over data pages: valid, and it must leave USERFAULT alone (else an
+    /// unpopulated page would reach the guest).
+    fn exact_update(&mut self, sh: &Shared) -> Result<()> {
+        let (gpa, size) = self.rng.range(DATA_GPA, DATA_PAGES, 16);
+        set_attributes(&sh.vm.fd, gpa, size, 0, 0).with_context(|| {
+            format!("exact KVM_SET_MEMORY_ATTRIBUTES(0) on ({gpa:#x}, {size:#x})")
+        })?;
+        inc(&sh.st.exact_updates);
+        Ok(())
+    }
+
     /// Valid operations where no memslot is: SET/CLEAR/RESOLVE succeed and change nothing.
     fn noslot(&mut self, sh: &Shared) -> Result<()> {
         let (gpa, size) = self.rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
@@ -1606,6 +1727,7 @@ fn close_exclusive(sh: &Shared, old: Arc<UfFd>) -> Result<()> {
         match Arc::try_unwrap(old) {
             Ok(f) => {
                 drop(f);
+                sh.fd_closes.fetch_add(1, Ordering::SeqCst);
                 return Ok(());
             }
             Err(a) => old = a,
@@ -1762,6 +1884,7 @@ fn fuzz(seed: u64) -> Result<()> {
         scratch,
         pages: (0..DATA_PAGES).map(|_| Mutex::default()).collect(),
         fd: Mutex::new(None),
+        fd_closes: AtomicU64::new(0),
         fd_flags_supported,
         start: Instant::now(),
         stop_chaos: AtomicBool::new(false),

@@ -39,6 +39,25 @@ impl Flavour {
             Flavour::Debug => &["qemu-guest.config", "debug.config"],
         }
     }
+
+    /// Symbols the flavour exists for, beyond [`REQUIRED_SYMBOLS`]: olddefconfig drops a
+    /// symbol whose dependencies are unmet without a word (KASAN under tinyconfig's SLUB_TINY).
+    fn required_symbols(self) -> &'static [&'static str] {
+        match self {
+            Flavour::Default => &[],
+            Flavour::Debug => &[
+                "PROVE_LOCKING",
+                "DEBUG_ATOMIC_SLEEP",
+                "KASAN",
+                "KASAN_GENERIC",
+                "DEBUG_KMEMLEAK",
+                "FAILSLAB",
+                "FAIL_PAGE_ALLOC",
+                "FAULT_INJECTION_DEBUG_FS",
+                "KVM_PROVE_MMU",
+            ],
+        }
+    }
 }
 
 /// Where the kernel source comes from.
@@ -359,6 +378,7 @@ pub fn configure(layout: &Layout, src: &Path, build: &Path, flavour: Flavour) ->
     let config = fs::read_to_string(build.join(".config"))?;
     let missing: Vec<&str> = REQUIRED_SYMBOLS
         .iter()
+        .chain(flavour.required_symbols())
         .copied()
         .filter(|s| !config.lines().any(|l| l == format!("CONFIG_{s}=y")))
         .collect();
