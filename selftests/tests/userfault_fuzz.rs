@@ -45,8 +45,27 @@
 //! with one `fuzz summary: ...` line of counts.
 //!
 //! Needs the patched kernel; on a kernel without the series it prints a `[SKIP]` line.
+//!
+//! **Fault injection** (`fuzz_userfault_uapi_failslab`): the same fuzzer with the kernel's
+//! failslab and fail_page_alloc (debugfs, the debug flavour; without them it prints a `[SKIP]`
+//! line) failing `KVMUF_FUZZ_FAIL_PERCENT` % (default 5) of the slab and page allocations (any
+//! order, sleeping ones included, user/highmem pages not) of the worker threads only
+//! (`task-filter`, each vCPU, resolver, chaos and scratch thread sets its
+//! `/proc/thread-self/make-it-fail` once every thread and the VM exist; the main thread and
+//! the watchdog never fail). Only where an allocation can fail are the invariants relaxed, and
+//! only while injection is on: any operation may fail with ENOMEM (counted per kind; the
+//! operation is then taken as not done: a page stays USERFAULT, a memslot unchanged, no fd
+//! until the next creation; a resolver retries the RESOLVE of a record it read, whose waiters
+//! would otherwise sleep until a REQUEUE); KVM_RUN may fail with ENOMEM, or with EFAULT where
+//! hva_to_pfn turns an allocation failure of the page fault into KVM_PFN_ERR_FAULT (counted,
+//! re-entered); fork and the child's RESOLVE may fail (counted); an invalid call fails with its
+//! documented errno or ENOMEM. Everything else (content, exits, records, errnos, progress,
+//! teardown) stays strict. Before the end phase the main thread sets both probabilities to 0,
+//! so that the end phase must succeed; every debugfs knob gets its previous value back
+//! afterwards. The stall limit defaults to 30 s; the run prints `fuzz failslab: injected=N ...`.
 //! `KVMUF_FUZZ_SECS=20 cargo test -p kvm-selftests --test userfault_fuzz -- --ignored --nocapture`
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
@@ -78,6 +97,7 @@ use kvm_selftests::{guest_assert_eq, Backing, Exit, HostMapping, TestVm, Ucall, 
 use nix::errno::Errno;
 
 const TEST: &str = "userfault_fuzz::fuzz_userfault_uapi";
+const TEST_FAILSLAB: &str = "userfault_fuzz::fuzz_userfault_uapi_failslab";
 const PAGE: u64 = 4096;
 const NR_VCPUS: usize = 2;
 const NR_RESOLVERS: usize = 2;
@@ -320,6 +340,9 @@ stats!(
     slot_flags,
     data_slot_flags,
     fork_resolve,
+    // fault injection (besides the per-kind ENOMEM counts)
+    kvm_run_efault,
+    fork_fail_other,
     // scratch thread
     scratch_ops,
     scratch_set,
@@ -329,6 +352,23 @@ stats!(
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// Whether fault injection was on when this thread began its current operation (see
+    /// [`arm`]): only then may the operation's calls fail for lack of memory.
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by each worker at the start of every operation. Injection only ever goes from on to
+/// off (the main thread turns the probabilities to 0 before it clears `injecting`), so a call
+/// made after an unarmed start cannot have been injected.
+fn arm(sh: &Shared) {
+    ARMED.with(|a| a.set(sh.injecting.load(Ordering::SeqCst)));
+}
+
+fn armed() -> bool {
+    ARMED.with(|a| a.get())
 }
 
 // ---- shared state ----
@@ -388,6 +428,14 @@ struct Shared {
     st: Stats,
     /// (operation, errno) → count of invalid calls that failed as expected.
     errnos: Mutex<BTreeMap<(&'static str, i32), u64>>,
+    /// The fault-injection run (`fuzz_userfault_uapi_failslab`).
+    failslab: bool,
+    /// Every worker thread exists (they wait for it before setting make-it-fail).
+    spawned: AtomicBool,
+    /// Fault injection is on (failslab run only, from `spawned` until the end phase).
+    injecting: AtomicBool,
+    /// Operation kind → ENOMEMs seen while injection was on.
+    enomem: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -444,8 +492,14 @@ impl Shared {
     }
 
     /// Serves a fault on `page`: populates it if needed, then makes it resolvable through the fd
-    /// (`via`) or KVM_SET_MEMORY_ATTRIBUTES(CLEAR), all under the page's lock.
-    fn populate_and_resolve(&self, page: u64, via: Option<&UfFd>, who: &'static str) -> Result<()> {
+    /// (`via`) or KVM_SET_MEMORY_ATTRIBUTES(CLEAR), all under the page's lock. `false`: an
+    /// injected ENOMEM, the page stays USERFAULT (and populated).
+    fn populate_and_resolve(
+        &self,
+        page: u64,
+        via: Option<&UfFd>,
+        who: &'static str,
+    ) -> Result<bool> {
         let mut ps = self.page(page);
         if !ps.populated {
             self.populate(page, &mut ps, who);
@@ -453,21 +507,30 @@ impl Shared {
         let gpa = page_gpa(page);
         match via {
             Some(f) => {
-                resolve(f.fd.as_raw_fd(), gpa, PAGE).with_context(|| {
+                let r = self.tolerate("resolve", resolve(f.fd.as_raw_fd(), gpa, PAGE));
+                if r.with_context(|| {
                     format!(
                         "KVM_USERFAULT_RESOLVE({gpa:#x}, 1 page) on fd #{}",
                         f.generation
                     )
-                })?;
+                })?
+                .is_none()
+                {
+                    return Ok(false);
+                }
                 self.log(&mut ps, who, "resolve");
             }
             None => {
-                clear_userfault(&self.vm.fd, gpa, PAGE)
-                    .with_context(|| format!("CLEAR USERFAULT({gpa:#x}, 1 page)"))?;
+                let r = self.tolerate("clear", clear_userfault(&self.vm.fd, gpa, PAGE));
+                if r.with_context(|| format!("CLEAR USERFAULT({gpa:#x}, 1 page)"))?
+                    .is_none()
+                {
+                    return Ok(false);
+                }
                 self.log(&mut ps, who, "clear");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn page_report(&self, page: u64) -> String {
@@ -492,7 +555,32 @@ impl Shared {
         }
     }
 
-    /// Checks an invalid call failed with exactly `want` and tallies it.
+    /// Whether `errno` is an ENOMEM that fault injection may have caused (the thread's current
+    /// operation began while injection was on); if so, tallies it under `kind`.
+    fn enomem(&self, kind: &'static str, errno: i32) -> bool {
+        if errno != libc::ENOMEM || !armed() {
+            return false;
+        }
+        *lock(&self.enomem).entry(kind).or_default() += 1;
+        true
+    }
+
+    /// `r`, with an injected ENOMEM (see [`Shared::enomem`]) as `Ok(None)`: the operation did
+    /// not happen.
+    fn tolerate<T>(
+        &self,
+        kind: &'static str,
+        r: std::result::Result<T, Errno>,
+    ) -> std::result::Result<Option<T>, Errno> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if self.enomem(kind, e as i32) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks an invalid call failed with exactly `want` and tallies it (or, while injection
+    /// is on, with ENOMEM: where the kernel allocates before it finds the call invalid).
     fn expect_errno<T>(
         &self,
         what: &'static str,
@@ -505,6 +593,7 @@ impl Shared {
                 *lock(&self.errnos).entry((what, e as i32)).or_default() += 1;
                 Ok(())
             }
+            Err(e) if self.enomem("invalid", e as i32) => Ok(()),
             Err(e) => bail!("{what}: expected {want}, got {e}"),
             Ok(_) => bail!("{what}: expected {want}, but the call succeeded"),
         }
@@ -596,7 +685,23 @@ impl Shared {
             g("scratch_clear"),
             g("scratch_resolve"),
             g("noslot_ops"),
-        )
+        ) + &if self.failslab {
+            format!(" enomem={} ({})", self.enomem_total(), self.enomem_detail())
+        } else {
+            String::new()
+        }
+    }
+
+    fn enomem_total(&self) -> u64 {
+        lock(&self.enomem).values().sum()
+    }
+
+    fn enomem_detail(&self) -> String {
+        lock(&self.enomem)
+            .iter()
+            .map(|(k, n)| format!("{k}:{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn invalid_detail(&self) -> String {
@@ -633,8 +738,8 @@ fn kick(thread: libc::pthread_t) {
     unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
 }
 
-/// `poll(2)` for POLLIN; EINTR (a kick) counts as a timeout.
-fn poll_fd(fd: RawFd, timeout_ms: i32) -> Result<i16> {
+/// `poll(2)` for POLLIN; EINTR (a kick), or an injected ENOMEM, counts as a timeout.
+fn poll_fd(sh: &Shared, fd: RawFd, timeout_ms: i32) -> Result<i16> {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -644,7 +749,7 @@ fn poll_fd(fd: RawFd, timeout_ms: i32) -> Result<i16> {
     let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     if r < 0 {
         let e = Errno::last();
-        if e == Errno::EINTR {
+        if e == Errno::EINTR || sh.enomem("poll", e as i32) {
             return Ok(0);
         }
         bail!("poll: {e}");
@@ -743,11 +848,39 @@ fn spawn(
     name: &'static str,
     body: impl FnOnce(&Shared) -> Result<()> + Send + 'static,
 ) -> Result<JoinHandle<()>> {
+    spawn_with(sh, name, false, body)
+}
+
+/// [`spawn`]; with `inject` in the failslab run, the thread first waits until every worker
+/// exists, then (if injection is still on) makes its own allocations fail.
+fn spawn_with(
+    sh: &Arc<Shared>,
+    name: &'static str,
+    inject: bool,
+    body: impl FnOnce(&Shared) -> Result<()> + Send + 'static,
+) -> Result<JoinHandle<()>> {
     let s = sh.clone();
+    let run = move |s: &Shared| -> Result<()> {
+        if inject && s.failslab {
+            let limit = timeout();
+            ensure!(
+                wait_until(s, limit, || s.spawned.load(Ordering::SeqCst)),
+                "the other workers were not spawned within {limit:?}"
+            );
+            if s.aborted() {
+                return Ok(());
+            }
+            if s.injecting.load(Ordering::SeqCst) {
+                std::fs::write("/proc/thread-self/make-it-fail", "1")
+                    .context("write 1 to /proc/thread-self/make-it-fail")?;
+            }
+        }
+        body(s)
+    };
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(
-            move || match std::panic::catch_unwind(AssertUnwindSafe(|| body(&s))) {
+            move || match std::panic::catch_unwind(AssertUnwindSafe(|| run(&s))) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => s.fail(name, format!("{e:#}")),
                 Err(p) => s.fail(name, format!("panicked: {}", panic_message(&*p))),
@@ -781,12 +914,28 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
     let mut outs: Vec<u8> = Vec::new();
     let mut outs_fd_throughout = true;
     while !sh.aborted() {
+        arm(sh);
         inc(&sh.st.vcpu_runs);
         let fd_before = (
             sh.current_fd().is_some(),
             sh.fd_closes.load(Ordering::SeqCst),
         );
-        let exit = vcpu.run();
+        if sh.failslab {
+            // A sentinel, so that an ENOMEM after a ucall exit is told from one of KVM_RUN.
+            vcpu.fd.get_kvm_run().exit_reason = u32::MAX;
+        }
+        let exit = match vcpu.run() {
+            // The exit happened, but the framework's KVM_GET_REGS for the ucall (it allocates
+            // its buffer) failed: decode the ucall here, retrying the registers.
+            Err(e) if e.errno() == libc::ENOMEM && armed() && ucall_exit(&mut vcpu) => {
+                sh.enomem("get_regs", libc::ENOMEM);
+                recover_ucall(sh, &mut vcpu)
+                    .context("lost ucall")?
+                    .map(Exit::Ucall)
+                    .ok_or(e)
+            }
+            r => r,
+        };
         let fd_throughout = fd_before.0 && sh.fd_closes.load(Ordering::SeqCst) == fd_before.1;
         match exit {
             Ok(Exit::IoOut { port, data }) if port == OUTS_PORT => {
@@ -801,7 +950,7 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
                     outs.len()
                 );
                 if outs.len() == 8 {
-                    let gpa = vcpu.fd.get_regs().context("KVM_GET_REGS")?.r8;
+                    let gpa = get_regs(sh, &mut vcpu)?.r8;
                     check_kvm_read(sh, idx, gpa, &outs, outs_fd_throughout)?;
                     outs.clear();
                 }
@@ -889,11 +1038,55 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
             }
             Ok(Exit::Intr) => inc(&sh.st.vcpu_eintr),
             Err(e) if e.errno() == libc::EINTR => inc(&sh.st.vcpu_eintr),
+            Err(e) if sh.enomem("kvm_run", e.errno()) => {}
+            // hva_to_pfn turns a failed page fault (an injected ENOMEM for a page table of the
+            // guest memory's mapping) into KVM_PFN_ERR_FAULT, which KVM_RUN returns as EFAULT.
+            Err(e) if e.errno() == libc::EFAULT && armed() => inc(&sh.st.kvm_run_efault),
             Ok(other) => bail!("vCPU {idx}: unexpected exit {other:?}"),
             Err(e) => bail!("vCPU {idx}: KVM_RUN: {e}"),
         }
     }
     Ok(())
+}
+
+/// KVM_GET_REGS (which allocates its buffer), retried after injected ENOMEMs.
+fn get_regs(sh: &Shared, vcpu: &mut Vcpu) -> Result<kvm_bindings::kvm_regs> {
+    let mut tries = 0;
+    loop {
+        match vcpu.fd.get_regs() {
+            Ok(r) => return Ok(r),
+            Err(e) if tries < 1000 && sh.enomem("get_regs", e.errno()) => tries += 1,
+            Err(e) => bail!("KVM_GET_REGS: {e}"),
+        }
+    }
+}
+
+/// Whether the last KVM_RUN ended in a ucall exit (see the sentinel in `vcpu_thread`).
+fn ucall_exit(vcpu: &mut Vcpu) -> bool {
+    let run = vcpu.fd.get_kvm_run();
+    // SAFETY: exit_reason says the `io` union member is the valid one.
+    run.exit_reason == kvm_bindings::KVM_EXIT_IO
+        && unsafe { run.__bindgen_anon_1.io }.port == guest::UCALL_PORT
+}
+
+/// The ucall record (rdi, on the vCPU's stack in the system slot) read through the system
+/// slot's host mapping; SYNC and DONE only (`None` for anything else: the caller reports the
+/// ENOMEM, as the run has failed anyway).
+fn recover_ucall(sh: &Shared, vcpu: &mut Vcpu) -> Result<Option<Ucall>> {
+    let gva = get_regs(sh, vcpu)?.rdi;
+    let off = gva
+        .checked_sub(SYS_GVA)
+        .filter(|o| o + 8 * (7 + guest::UCALL_MAX_ARGS as u64) <= sh.sys.len() as u64)
+        .ok_or_else(|| anyhow!("ucall record at gva {gva:#x}: not in the system slot"))?
+        as usize;
+    let word = |i: usize| sh.sys.read_u64(off + 8 * i);
+    // UcallRecord: cmd, file_ptr, file_len, line, msg_ptr, msg_len, nargs, args.
+    let nargs = (word(6) as usize).min(guest::UCALL_MAX_ARGS);
+    Ok(match word(0) {
+        guest::UCALL_SYNC => Some(Ucall::Sync((0..nargs).map(|i| word(7 + i)).collect())),
+        guest::UCALL_DONE => Some(Ucall::Done),
+        _ => None,
+    })
 }
 
 /// What KVM's emulator read from the data slot for a guest `rep outsb` at `gpa`. Without a fd
@@ -996,6 +1189,7 @@ fn check_record(f: &UfFd, r: &kvm_userfault_msg) -> Result<Target> {
 fn resolver_thread(sh: &Shared, idx: usize, mut rng: Rng) -> Result<()> {
     let who = RESOLVER_NAMES[idx];
     while !sh.stop_resolvers.load(Ordering::SeqCst) && !sh.aborted() {
+        arm(sh);
         let Some(f) = sh.current_fd() else {
             std::thread::sleep(Duration::from_millis(1));
             continue;
@@ -1013,7 +1207,7 @@ fn resolver_thread(sh: &Shared, idx: usize, mut rng: Rng) -> Result<()> {
         // still take it first: then the read blocks until the next record or a kick); a
         // non-blocking one also without polling.
         if !nonblock || rng.chance(1, 2) {
-            let revents = poll_fd(raw, rng.below(20) as i32)?;
+            let revents = poll_fd(sh, raw, rng.below(20) as i32)?;
             ensure!(
                 revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) == 0,
                 "poll on fd #{}: revents {revents:#x} while the VM lives",
@@ -1041,6 +1235,7 @@ fn resolver_thread(sh: &Shared, idx: usize, mut rng: Rng) -> Result<()> {
                 inc(&sh.st.read_eintr);
                 continue;
             }
+            Err(e) if sh.enomem("read", e as i32) => continue,
             Err(e) => bail!(
                 "read({len}) on fd #{} (flags {:#x}): {e}",
                 f.generation,
@@ -1068,14 +1263,31 @@ fn resolver_thread(sh: &Shared, idx: usize, mut rng: Rng) -> Result<()> {
                 &sh.st.records_kvm
             });
             match target {
+                // The record was read: a RESOLVE that fails for lack of memory is retried, as
+                // nothing else would report the gfn again before a REQUEUE.
                 Target::Data(page) => {
-                    sh.populate_and_resolve(page, Some(&f), who)?;
+                    let mut tries = 0;
+                    while !sh.populate_and_resolve(page, Some(&f), who)? {
+                        tries += 1;
+                        ensure!(tries < 1000, "RESOLVE of page {page}: ENOMEM {tries} times");
+                    }
                     inc(&sh.st.resolver_resolves);
                 }
                 Target::Scratch => {
                     inc(&sh.st.records_scratch);
-                    resolve(raw, r.gfn * PAGE, PAGE)
-                        .with_context(|| format!("RESOLVE scratch gfn {:#x}", r.gfn))?;
+                    let mut tries = 0;
+                    while sh
+                        .tolerate("resolve", resolve(raw, r.gfn * PAGE, PAGE))
+                        .with_context(|| format!("RESOLVE scratch gfn {:#x}", r.gfn))?
+                        .is_none()
+                    {
+                        tries += 1;
+                        ensure!(
+                            tries < 1000,
+                            "RESOLVE of scratch gfn {:#x}: ENOMEM {tries} times",
+                            r.gfn
+                        );
+                    }
                 }
             }
         }
@@ -1106,6 +1318,7 @@ fn chaos_thread(sh: &Shared, rng: Rng, first_vcpu_faults: bool) -> Result<()> {
         next_generation: 1,
     };
     while !sh.stop_chaos.load(Ordering::SeqCst) && !sh.aborted() {
+        arm(sh);
         inc(&sh.st.chaos_ops);
         let op = c.rng.below(100);
         let r = match op {
@@ -1127,7 +1340,8 @@ fn chaos_thread(sh: &Shared, rng: Rng, first_vcpu_faults: bool) -> Result<()> {
         std::thread::sleep(Duration::from_micros(c.rng.below(2000)));
     }
     // Leave the memslots as the end phase expects: data slot without dirty logging, scratch
-    // slot deleted.
+    // slot deleted (injection is off by now: this must succeed).
+    arm(sh);
     if c.data_flags != 0 {
         c.data_slot_flags(sh)?;
     }
@@ -1158,8 +1372,13 @@ impl Chaos {
             let len = (1 + self.rng.below(8)).min(DATA_PAGES - start);
             (page_gpa(start), len * PAGE)
         };
-        set_userfault(&sh.vm.fd, gpa, size)
-            .with_context(|| format!("SET USERFAULT({gpa:#x}, {size:#x})"))?;
+        if sh
+            .tolerate("set", set_userfault(&sh.vm.fd, gpa, size))
+            .with_context(|| format!("SET USERFAULT({gpa:#x}, {size:#x})"))?
+            .is_none()
+        {
+            return Ok(());
+        }
         inc(&sh.st.set_ranges);
         Ok(())
     }
@@ -1193,15 +1412,24 @@ impl Chaos {
         };
         let what = match &fd {
             Some(f) => {
-                resolve(f.fd.as_raw_fd(), gpa, size).with_context(|| {
+                let r = sh.tolerate("resolve", resolve(f.fd.as_raw_fd(), gpa, size));
+                if r.with_context(|| {
                     format!("RESOLVE({gpa:#x}, {size:#x}) on fd #{}", f.generation)
-                })?;
+                })?
+                .is_none()
+                {
+                    return Ok(());
+                }
                 inc(&sh.st.clear_fd_ranges);
                 "range resolve"
             }
             None => {
-                clear_userfault(&sh.vm.fd, gpa, size)
-                    .with_context(|| format!("CLEAR USERFAULT({gpa:#x}, {size:#x})"))?;
+                let r = sh.tolerate("clear", clear_userfault(&sh.vm.fd, gpa, size));
+                if r.with_context(|| format!("CLEAR USERFAULT({gpa:#x}, {size:#x})"))?
+                    .is_none()
+                {
+                    return Ok(());
+                }
                 inc(&sh.st.clear_ranges);
                 "range clear"
             }
@@ -1223,8 +1451,14 @@ impl Chaos {
             return Ok(());
         }
         let gpa = page_gpa(page);
-        set_userfault(&sh.vm.fd, gpa, PAGE)
-            .with_context(|| format!("SET USERFAULT({gpa:#x}) to evict"))?;
+        if sh
+            .tolerate("set", set_userfault(&sh.vm.fd, gpa, PAGE))
+            .with_context(|| format!("SET USERFAULT({gpa:#x}) to evict"))?
+            .is_none()
+        {
+            // Not USERFAULT again: the page must stay as it is.
+            return Ok(());
+        }
         let off = (page * PAGE) as usize;
         if self.rng.chance(1, 2) {
             sh.data.fill(off, PAGE as usize, 0);
@@ -1441,9 +1675,14 @@ impl Chaos {
     /// unpopulated page would reach the guest).
     fn exact_update(&mut self, sh: &Shared) -> Result<()> {
         let (gpa, size) = self.rng.range(DATA_GPA, DATA_PAGES, 16);
-        set_attributes(&sh.vm.fd, gpa, size, 0, 0).with_context(|| {
+        let r = sh.tolerate("exact", set_attributes(&sh.vm.fd, gpa, size, 0, 0));
+        if r.with_context(|| {
             format!("exact KVM_SET_MEMORY_ATTRIBUTES(0) on ({gpa:#x}, {size:#x})")
-        })?;
+        })?
+        .is_none()
+        {
+            return Ok(());
+        }
         inc(&sh.st.exact_updates);
         Ok(())
     }
@@ -1451,12 +1690,18 @@ impl Chaos {
     /// Valid operations where no memslot is: SET/CLEAR/RESOLVE succeed and change nothing.
     fn noslot(&mut self, sh: &Shared) -> Result<()> {
         let (gpa, size) = self.rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
-        match (self.rng.below(3), sh.current_fd()) {
+        let r = match (self.rng.below(3), sh.current_fd()) {
             (0, _) => set_userfault(&sh.vm.fd, gpa, size),
             (1, Some(f)) => resolve(f.fd.as_raw_fd(), gpa, size),
             _ => clear_userfault(&sh.vm.fd, gpa, size),
+        };
+        if sh
+            .tolerate("noslot", r)
+            .with_context(|| format!("SET/CLEAR/RESOLVE without a memslot ({gpa:#x}, {size:#x})"))?
+            .is_none()
+        {
+            return Ok(());
         }
-        .with_context(|| format!("SET/CLEAR/RESOLVE without a memslot ({gpa:#x}, {size:#x})"))?;
         inc(&sh.st.noslot_ops);
         Ok(())
     }
@@ -1466,8 +1711,12 @@ impl Chaos {
         let Some(f) = sh.current_fd() else {
             return Ok(());
         };
-        let n = requeue(f.fd.as_raw_fd())
-            .with_context(|| format!("KVM_USERFAULT_REQUEUE on fd #{}", f.generation))?;
+        let Some(n) = sh
+            .tolerate("requeue", requeue(f.fd.as_raw_fd()))
+            .with_context(|| format!("KVM_USERFAULT_REQUEUE on fd #{}", f.generation))?
+        else {
+            return Ok(());
+        };
         ensure!(n >= 0, "KVM_USERFAULT_REQUEUE returned {n}");
         inc(&sh.st.requeue_calls);
         sh.st.requeued.fetch_add(n as u64, Ordering::Relaxed);
@@ -1500,7 +1749,10 @@ impl Chaos {
             0
         };
         let generation = self.next_generation;
-        let f = create_uf_fd(sh, flags, generation, &mut self.rng)?;
+        let Some(f) = create_uf_fd(sh, flags, generation, &mut self.rng)? else {
+            // No memory for it: no fd until the next attempt.
+            return Ok(());
+        };
         self.next_generation += 1;
         self.last_vcpu_faults = vcpu_faults;
         *lock(&sh.fd) = Some(Arc::new(f));
@@ -1528,53 +1780,61 @@ impl Chaos {
     /// thread SETs, CLEARs and RESOLVEs in its window.
     fn scratch_slot(&mut self, sh: &Shared) -> Result<()> {
         let hva = sh.scratch.addr();
-        let set_region = |flags: u32, gpa: u64, size: u64, what: &str| {
-            sh.vm
+        // `false`: an injected ENOMEM, the memslots unchanged.
+        let set_region = |flags: u32, gpa: u64, size: u64, what: &str| -> Result<bool> {
+            match sh
+                .vm
                 .set_region2(SCRATCH_SLOT, flags, gpa, size, hva, None, 0)
-                .map_err(|e| {
-                    anyhow!(
-                        "{what} scratch slot (gpa {gpa:#x}, size {size:#x}, flags {flags:#x}): {e}"
-                    )
-                })
+            {
+                Ok(()) => Ok(true),
+                Err(e) if sh.enomem("memslot", e.errno()) => Ok(false),
+                Err(e) => Err(anyhow!(
+                    "{what} scratch slot (gpa {gpa:#x}, size {size:#x}, flags {flags:#x}): {e}"
+                )),
+            }
         };
         match self.scratch {
             None => {
                 let pos = self.rng.below(SCRATCH_POSITIONS);
-                self.scratch_flags = if self.rng.chance(1, 2) {
+                let flags = if self.rng.chance(1, 2) {
                     kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
                 } else {
                     0
                 };
-                set_region(self.scratch_flags, scratch_gpa(pos), SCRATCH_SIZE, "add")?;
-                self.scratch = Some(pos);
-                inc(&sh.st.slot_add);
-                if self.rng.chance(1, 2) {
-                    // State that the delete must drop and the move must carry.
-                    set_userfault(&sh.vm.fd, scratch_gpa(pos), SCRATCH_SIZE)
+                if set_region(flags, scratch_gpa(pos), SCRATCH_SIZE, "add")? {
+                    self.scratch_flags = flags;
+                    self.scratch = Some(pos);
+                    inc(&sh.st.slot_add);
+                    if self.rng.chance(1, 2) {
+                        // State that the delete must drop and the move must carry.
+                        sh.tolerate(
+                            "set",
+                            set_userfault(&sh.vm.fd, scratch_gpa(pos), SCRATCH_SIZE),
+                        )
                         .context("SET USERFAULT on the new scratch slot")?;
+                    }
                 }
             }
             Some(pos) => match self.rng.below(3) {
                 0 => {
-                    set_region(0, scratch_gpa(pos), 0, "delete")?;
-                    self.scratch = None;
-                    inc(&sh.st.slot_delete);
+                    if set_region(0, scratch_gpa(pos), 0, "delete")? {
+                        self.scratch = None;
+                        inc(&sh.st.slot_delete);
+                    }
                 }
                 1 => {
                     let to = (pos + 1 + self.rng.below(SCRATCH_POSITIONS - 1)) % SCRATCH_POSITIONS;
-                    set_region(self.scratch_flags, scratch_gpa(to), SCRATCH_SIZE, "move")?;
-                    self.scratch = Some(to);
-                    inc(&sh.st.slot_move);
+                    if set_region(self.scratch_flags, scratch_gpa(to), SCRATCH_SIZE, "move")? {
+                        self.scratch = Some(to);
+                        inc(&sh.st.slot_move);
+                    }
                 }
                 _ => {
-                    self.scratch_flags ^= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-                    set_region(
-                        self.scratch_flags,
-                        scratch_gpa(pos),
-                        SCRATCH_SIZE,
-                        "re-flag",
-                    )?;
-                    inc(&sh.st.slot_flags);
+                    let flags = self.scratch_flags ^ kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+                    if set_region(flags, scratch_gpa(pos), SCRATCH_SIZE, "re-flag")? {
+                        self.scratch_flags = flags;
+                        inc(&sh.st.slot_flags);
+                    }
                 }
             },
         }
@@ -1586,23 +1846,22 @@ impl Chaos {
     /// A flags-only update of the data slot (dirty logging on or off) under the running guest:
     /// the slot's USERFAULT state must survive it (else the guest reads unpopulated pages).
     fn data_slot_flags(&mut self, sh: &Shared) -> Result<()> {
-        self.data_flags ^= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-        sh.vm
-            .set_region2(
-                DATA_SLOT,
-                self.data_flags,
-                DATA_GPA,
-                DATA_SIZE,
-                sh.data.addr(),
-                None,
-                0,
-            )
-            .map_err(|e| {
-                anyhow!(
-                    "flags-only update of the data slot to {:#x}: {e}",
-                    self.data_flags
-                )
-            })?;
+        let flags = self.data_flags ^ kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        match sh.vm.set_region2(
+            DATA_SLOT,
+            flags,
+            DATA_GPA,
+            DATA_SIZE,
+            sh.data.addr(),
+            None,
+            0,
+        ) {
+            Ok(()) => {}
+            // The slot keeps its flags.
+            Err(e) if sh.enomem("memslot", e.errno()) => return Ok(()),
+            Err(e) => bail!("flags-only update of the data slot to {flags:#x}: {e}"),
+        }
+        self.data_flags = flags;
         inc(&sh.st.data_slot_flags);
         Ok(())
     }
@@ -1645,6 +1904,14 @@ impl Chaos {
                 libc::_exit(code);
             }
         }
+        if pid < 0 && armed() {
+            let e = Errno::last();
+            if !sh.enomem("fork", e as i32) {
+                inc(&sh.st.fork_fail_other);
+                println!("fuzz note: fork failed with {e} while injecting");
+            }
+            return Ok(());
+        }
         ensure!(pid > 0, "fork: {}", Errno::last());
         let deadline = Instant::now() + timeout();
         let mut status = 0;
@@ -1666,6 +1933,10 @@ impl Chaos {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        if libc::WIFEXITED(status) && sh.enomem("fork_child_resolve", libc::WEXITSTATUS(status)) {
+            // The child inherited make-it-fail; the page stays USERFAULT.
+            return Ok(());
+        }
         ensure!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "the child's KVM_USERFAULT_RESOLVE of page {page} through the inherited fd #{}: {}",
@@ -1683,17 +1954,21 @@ impl Chaos {
 }
 
 /// KVM_CREATE_USERFAULT_FD with `flags` and a random acceptable `msg_size`; checks the
-/// negotiated record size and the descriptor flags.
-fn create_uf_fd(sh: &Shared, flags: u64, generation: u64, rng: &mut Rng) -> Result<UfFd> {
+/// negotiated record size and the descriptor flags. `None`: an injected ENOMEM.
+fn create_uf_fd(sh: &Shared, flags: u64, generation: u64, rng: &mut Rng) -> Result<Option<UfFd>> {
     let ask = rng.pick(&[24u32, 25, 100, 4096, u32::MAX]);
     let mut arg = kvm_create_userfault_fd {
         flags,
         msg_size: ask,
         ..Default::default()
     };
-    let fd = create_fd_raw(&sh.vm.fd, &mut arg).with_context(|| {
+    let r = sh.tolerate("create_fd", create_fd_raw(&sh.vm.fd, &mut arg));
+    let Some(fd) = r.with_context(|| {
         format!("KVM_CREATE_USERFAULT_FD(flags {flags:#x}, msg_size {ask}) #{generation}")
-    })?;
+    })?
+    else {
+        return Ok(None);
+    };
     ensure!(
         arg.msg_size as usize == USERFAULT_MSG_SIZE,
         "KVM_CREATE_USERFAULT_FD(msg_size {ask}) negotiated {} bytes, expected {USERFAULT_MSG_SIZE}",
@@ -1711,11 +1986,11 @@ fn create_uf_fd(sh: &Shared, flags: u64, generation: u64, rng: &mut Rng) -> Resu
             && fdfl & libc::FD_CLOEXEC != 0,
         "fd #{generation} (flags {flags:#x}): F_GETFL {fl:#x}, F_GETFD {fdfl:#x} (O_NONBLOCK iff NONBLOCK; always O_CLOEXEC)"
     );
-    Ok(UfFd {
+    Ok(Some(UfFd {
         fd,
         flags,
         generation,
-    })
+    }))
 }
 
 /// Closes the fd once this is its last reference, kicking the resolvers out of blocking reads
@@ -1755,35 +2030,49 @@ fn close_exclusive(sh: &Shared, old: Arc<UfFd>) -> Result<()> {
 /// Never touches the data slot, so it needs no page lock.
 fn scratch_thread(sh: &Shared, mut rng: Rng) -> Result<()> {
     while !sh.stop_chaos.load(Ordering::SeqCst) && !sh.aborted() {
+        arm(sh);
         inc(&sh.st.scratch_ops);
         let (gpa, size) = rng.range(SCRATCH_BASE, SCRATCH_POSITIONS * SCRATCH_PAGES, 24);
         match rng.below(4) {
             0 => {
-                set_userfault(&sh.vm.fd, gpa, size)
-                    .with_context(|| format!("SET scratch ({gpa:#x}, {size:#x})"))?;
-                inc(&sh.st.scratch_set);
+                let r = sh.tolerate("scratch_set", set_userfault(&sh.vm.fd, gpa, size));
+                if r.with_context(|| format!("SET scratch ({gpa:#x}, {size:#x})"))?
+                    .is_some()
+                {
+                    inc(&sh.st.scratch_set);
+                }
             }
             1 => {
-                clear_userfault(&sh.vm.fd, gpa, size)
-                    .with_context(|| format!("CLEAR scratch ({gpa:#x}, {size:#x})"))?;
-                inc(&sh.st.scratch_clear);
+                let r = sh.tolerate("scratch_clear", clear_userfault(&sh.vm.fd, gpa, size));
+                if r.with_context(|| format!("CLEAR scratch ({gpa:#x}, {size:#x})"))?
+                    .is_some()
+                {
+                    inc(&sh.st.scratch_clear);
+                }
             }
             2 => {
                 if let Some(f) = sh.current_fd() {
-                    resolve(f.fd.as_raw_fd(), gpa, size).with_context(|| {
+                    let r = sh.tolerate("scratch_resolve", resolve(f.fd.as_raw_fd(), gpa, size));
+                    if r.with_context(|| {
                         format!(
                             "RESOLVE scratch ({gpa:#x}, {size:#x}) on fd #{}",
                             f.generation
                         )
-                    })?;
-                    inc(&sh.st.scratch_resolve);
+                    })?
+                    .is_some()
+                    {
+                        inc(&sh.st.scratch_resolve);
+                    }
                 }
             }
             _ => {
                 let (gpa, size) = rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
-                clear_userfault(&sh.vm.fd, gpa, size)
-                    .with_context(|| format!("CLEAR without a memslot ({gpa:#x}, {size:#x})"))?;
-                inc(&sh.st.noslot_ops);
+                let r = sh.tolerate("noslot", clear_userfault(&sh.vm.fd, gpa, size));
+                if r.with_context(|| format!("CLEAR without a memslot ({gpa:#x}, {size:#x})"))?
+                    .is_some()
+                {
+                    inc(&sh.st.noslot_ops);
+                }
             }
         }
         std::thread::sleep(Duration::from_micros(rng.below(1000)));
@@ -1824,7 +2113,126 @@ fn watchdog_thread(sh: &Shared, stall: Duration, seed: u64, secs: u64) -> Result
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn fuzz_userfault_uapi() {
-    let seed = match std::env::var("KVMUF_FUZZ_SEED") {
+    let seed = fuzz_seed();
+    println!("fuzz seed: {seed}");
+    kvm_selftests::require_userfault!(TEST);
+    if let Err(e) = fuzz(seed, None) {
+        panic!("{TEST} failed (seed {seed}; rerun with KVMUF_FUZZ_SEED={seed}): {e:#}");
+    }
+}
+
+/// The fuzzer under failslab and fail_page_alloc (see the header).
+#[test]
+#[ignore = "needs the KVM userfault kernel with fault injection (the debug flavour)"]
+fn fuzz_userfault_uapi_failslab() {
+    let seed = fuzz_seed();
+    println!("fuzz seed: {seed}");
+    kvm_selftests::require_userfault!(TEST_FAILSLAB);
+    if let Some(why) = FaultInjection::unavailable() {
+        kvm_selftests::caps::skip(TEST_FAILSLAB, &why);
+        return;
+    }
+    let percent = env_u64("KVMUF_FUZZ_FAIL_PERCENT", 5);
+    let r = FaultInjection::setup(percent).and_then(|fi| {
+        println!(
+            "fuzz failslab: failslab and fail_page_alloc at {percent}% for the worker threads"
+        );
+        fuzz(seed, Some(&fi))
+        // `fi` restores the knobs here, also after a failure.
+    });
+    if let Err(e) = r {
+        panic!(
+            "{TEST_FAILSLAB} failed (seed {seed}; rerun with KVMUF_FUZZ_SEED={seed} \
+             KVMUF_FUZZ_FAIL_PERCENT={percent}): {e:#}"
+        );
+    }
+}
+
+const FAILSLAB: &str = "/sys/kernel/debug/failslab";
+const FAIL_PAGE_ALLOC: &str = "/sys/kernel/debug/fail_page_alloc";
+
+/// The debugfs knobs of failslab and fail_page_alloc as the failslab run sets them; dropping
+/// it writes every knob's previous value back (in reverse order, so task-filter last).
+struct FaultInjection {
+    saved: Vec<(String, String)>,
+}
+
+impl FaultInjection {
+    fn unavailable() -> Option<String> {
+        let missing: Vec<&str> = [FAILSLAB, FAIL_PAGE_ALLOC]
+            .into_iter()
+            .filter(|d| !std::path::Path::new(d).join("probability").exists())
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "no {} (needs CONFIG_FAILSLAB, CONFIG_FAIL_PAGE_ALLOC and \
+                 CONFIG_FAULT_INJECTION_DEBUG_FS, debugfs at /sys/kernel/debug, root: the \
+                 debug flavour)",
+                missing.join(", ")
+            )
+        })
+    }
+
+    fn setup(percent: u64) -> Result<Self> {
+        ensure!(
+            percent <= 100,
+            "KVMUF_FUZZ_FAIL_PERCENT={percent}: not a percentage"
+        );
+        let mut fi = FaultInjection { saved: Vec::new() };
+        let percent = percent.to_string();
+        // task-filter first: from then on only make-it-fail tasks can fail.
+        let common = [
+            ("task-filter", "Y"),
+            ("probability", percent.as_str()),
+            ("interval", "1"),
+            ("times", "-1"),
+            ("space", "0"),
+            ("verbose", "0"),
+            ("ignore-gfp-wait", "N"),
+        ];
+        for dir in [FAILSLAB, FAIL_PAGE_ALLOC] {
+            for (knob, value) in common {
+                fi.set(dir, knob, value)?;
+            }
+        }
+        fi.set(FAILSLAB, "cache-filter", "N")?;
+        // User (highmem-flagged) pages stay out: a failed user page fault is the OOM path, not
+        // an errno of the uAPI. Their page tables and everything the kernel allocates for
+        // itself, of any order, are in.
+        fi.set(FAIL_PAGE_ALLOC, "ignore-gfp-highmem", "Y")?;
+        fi.set(FAIL_PAGE_ALLOC, "min-order", "0")?;
+        Ok(fi)
+    }
+
+    fn set(&mut self, dir: &str, knob: &str, value: &str) -> Result<()> {
+        let path = format!("{dir}/{knob}");
+        let old = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+        self.saved.push((path.clone(), old.trim().to_string()));
+        std::fs::write(&path, value).with_context(|| format!("write {value} to {path}"))
+    }
+
+    /// No more failures, for anyone (before the end phase).
+    fn quiesce(&self) -> Result<()> {
+        for dir in [FAILSLAB, FAIL_PAGE_ALLOC] {
+            let path = format!("{dir}/probability");
+            std::fs::write(&path, "0").with_context(|| format!("write 0 to {path}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FaultInjection {
+    fn drop(&mut self) {
+        for (path, old) in self.saved.iter().rev() {
+            if let Err(e) = std::fs::write(path, old) {
+                println!("fuzz failslab: cannot restore {path} to {old:?}: {e}");
+            }
+        }
+    }
+}
+
+fn fuzz_seed() -> u64 {
+    match std::env::var("KVMUF_FUZZ_SEED") {
         Ok(_) => env_u64("KVMUF_FUZZ_SEED", 0),
         Err(_) => {
             let t = std::time::SystemTime::now()
@@ -1832,17 +2240,14 @@ fn fuzz_userfault_uapi() {
                 .unwrap_or_default();
             t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
         }
-    };
-    println!("fuzz seed: {seed}");
-    kvm_selftests::require_userfault!(TEST);
-    if let Err(e) = fuzz(seed) {
-        panic!("{TEST} failed (seed {seed}; rerun with KVMUF_FUZZ_SEED={seed}): {e:#}");
     }
 }
 
-fn fuzz(seed: u64) -> Result<()> {
+/// One fuzz run; `inject`: the failslab run, with the knobs set.
+fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     let secs = env_u64("KVMUF_FUZZ_SECS", 20);
-    let stall = Duration::from_secs(env_u64("KVMUF_FUZZ_STALL_SECS", 15));
+    let default_stall = if inject.is_some() { 30 } else { 15 };
+    let stall = Duration::from_secs(env_u64("KVMUF_FUZZ_STALL_SECS", default_stall));
     println!(
         "fuzz: {secs}s, {NR_VCPUS} vCPUs on {DATA_PAGES} pages, {NR_RESOLVERS} resolvers, \
          chaos + scratch + watchdog threads (the interleaving is not reproducible from the seed)"
@@ -1901,6 +2306,10 @@ fn fuzz(seed: u64) -> Result<()> {
         resolver_threads: Mutex::new(Vec::new()),
         st: Stats::default(),
         errnos: Mutex::new(BTreeMap::new()),
+        failslab: inject.is_some(),
+        spawned: AtomicBool::new(false),
+        injecting: AtomicBool::new(false),
+        enomem: Mutex::new(BTreeMap::new()),
     });
     // The first fd (or none), as the chaos thread will cycle them.
     if chaos_rng.chance(2, 3) {
@@ -1913,25 +2322,29 @@ fn fuzz(seed: u64) -> Result<()> {
         } else {
             0
         };
-        let f = create_uf_fd(&sh, flags, 0, &mut chaos_rng)?;
-        *lock(&sh.fd) = Some(Arc::new(f));
-        inc(&sh.st.fd_create);
-        if first_vcpu_faults {
-            inc(&sh.st.fd_create_vcpu_faults);
+        // The main thread never fails an allocation: always Some.
+        if let Some(f) = create_uf_fd(&sh, flags, 0, &mut chaos_rng)? {
+            *lock(&sh.fd) = Some(Arc::new(f));
+            inc(&sh.st.fd_create);
+            if first_vcpu_faults {
+                inc(&sh.st.fd_create_vcpu_faults);
+            }
         }
     }
 
     let mut vcpu_handles = Vec::new();
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let rng = Rng::for_thread(seed, i as u64);
-        let h = spawn(&sh, VCPU_NAMES[i], move |s| vcpu_thread(s, vcpu, i, rng))?;
+        let h = spawn_with(&sh, VCPU_NAMES[i], true, move |s| {
+            vcpu_thread(s, vcpu, i, rng)
+        })?;
         lock(&sh.vcpu_threads).push(h.as_pthread_t());
         vcpu_handles.push(h);
     }
     let mut resolver_handles = Vec::new();
     for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
         let rng = Rng::for_thread(seed, 10 + i as u64);
-        let h = spawn(&sh, name, move |s| resolver_thread(s, i, rng))?;
+        let h = spawn_with(&sh, name, true, move |s| resolver_thread(s, i, rng))?;
         lock(&sh.resolver_threads).push(h.as_pthread_t());
         resolver_handles.push(h);
     }
@@ -1939,14 +2352,20 @@ fn fuzz(seed: u64) -> Result<()> {
         watchdog_thread(s, stall, seed, secs)
     })?;
     let scratch_rng = Rng::for_thread(seed, 21);
-    let scratch = spawn(&sh, "uf-scratch", move |s| scratch_thread(s, scratch_rng))?;
-    let chaos = spawn(&sh, "uf-chaos", move |s| {
+    let scratch = spawn_with(&sh, "uf-scratch", true, move |s| {
+        scratch_thread(s, scratch_rng)
+    })?;
+    let chaos = spawn_with(&sh, "uf-chaos", true, move |s| {
         chaos_thread(s, chaos_rng, first_vcpu_faults)
     })?;
+    // Every worker and the VM exist: the workers may set make-it-fail and go.
+    sh.injecting.store(inject.is_some(), Ordering::SeqCst);
+    sh.spawned.store(true, Ordering::SeqCst);
 
     let result = run_and_finish(
         &sh,
         secs,
+        inject,
         vcpu_handles,
         resolver_handles,
         vec![chaos, scratch],
@@ -1954,13 +2373,25 @@ fn fuzz(seed: u64) -> Result<()> {
     );
     println!("fuzz summary: {}", sh.summary(seed, secs));
     println!("fuzz invalid calls: {}", sh.invalid_detail());
+    if inject.is_some() {
+        println!(
+            "fuzz failslab: injected={} ({}) kvm_run_efault={} fork_fail_other={} percent={}",
+            sh.enomem_total(),
+            sh.enomem_detail(),
+            sh.st.kvm_run_efault.load(Ordering::Relaxed),
+            sh.st.fork_fail_other.load(Ordering::Relaxed),
+            env_u64("KVMUF_FUZZ_FAIL_PERCENT", 5)
+        );
+    }
     result
 }
 
-/// Runs until the deadline, then the end phase; any recorded failure wins.
+/// Runs until the deadline, then (injection turned off) the end phase; any recorded failure
+/// wins.
 fn run_and_finish(
     sh: &Arc<Shared>,
     secs: u64,
+    inject: Option<&FaultInjection>,
     vcpus: Vec<JoinHandle<()>>,
     resolvers: Vec<JoinHandle<()>>,
     chaos: Vec<JoinHandle<()>>,
@@ -1969,6 +2400,15 @@ fn run_and_finish(
     let deadline = sh.start + Duration::from_secs(secs);
     while Instant::now() < deadline && !sh.aborted() {
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(fi) = inject {
+        // The probabilities first, then the flag: an operation that starts after the flag
+        // cannot be injected (see `arm`).
+        let q = fi.quiesce();
+        sh.injecting.store(false, Ordering::SeqCst);
+        if let Err(e) = q {
+            sh.fail("main", format!("{e:#}"));
+        }
     }
     let r = finish(sh, vcpus, resolvers, chaos, watchdog);
     if let Some(f) = lock(&sh.failure).take() {
