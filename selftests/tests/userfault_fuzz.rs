@@ -2110,9 +2110,15 @@ fn watchdog_thread(sh: &Shared, stall: Duration, seed: u64, secs: u64) -> Result
 
 // ---- the test ----
 
+/// libtest runs the two tests in parallel threads of one process: the D-state and thread
+/// reports scan /proc/self/task, and two VMs' threads would compete for the guest's CPUs
+/// under one watchdog. One fuzzer at a time.
+static ONE_FUZZER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn fuzz_userfault_uapi() {
+    let _one = ONE_FUZZER.lock().unwrap_or_else(|e| e.into_inner());
     let seed = fuzz_seed();
     println!("fuzz seed: {seed}");
     kvm_selftests::require_userfault!(TEST);
@@ -2125,6 +2131,7 @@ fn fuzz_userfault_uapi() {
 #[test]
 #[ignore = "needs the KVM userfault kernel with fault injection (the debug flavour)"]
 fn fuzz_userfault_uapi_failslab() {
+    let _one = ONE_FUZZER.lock().unwrap_or_else(|e| e.into_inner());
     let seed = fuzz_seed();
     println!("fuzz seed: {seed}");
     kvm_selftests::require_userfault!(TEST_FAILSLAB);
