@@ -579,6 +579,23 @@ impl Shared {
         }
     }
 
+    /// A valid operation's result: `Ok(true)` once it succeeded, counted in `done`;
+    /// `Ok(false)` if it failed with a tolerated ENOMEM (see [`Self::tolerate`]); any other
+    /// error with `what` as its context.
+    fn counted(
+        &self,
+        kind: &'static str,
+        r: std::result::Result<(), Errno>,
+        done: &AtomicU64,
+        what: impl FnOnce() -> String,
+    ) -> Result<bool> {
+        let ok = self.tolerate(kind, r).with_context(what)?.is_some();
+        if ok {
+            inc(done);
+        }
+        Ok(ok)
+    }
+
     /// Checks an invalid call failed with exactly `want` and tallies it (or, while injection
     /// is on, with ENOMEM: where the kernel allocates before it finds the call invalid).
     fn expect_errno<T>(
@@ -1372,14 +1389,12 @@ impl Chaos {
             let len = (1 + self.rng.below(8)).min(DATA_PAGES - start);
             (page_gpa(start), len * PAGE)
         };
-        if sh
-            .tolerate("set", set_userfault(&sh.vm.fd, gpa, size))
-            .with_context(|| format!("SET USERFAULT({gpa:#x}, {size:#x})"))?
-            .is_none()
-        {
-            return Ok(());
-        }
-        inc(&sh.st.set_ranges);
+        sh.counted(
+            "set",
+            set_userfault(&sh.vm.fd, gpa, size),
+            &sh.st.set_ranges,
+            || format!("SET USERFAULT({gpa:#x}, {size:#x})"),
+        )?;
         Ok(())
     }
 
@@ -1412,25 +1427,21 @@ impl Chaos {
         };
         let what = match &fd {
             Some(f) => {
-                let r = sh.tolerate("resolve", resolve(f.fd.as_raw_fd(), gpa, size));
-                if r.with_context(|| {
+                let r = resolve(f.fd.as_raw_fd(), gpa, size);
+                if !sh.counted("resolve", r, &sh.st.clear_fd_ranges, || {
                     format!("RESOLVE({gpa:#x}, {size:#x}) on fd #{}", f.generation)
-                })?
-                .is_none()
-                {
+                })? {
                     return Ok(());
                 }
-                inc(&sh.st.clear_fd_ranges);
                 "range resolve"
             }
             None => {
-                let r = sh.tolerate("clear", clear_userfault(&sh.vm.fd, gpa, size));
-                if r.with_context(|| format!("CLEAR USERFAULT({gpa:#x}, {size:#x})"))?
-                    .is_none()
-                {
+                let r = clear_userfault(&sh.vm.fd, gpa, size);
+                if !sh.counted("clear", r, &sh.st.clear_ranges, || {
+                    format!("CLEAR USERFAULT({gpa:#x}, {size:#x})")
+                })? {
                     return Ok(());
                 }
-                inc(&sh.st.clear_ranges);
                 "range clear"
             }
         };
@@ -1675,15 +1686,10 @@ impl Chaos {
     /// unpopulated page would reach the guest).
     fn exact_update(&mut self, sh: &Shared) -> Result<()> {
         let (gpa, size) = self.rng.range(DATA_GPA, DATA_PAGES, 16);
-        let r = sh.tolerate("exact", set_attributes(&sh.vm.fd, gpa, size, 0, 0));
-        if r.with_context(|| {
+        let r = set_attributes(&sh.vm.fd, gpa, size, 0, 0);
+        sh.counted("exact", r, &sh.st.exact_updates, || {
             format!("exact KVM_SET_MEMORY_ATTRIBUTES(0) on ({gpa:#x}, {size:#x})")
-        })?
-        .is_none()
-        {
-            return Ok(());
-        }
-        inc(&sh.st.exact_updates);
+        })?;
         Ok(())
     }
 
@@ -1695,14 +1701,9 @@ impl Chaos {
             (1, Some(f)) => resolve(f.fd.as_raw_fd(), gpa, size),
             _ => clear_userfault(&sh.vm.fd, gpa, size),
         };
-        if sh
-            .tolerate("noslot", r)
-            .with_context(|| format!("SET/CLEAR/RESOLVE without a memslot ({gpa:#x}, {size:#x})"))?
-            .is_none()
-        {
-            return Ok(());
-        }
-        inc(&sh.st.noslot_ops);
+        sh.counted("noslot", r, &sh.st.noslot_ops, || {
+            format!("SET/CLEAR/RESOLVE without a memslot ({gpa:#x}, {size:#x})")
+        })?;
         Ok(())
     }
 
