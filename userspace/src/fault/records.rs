@@ -418,4 +418,183 @@ mod tests {
         assert_eq!(out.pop().map(|r| r.gfn << 12), Some(!0xfff));
         assert!(out.is_empty());
     }
+
+    // ---- Property tests --------------------------------------------------------------------
+    //
+    // Records come from the kernel, which is trusted to follow the uAPI but has no integrity
+    // check on a record: the parser rejects everything outside the uAPI (size field, unknown
+    // flags, reserved field, gfn overflow, partial records); a flip inside a field's valid
+    // range (another gfn, another known flag, another vCPU id) parses, and the caller
+    // validates it: the handler looks the gfn up in its regions (`HandlerError::UnknownGpa`
+    // otherwise), flags and vCPU id are only reported.
+
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// A record inside the uAPI: (gfn, flags, vcpu_id).
+    fn valid_record() -> impl Strategy<Value = (u64, u32, u32)> {
+        (
+            prop_oneof![0..1u64 << 20, 0..=u64::MAX >> PAGE_SHIFT],
+            0..=KVM_USERFAULT_MSG_ALL,
+            any::<u32>(),
+        )
+    }
+
+    fn record_size() -> impl Strategy<Value = usize> {
+        prop_oneof![Just(USERFAULT_MSG_SIZE), Just(32), 24..=64usize]
+    }
+
+    fn expected(gfn: u64, flags: u32, vcpu_id: u32) -> Record {
+        Record {
+            gfn,
+            flags,
+            vcpu_id: (flags & KVM_USERFAULT_MSG_VCPU != 0).then_some(vcpu_id),
+        }
+    }
+
+    fn encode_all(recs: &[(u64, u32, u32)], msg_size: usize) -> Vec<u8> {
+        recs.iter()
+            .flat_map(|&(g, f, v)| encode_record_sized(g, f, v, msg_size))
+            .collect()
+    }
+
+    fn sentinel() -> Record {
+        Record {
+            gfn: 0xdead,
+            flags: 0,
+            vcpu_id: None,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any bytes at any record size: no panic; Ok appends exactly one record per
+        /// `msg_size` bytes, each one inside the uAPI; an error appends nothing.
+        #[test]
+        fn arbitrary_bytes_parse_or_give_a_typed_error(
+            bytes in vec(any::<u8>(), 0..300),
+            msg_size in prop_oneof![0..8200usize, 20..40usize],
+            prior in 0..3usize,
+        ) {
+            let mut out = vec![sentinel(); prior];
+            match parse_records(&bytes, msg_size, &mut out) {
+                Ok(()) => {
+                    prop_assert!((USERFAULT_MSG_MIN_SIZE..=MAX_MSG_SIZE).contains(&msg_size));
+                    prop_assert_eq!(out.len(), prior + bytes.len() / msg_size);
+                    prop_assert!(out[..prior].iter().all(|r| *r == sentinel()));
+                    for (r, raw) in out[prior..].iter().zip(bytes.chunks_exact(msg_size)) {
+                        prop_assert_eq!(r.flags & !KVM_USERFAULT_MSG_ALL, 0);
+                        prop_assert!(r.gfn.checked_mul(1 << PAGE_SHIFT).is_some());
+                        // What was parsed is what a writer of this record would have sent.
+                        let vcpu = r.vcpu_id.unwrap_or(u32::from_le_bytes(
+                            raw[16..20].try_into().unwrap(),
+                        ));
+                        let again = encode_record_sized(r.gfn, r.flags, vcpu, msg_size);
+                        prop_assert_eq!(&again[..USERFAULT_MSG_SIZE], &raw[..USERFAULT_MSG_SIZE]);
+                    }
+                }
+                Err(e) => {
+                    prop_assert_eq!(out.len(), prior, "an error appended records: {}", e);
+                    if !(USERFAULT_MSG_MIN_SIZE..=MAX_MSG_SIZE).contains(&msg_size) {
+                        prop_assert_eq!(e, RecordError::UnsupportedMsgSize(msg_size));
+                    } else if bytes.len() % msg_size != 0 {
+                        prop_assert_eq!(
+                            e,
+                            RecordError::Partial { len: bytes.len(), msg_size }
+                        );
+                    }
+                }
+            }
+        }
+
+        /// Records inside the uAPI round-trip through the encoder at any record size.
+        #[test]
+        fn valid_records_round_trip(
+            recs in vec(valid_record(), 0..12),
+            msg_size in record_size(),
+        ) {
+            let bytes = encode_all(&recs, msg_size);
+            let mut out = Vec::new();
+            parse_records(&bytes, msg_size, &mut out).unwrap();
+            let want: Vec<Record> = recs.iter().map(|&(g, f, v)| expected(g, f, v)).collect();
+            prop_assert_eq!(out, want);
+        }
+
+        /// Every single-bit flip or byte replacement of a valid read is rejected with the
+        /// error naming its record and field, or -- inside a field's valid range, where a
+        /// record has no integrity check -- parses into exactly that one changed field.
+        #[test]
+        fn every_mutation_is_rejected_or_changes_only_its_field(
+            recs in vec(valid_record(), 1..5),
+            msg_size in record_size(),
+            pos in any::<prop::sample::Index>(),
+            change in prop_oneof![(0..8u32).prop_map(|b| 1u8 << b), 1..=255u8],
+        ) {
+            let good = encode_all(&recs, msg_size);
+            let mut bad = good.clone();
+            let pos = pos.index(bad.len());
+            bad[pos] ^= change;
+            let (index, off) = (pos / msg_size, pos % msg_size);
+            let rec = &bad[index * msg_size..][..msg_size];
+            let u32_at = |o: usize| u32::from_le_bytes(rec[o..o + 4].try_into().unwrap());
+            let gfn = u64::from_le_bytes(rec[8..16].try_into().unwrap());
+            let mut want: Vec<Record> =
+                recs.iter().map(|&(g, f, v)| expected(g, f, v)).collect();
+            let (g, f, v) = recs[index];
+            let outcome = match off {
+                0..4 => Err(RecordError::BadSize {
+                    index,
+                    size: u32_at(0),
+                    expected: msg_size,
+                }),
+                4..8 if u32_at(4) & !KVM_USERFAULT_MSG_ALL != 0 => {
+                    Err(RecordError::UnknownFlags { index, flags: u32_at(4) })
+                }
+                4..8 => {
+                    want[index] = expected(g, u32_at(4), v);
+                    Ok(want)
+                }
+                8..16 if gfn > u64::MAX >> PAGE_SHIFT => Err(RecordError::BadGfn { index, gfn }),
+                8..16 => {
+                    want[index] = expected(gfn, f, v);
+                    Ok(want)
+                }
+                16..20 => {
+                    // The vCPU id counts only when the VCPU flag says so.
+                    want[index] = expected(g, f, u32_at(16));
+                    Ok(want)
+                }
+                20..24 => Err(RecordError::Reserved { index, value: u32_at(20) }),
+                // The tail of a record longer than the known layout is not interpreted.
+                _ => Ok(want),
+            };
+            let mut out = Vec::new();
+            let got = parse_records(&bad, msg_size, &mut out).map(|()| out);
+            prop_assert_eq!(got, outcome);
+        }
+
+        /// A read cut anywhere: a partial record is an error; a cut at a record boundary
+        /// (a shorter read) parses the whole records before it.
+        #[test]
+        fn truncation_is_partial_or_a_prefix(
+            recs in vec(valid_record(), 1..5),
+            msg_size in record_size(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let good = encode_all(&recs, msg_size);
+            let len = cut.index(good.len());
+            let mut out = Vec::new();
+            let got = parse_records(&good[..len], msg_size, &mut out).map(|()| out);
+            if len % msg_size == 0 {
+                let want: Vec<Record> = recs[..len / msg_size]
+                    .iter()
+                    .map(|&(g, f, v)| expected(g, f, v))
+                    .collect();
+                prop_assert_eq!(got, Ok(want));
+            } else {
+                prop_assert_eq!(got, Err(RecordError::Partial { len, msg_size }));
+            }
+        }
+    }
 }
