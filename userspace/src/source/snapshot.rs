@@ -461,7 +461,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(2048))]
 
         /// Any 32 header bytes and any length: no panic, and a header is accepted exactly
         /// when it is the one this crate writes for its page count and the length is exact.
@@ -534,7 +534,7 @@ mod tests {
 
     proptest! {
         // Each case writes and opens a file: fewer cases.
-        #![proptest_config(ProptestConfig::with_cases(96))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
 
         /// One changed byte anywhere in a small snapshot file: the header is rejected with
         /// its field's error; a changed checksum-table entry or page byte opens but fails
