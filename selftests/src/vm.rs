@@ -305,7 +305,9 @@ impl Vcpu {
         format!(" (suberror {}, data {:x?})", ie.suberror, &ie.data[..n])
     }
 
-    fn decode_ucall(&self, gva: u64) -> Ucall {
+    /// The ucall whose record the guest passed at `gva` (its RDI at the ucall's port I/O), for
+    /// a caller that had to read the registers itself (e.g. after a failed KVM_GET_REGS).
+    pub fn decode_ucall(&self, gva: u64) -> Ucall {
         let a = self.aspace.lock().unwrap();
         let mut raw = [0u8; std::mem::size_of::<UcallRecord>()];
         if let Err(e) = a.read_gva(gva, &mut raw) {

@@ -330,6 +330,7 @@ stats!(
     requeue_calls,
     requeued,
     fd_close,
+    close_checks,
     fd_create,
     fd_create_vcpu_faults,
     signals_vcpu,
@@ -401,8 +402,13 @@ struct Shared {
     scratch: HostMapping,
     pages: Vec<Mutex<PageState>>,
     fd: Mutex<Option<Arc<UfFd>>>,
-    /// Bumped after each close of a fd has returned (its release has run).
+    /// Bumped just before each close of a fd (so a thread that read it, then the current fd,
+    /// then it again and saw no change knows that fd stayed open in between).
     fd_closes: AtomicU64,
+    /// Eviction sequence: bumped by each eviction; `evicted_at[page]` holds the number of the
+    /// page's last one (0: never), stored before its contents are dropped.
+    evictions: AtomicU64,
+    evicted_at: Vec<AtomicU64>,
     /// The fd flags `KVM_CREATE_USERFAULT_FD` accepts here.
     fd_flags_supported: u64,
     start: Instant,
@@ -419,6 +425,10 @@ struct Shared {
     syncs: [AtomicU64; NR_VCPUS],
     iters: [AtomicU64; NR_VCPUS],
     done: [AtomicBool; NR_VCPUS],
+    /// Per vCPU: inside KVM_RUN now, and KVM_RUNs returned (for "closing the fd releases
+    /// every waiter", checked after closes).
+    in_run: [AtomicBool; NR_VCPUS],
+    runs_returned: [AtomicU64; NR_VCPUS],
     /// Scratch slot position + 1 (0: absent), for reports.
     scratch_at: AtomicU64,
     /// pthread ids of the vCPU and resolver threads (signal targets), set before the chaos
@@ -642,7 +652,7 @@ impl Shared {
              chaos_clear={} chaos_resolve={} fork={}) kvm_reads={} (unpopulated={} \
              unpopulated_with_fd={}) populates={} sets={} exact={} evicts={} \
              (zero={} dontneed={}) invalid={} ({}) requeue={}/{} fd=created:{},closed:{},\
-             vcpu_faults:{} signals=vcpu:{},resolver:{} memslot=add:{},delete:{},move:{},\
+             released_checked:{},vcpu_faults:{} signals=vcpu:{},resolver:{} memslot=add:{},delete:{},move:{},\
              flags:{},data_flags:{} scratch=set:{},clear:{},resolve:{} noslot={}",
             self.start.elapsed().as_secs_f64(),
             g("chaos_ops"),
@@ -690,6 +700,7 @@ impl Shared {
             g("requeued"),
             g("fd_create"),
             g("fd_close"),
+            g("close_checks"),
             g("fd_create_vcpu_faults"),
             g("signals_vcpu"),
             g("signals_resolver"),
@@ -736,6 +747,10 @@ impl Shared {
 /// read returns EINTR instead of being restarted.
 fn install_sigusr1() -> Result<()> {
     extern "C" fn noop(_: libc::c_int) {}
+    // Deliberately without SA_RESTART: the signal's purpose is to end a blocking read or poll
+    // (-EINTR) and a sleeping KVM_RUN, which SA_RESTART would restart. It is sent only to the
+    // vCPU and resolver threads (pthread_kill), whose syscalls handle EINTR; std's own I/O
+    // (println!, sleep) retries EINTR.
     // SAFETY: installs an async-signal-safe no-op handler; `sa` is fully initialised.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -930,34 +945,41 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
     // whether one fd stayed open across every KVM_RUN that produced them.
     let mut outs: Vec<u8> = Vec::new();
     let mut outs_fd_throughout = true;
+    let mut outs_evictions = 0;
     while !sh.aborted() {
         arm(sh);
         inc(&sh.st.vcpu_runs);
-        let fd_before = (
-            sh.current_fd().is_some(),
-            sh.fd_closes.load(Ordering::SeqCst),
-        );
+        // The close counter before the fd: if it is unchanged after the run, the fd seen here
+        // (if any) was open for the whole run (see `Shared::fd_closes`).
+        let closes_before = sh.fd_closes.load(Ordering::SeqCst);
+        let fd_before = sh.current_fd().map(|f| (f.generation, f.flags));
+        let evictions_before = sh.evictions.load(Ordering::SeqCst);
         if sh.failslab {
             // A sentinel, so that an ENOMEM after a ucall exit is told from one of KVM_RUN.
             vcpu.fd.get_kvm_run().exit_reason = u32::MAX;
         }
-        let exit = match vcpu.run() {
+        sh.in_run[idx].store(true, Ordering::SeqCst);
+        let exit = vcpu.run();
+        sh.runs_returned[idx].fetch_add(1, Ordering::SeqCst);
+        sh.in_run[idx].store(false, Ordering::SeqCst);
+        let exit = match exit {
             // The exit happened, but the framework's KVM_GET_REGS for the ucall (it allocates
             // its buffer) failed: decode the ucall here, retrying the registers.
             Err(e) if e.errno() == libc::ENOMEM && armed() && ucall_exit(&mut vcpu) => {
                 sh.enomem("get_regs", libc::ENOMEM);
-                recover_ucall(sh, &mut vcpu)
-                    .context("lost ucall")?
-                    .map(Exit::Ucall)
-                    .ok_or(e)
+                Ok(Exit::Ucall(
+                    recover_ucall(sh, &mut vcpu).context("lost ucall")?,
+                ))
             }
             r => r,
         };
-        let fd_throughout = fd_before.0 && sh.fd_closes.load(Ordering::SeqCst) == fd_before.1;
+        let fd_throughout =
+            fd_before.is_some() && sh.fd_closes.load(Ordering::SeqCst) == closes_before;
         match exit {
             Ok(Exit::IoOut { port, data }) if port == OUTS_PORT => {
                 if outs.is_empty() {
                     outs_fd_throughout = true;
+                    outs_evictions = evictions_before;
                 }
                 outs_fd_throughout &= fd_throughout;
                 outs.extend_from_slice(&data);
@@ -968,7 +990,7 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
                 );
                 if outs.len() == 8 {
                     let gpa = get_regs(sh, &mut vcpu)?.r8;
-                    check_kvm_read(sh, idx, gpa, &outs, outs_fd_throughout)?;
+                    check_kvm_read(sh, idx, gpa, &outs, outs_fd_throughout, outs_evictions)?;
                     outs.clear();
                 }
             }
@@ -1020,6 +1042,16 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
                     flags & KVM_MEMORY_EXIT_FLAG_USERFAULT != 0,
                     "vCPU {idx}: memory fault exit without USERFAULT (flags {flags:#x}, gpa {gpa:#x}, size {size:#x})"
                 );
+                // docs/uapi.md: with a VCPU_FAULTS fd open the vCPU sleeps instead of exiting;
+                // only a close of that fd (or none being open) turns faults into exits.
+                if let (true, Some((generation, fd_flags))) = (fd_throughout, fd_before) {
+                    ensure!(
+                        fd_flags & KVM_USERFAULT_FD_FLAG_VCPU_FAULTS == 0,
+                        "vCPU {idx}: USERFAULT exit (flags {flags:#x}, gpa {gpa:#x}) while fd \
+                         #{generation} with VCPU_FAULTS (flags {fd_flags:#x}) was open for the whole \
+                         KVM_RUN: the fault must have been a record"
+                    );
+                }
                 let access = flags & EXIT_ACCESS;
                 ensure!(
                     flags & !(KVM_MEMORY_EXIT_FLAG_USERFAULT | EXIT_ACCESS) == 0
@@ -1086,24 +1118,12 @@ fn ucall_exit(vcpu: &mut Vcpu) -> bool {
         && unsafe { run.__bindgen_anon_1.io }.port == guest::UCALL_PORT
 }
 
-/// The ucall record (rdi, on the vCPU's stack in the system slot) read through the system
-/// slot's host mapping; SYNC and DONE only (`None` for anything else: the caller reports the
-/// ENOMEM, as the run has failed anyway).
-fn recover_ucall(sh: &Shared, vcpu: &mut Vcpu) -> Result<Option<Ucall>> {
+/// The ucall of a port-I/O exit whose KVM_GET_REGS failed with an injected ENOMEM: the
+/// registers are retried (they stay until the next KVM_RUN) and the record is decoded as
+/// `Vcpu::run` would, so a guest assertion is reported as one and not lost.
+fn recover_ucall(sh: &Shared, vcpu: &mut Vcpu) -> Result<Ucall> {
     let gva = get_regs(sh, vcpu)?.rdi;
-    let off = gva
-        .checked_sub(SYS_GVA)
-        .filter(|o| o + 8 * (7 + guest::UCALL_MAX_ARGS as u64) <= sh.sys.len() as u64)
-        .ok_or_else(|| anyhow!("ucall record at gva {gva:#x}: not in the system slot"))?
-        as usize;
-    let word = |i: usize| sh.sys.read_u64(off + 8 * i);
-    // UcallRecord: cmd, file_ptr, file_len, line, msg_ptr, msg_len, nargs, args.
-    let nargs = (word(6) as usize).min(guest::UCALL_MAX_ARGS);
-    Ok(match word(0) {
-        guest::UCALL_SYNC => Some(Ucall::Sync((0..nargs).map(|i| word(7 + i)).collect())),
-        guest::UCALL_DONE => Some(Ucall::Done),
-        _ => None,
-    })
+    Ok(vcpu.decode_ucall(gva))
 }
 
 /// What KVM's emulator read from the data slot for a guest `rep outsb` at `gpa`. Without a fd
@@ -1118,6 +1138,7 @@ fn check_kvm_read(
     gpa: u64,
     got: &[u8],
     fd_throughout: bool,
+    evictions_before: u64,
 ) -> Result<()> {
     ensure!(
         gpa % 8 == 0 && data_page(gpa).is_some(),
@@ -1135,18 +1156,26 @@ fn check_kvm_read(
         sh.page_report(data_page(gpa).unwrap()),
         sh.fd_report()
     );
-    inc(if fd_throughout {
-        &sh.st.kvm_reads_unpopulated_fd
-    } else {
-        &sh.st.kvm_reads_unpopulated
-    });
-    if fd_throughout {
-        println!(
-            "fuzz note: vCPU {idx}: KVM's emulator read {got:02x?} at gpa {gpa:#x} with a fd open \
-             throughout: {}",
-            sh.page_report(data_page(gpa).unwrap())
-        );
+    if !fd_throughout {
+        // No fd (or not the same one) throughout: the documented no-fd behaviour.
+        inc(&sh.st.kvm_reads_unpopulated);
+        return Ok(());
     }
+    // With one fd open throughout, KVM's read of a USERFAULT page waits for its resolve, which
+    // follows its populate. Zeros are possible only if the page was evicted during the run: a
+    // read that passed its USERFAULT check just before the eviction's SET, then read the
+    // dropped copy (the uAPI does not order the two; a VMM does not take back present pages).
+    let page = data_page(gpa).unwrap();
+    let evicted = sh.evicted_at[page as usize].load(Ordering::SeqCst);
+    ensure!(
+        evicted > evictions_before,
+        "vCPU {idx}: KVM's emulator read {got:02x?} at gpa {gpa:#x} with one fd open throughout \
+         and no eviction of the page meanwhile (last eviction #{evicted}, #{evictions_before} \
+         before the run): a page the host did not populate reached KVM's own access; {}; {}",
+        sh.page_report(page),
+        sh.fd_report()
+    );
+    inc(&sh.st.kvm_reads_unpopulated_fd);
     Ok(())
 }
 
@@ -1470,6 +1499,8 @@ impl Chaos {
             // Not USERFAULT again: the page must stay as it is.
             return Ok(());
         }
+        let n = sh.evictions.fetch_add(1, Ordering::SeqCst) + 1;
+        sh.evicted_at[page as usize].store(n, Ordering::SeqCst);
         let off = (page * PAGE) as usize;
         if self.rng.chance(1, 2) {
             sh.data.fill(off, PAGE as usize, 0);
@@ -1729,8 +1760,12 @@ impl Chaos {
     fn fd_cycle(&mut self, sh: &Shared) -> Result<()> {
         let old = lock(&sh.fd).take();
         if let Some(old) = old {
+            let generation = old.generation;
             close_exclusive(sh, old)?;
             inc(&sh.st.fd_close);
+            if self.rng.chance(1, 2) {
+                check_close_released(sh, generation)?;
+            }
             for _ in 0..self.rng.below(3) {
                 self.bad_create(sh)?;
             }
@@ -1766,13 +1801,18 @@ impl Chaos {
 
     fn signal(&mut self, sh: &Shared) -> Result<()> {
         if self.rng.chance(3, 4) {
-            let t = lock(&sh.vcpu_threads).clone();
-            kick(self.rng.pick(&t));
-            inc(&sh.st.signals_vcpu);
+            let t = lock(&sh.vcpu_threads);
+            if !t.is_empty() {
+                kick(self.rng.pick(&t[..]));
+                inc(&sh.st.signals_vcpu);
+            }
         } else {
-            let t = lock(&sh.resolver_threads).clone();
-            kick(self.rng.pick(&t));
-            inc(&sh.st.signals_resolver);
+            // Under the lock: a thread is removed from the list before it is joined.
+            let t = lock(&sh.resolver_threads);
+            if !t.is_empty() {
+                kick(self.rng.pick(&t[..]));
+                inc(&sh.st.signals_resolver);
+            }
         }
         Ok(())
     }
@@ -2002,8 +2042,8 @@ fn close_exclusive(sh: &Shared, old: Arc<UfFd>) -> Result<()> {
     loop {
         match Arc::try_unwrap(old) {
             Ok(f) => {
-                drop(f);
                 sh.fd_closes.fetch_add(1, Ordering::SeqCst);
+                drop(f);
                 return Ok(());
             }
             Err(a) => old = a,
@@ -2022,6 +2062,37 @@ fn close_exclusive(sh: &Shared, old: Arc<UfFd>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+/// docs/uapi.md: "Closing the fd wakes all waiters". Right after a close, every vCPU that
+/// was inside KVM_RUN must return from that KVM_RUN on its own: this thread, the only one that
+/// signals, sends nothing meanwhile, so a vCPU asleep on a gfn of the closed fd that the close
+/// did not wake stays in it (a lost wake-up), while any other KVM_RUN soon exits (every
+/// USERFAULT access is an exit without a fd, and the guest reports progress regularly).
+fn check_close_released(sh: &Shared, generation: u64) -> Result<()> {
+    let snap: Vec<(u64, bool)> = (0..NR_VCPUS)
+        .map(|i| {
+            let n = sh.runs_returned[i].load(Ordering::SeqCst);
+            (n, sh.in_run[i].load(Ordering::SeqCst))
+        })
+        .collect();
+    let limit = Duration::from_secs(10).min(timeout());
+    let released = |i: usize| {
+        !snap[i].1
+            || sh.runs_returned[i].load(Ordering::SeqCst) != snap[i].0
+            || sh.done[i].load(Ordering::SeqCst)
+    };
+    if wait_until(sh, limit, || (0..NR_VCPUS).all(released)) || sh.aborted() {
+        inc(&sh.st.close_checks);
+        return Ok(());
+    }
+    let stuck: Vec<usize> = (0..NR_VCPUS).filter(|&i| !released(i)).collect();
+    bail!(
+        "vCPUs {stuck:?} still in the KVM_RUN they were in when fd #{generation} was closed, \
+         {limit:?} later (no signal sent meanwhile): a waiter the close did not release; \
+         threads: {}",
+        thread_report(true)
+    )
 }
 
 // ---- scratch thread ----
@@ -2307,6 +2378,8 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         pages: (0..DATA_PAGES).map(|_| Mutex::default()).collect(),
         fd: Mutex::new(None),
         fd_closes: AtomicU64::new(0),
+        evictions: AtomicU64::new(0),
+        evicted_at: (0..DATA_PAGES).map(|_| AtomicU64::new(0)).collect(),
         fd_flags_supported,
         start: Instant::now(),
         stop_chaos: AtomicBool::new(false),
@@ -2318,6 +2391,8 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         syncs: Default::default(),
         iters: Default::default(),
         done: Default::default(),
+        in_run: Default::default(),
+        runs_returned: Default::default(),
         scratch_at: AtomicU64::new(0),
         vcpu_threads: Mutex::new(Vec::new()),
         resolver_threads: Mutex::new(Vec::new()),
@@ -2379,15 +2454,13 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     sh.injecting.store(inject.is_some(), Ordering::SeqCst);
     sh.spawned.store(true, Ordering::SeqCst);
 
-    let result = run_and_finish(
-        &sh,
-        secs,
-        inject,
-        vcpu_handles,
-        resolver_handles,
-        vec![chaos, scratch],
-        watchdog,
-    );
+    let workers = Workers {
+        vcpus: vcpu_handles,
+        resolvers: resolver_handles,
+        chaos: vec![chaos, scratch],
+        watchdog: Some(watchdog),
+    };
+    let result = run_and_finish(&sh, secs, inject, workers);
     println!("fuzz summary: {}", sh.summary(seed, secs));
     println!("fuzz invalid calls: {}", sh.invalid_detail());
     if inject.is_some() {
@@ -2403,16 +2476,106 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     result
 }
 
+/// The worker threads' handles; each is taken out once joined, so that whatever is left after
+/// a failure is torn down by [`Workers::teardown`].
+struct Workers {
+    vcpus: Vec<JoinHandle<()>>,
+    resolvers: Vec<JoinHandle<()>>,
+    /// The chaos and scratch threads.
+    chaos: Vec<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl Workers {
+    fn is_empty(&self) -> bool {
+        self.vcpus.is_empty()
+            && self.resolvers.is_empty()
+            && self.chaos.is_empty()
+            && self.watchdog.is_none()
+    }
+
+    /// After a failure: stops every thread and joins it, so that none is left sleeping in the
+    /// kernel, none is signalled after it exited, and the next test starts clean. Closing the
+    /// fd releases the waiters; signals get vCPUs out of KVM_RUN and resolvers out of reads
+    /// and polls; every thread returns once it sees `abort`. Returns what could not be joined
+    /// (those handles are leaked, not detached, so that their pthread ids stay valid for a
+    /// still-running chaos thread's signals).
+    fn teardown(&mut self, sh: &Shared) -> Option<String> {
+        sh.abort.store(true, Ordering::SeqCst);
+        for flag in [&sh.stop_chaos, &sh.stopping, &sh.stop_resolvers] {
+            flag.store(true, Ordering::SeqCst);
+        }
+        sh.sys.write_u64(STOP_GPA as usize, 1);
+        drop(lock(&sh.fd).take());
+        let deadline = Instant::now() + timeout();
+        let all_finished = |hs: &[JoinHandle<()>]| hs.iter().all(|h| h.is_finished());
+        // The chaos and scratch threads first: they are the only ones that signal others.
+        while !all_finished(&self.chaos) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let chaos_done = all_finished(&self.chaos);
+        if chaos_done {
+            self.chaos.drain(..).for_each(|h| drop(h.join()));
+        }
+        while !(all_finished(&self.vcpus) && all_finished(&self.resolvers))
+            && Instant::now() < deadline
+        {
+            for list in [&sh.vcpu_threads, &sh.resolver_threads] {
+                lock(list).iter().for_each(|t| kick(*t));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if chaos_done && all_finished(&self.vcpus) && all_finished(&self.resolvers) {
+            lock(&sh.vcpu_threads).clear();
+            lock(&sh.resolver_threads).clear();
+            self.vcpus.drain(..).for_each(|h| drop(h.join()));
+            self.resolvers.drain(..).for_each(|h| drop(h.join()));
+        }
+        sh.stop_watchdog.store(true, Ordering::SeqCst);
+        while self.watchdog.as_ref().is_some_and(|h| !h.is_finished()) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.watchdog.as_ref().is_some_and(|h| h.is_finished()) {
+            drop(self.watchdog.take().map(|h| h.join()));
+        }
+        if self.is_empty() {
+            return None;
+        }
+        let left: Vec<String> = self
+            .vcpus
+            .iter()
+            .chain(&self.resolvers)
+            .chain(&self.chaos)
+            .chain(&self.watchdog)
+            .map(|h| h.thread().name().unwrap_or("?").to_string())
+            .collect();
+        let report = format!(
+            "teardown after the failure left {} threads running ({}); threads: {}",
+            left.len(),
+            left.join(", "),
+            thread_report(true)
+        );
+        for h in self
+            .vcpus
+            .drain(..)
+            .chain(self.resolvers.drain(..))
+            .chain(self.chaos.drain(..))
+            .chain(self.watchdog.take())
+        {
+            std::mem::forget(h);
+        }
+        Some(report)
+    }
+}
+
 /// Runs until the deadline, then (injection turned off) the end phase; any recorded failure
-/// wins.
+/// wins. Whatever the outcome, no worker thread outlives the call unless the report says so.
 fn run_and_finish(
     sh: &Arc<Shared>,
     secs: u64,
     inject: Option<&FaultInjection>,
-    vcpus: Vec<JoinHandle<()>>,
-    resolvers: Vec<JoinHandle<()>>,
-    chaos: Vec<JoinHandle<()>>,
-    watchdog: JoinHandle<()>,
+    mut workers: Workers,
 ) -> Result<()> {
     let deadline = sh.start + Duration::from_secs(secs);
     while Instant::now() < deadline && !sh.aborted() {
@@ -2427,29 +2590,34 @@ fn run_and_finish(
             sh.fail("main", format!("{e:#}"));
         }
     }
-    let r = finish(sh, vcpus, resolvers, chaos, watchdog);
-    if let Some(f) = lock(&sh.failure).take() {
-        // Whatever the end phase says, the first failure is the one to report.
-        bail!("{f}");
+    let r = finish(sh, &mut workers);
+    let first = lock(&sh.failure).take();
+    let left = if workers.is_empty() {
+        None
+    } else {
+        workers.teardown(sh)
+    };
+    // Whatever the end phase says, the first failure is the one to report.
+    let r = match first {
+        Some(f) => Err(anyhow!("{f}")),
+        None => r,
+    };
+    match (r, left) {
+        (Err(e), Some(left)) => Err(e.context(left)),
+        (Ok(()), Some(left)) => Err(anyhow!("{left}")),
+        (r, None) => r,
     }
-    r
 }
 
-fn finish(
-    sh: &Arc<Shared>,
-    vcpus: Vec<JoinHandle<()>>,
-    resolvers: Vec<JoinHandle<()>>,
-    chaos: Vec<JoinHandle<()>>,
-    watchdog: JoinHandle<()>,
-) -> Result<()> {
+fn finish(sh: &Arc<Shared>, w: &mut Workers) -> Result<()> {
     let limit = timeout();
-    let join_all = |hs: Vec<JoinHandle<()>>, what: &str| -> Result<()> {
+    let join_all = |hs: &mut Vec<JoinHandle<()>>, what: &str| -> Result<()> {
         ensure!(
             wait_until(sh, limit, || hs.iter().all(|h| h.is_finished())),
             "{what} did not finish within {limit:?}; threads: {}",
             thread_report(true)
         );
-        for h in hs {
+        for h in hs.drain(..) {
             // Errors and panics were caught in the thread and recorded as the failure.
             let _ = h.join();
         }
@@ -2457,15 +2625,15 @@ fn finish(
     };
     // 1. Stop the chaos (its last act deletes the scratch slot and turns dirty logging off).
     sh.stop_chaos.store(true, Ordering::SeqCst);
-    join_all(chaos, "the chaos and scratch threads")?;
+    join_all(&mut w.chaos, "the chaos and scratch threads")?;
     ensure!(!sh.aborted(), "failure during the run");
     // 2. The host still holds what it populated (nothing wrote anything else), then every page
     //    is populated and all USERFAULT cleared.
     for page in 0..DATA_PAGES {
         let mut ps = sh.page(page);
         if ps.populated {
-            for w in 0..PAGE / 8 {
-                let gpa = page_gpa(page) + w * 8;
+            for wd in 0..PAGE / 8 {
+                let gpa = page_gpa(page) + wd * 8;
                 let v = sh.data.read_u64((gpa - DATA_GPA) as usize);
                 ensure!(
                     v == word_value(gpa),
@@ -2494,14 +2662,15 @@ fn finish(
         sh.fd_report(),
         thread_report(true)
     );
-    join_all(vcpus, "the vCPU threads")?;
+    join_all(&mut w.vcpus, "the vCPU threads")?;
+    // The chaos thread, the only other signaller, is gone; nothing signals a joined thread.
+    lock(&sh.vcpu_threads).clear();
     // 4. The resolvers, kicked out of blocking reads and polls.
     sh.stop_resolvers.store(true, Ordering::SeqCst);
-    let kicker = lock(&sh.resolver_threads).clone();
     let stopped = wait_until(sh, limit, || {
-        let done = resolvers.iter().all(|h| h.is_finished());
+        let done = w.resolvers.iter().all(|h| h.is_finished());
         if !done {
-            kicker.iter().for_each(|t| kick(*t));
+            lock(&sh.resolver_threads).iter().for_each(|t| kick(*t));
         }
         done
     });
@@ -2510,11 +2679,15 @@ fn finish(
         "resolver threads still running {limit:?} after the stop; threads: {}",
         thread_report(true)
     );
-    join_all(resolvers, "the resolver threads")?;
+    lock(&sh.resolver_threads).clear();
+    join_all(&mut w.resolvers, "the resolver threads")?;
     // 5. No thread left in uninterruptible sleep, then the watchdog.
     check_no_d_state()?;
     sh.stop_watchdog.store(true, Ordering::SeqCst);
-    join_all(vec![watchdog], "the watchdog")?;
+    let mut watchdog: Vec<JoinHandle<()>> = w.watchdog.take().into_iter().collect();
+    let joined = join_all(&mut watchdog, "the watchdog");
+    w.watchdog = watchdog.pop();
+    joined?;
     ensure!(!sh.aborted(), "failure in the end phase");
     for i in 0..NR_VCPUS {
         ensure!(
