@@ -467,7 +467,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(2048))]
 
         /// Any bytes at any record size: no panic; Ok appends exactly one record per
         /// `msg_size` bytes, each one inside the uAPI; an error appends nothing.

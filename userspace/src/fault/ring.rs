@@ -716,7 +716,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(2048))]
 
         /// Any completion result over any buffer: no panic, and exactly one of: retry
         /// (EINTR/EAGAIN), end of file, a read error carrying the errno (or the impossible
@@ -775,7 +775,7 @@ mod tests {
 
     proptest! {
         // Each case runs a ring on a socketpair: few cases.
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(128))]
 
         /// Records written in arbitrary record-aligned chunks reach the callback, every one
         /// exactly once, whatever the depth and read size; a malformed record after them ends
