@@ -390,18 +390,11 @@ fn guest_suites(
     let mut files = c_files(&c_bins, &main_runs);
     let mut script = String::from(SCRIPT_START);
     for (name, host_path) in &rust_bins {
-        let guest = format!("/tests/rust/{name}");
         files.push(GuestFile {
             host: host_path.clone(),
-            guest: guest.clone(),
+            guest: format!("/tests/rust/{name}"),
         });
-        let _ = writeln!(
-            script,
-            "echo '{b}rust {name}'; {guest} --ignored; rc=$?; echo '{e}rust {name}' rc=$rc; [ $rc = 0 ] || failed=1",
-            b = console::TEST_BEGIN,
-            e = console::TEST_END,
-            guest = sh_quote(&guest),
-        );
+        push_rust_run(&mut script, name, name, &[]);
     }
     push_c_runs(&mut script, &main_runs);
     script.push_str(SCRIPT_END);
@@ -462,6 +455,23 @@ fn guest_suites(
         let params = cmdline.join(" ");
         let outcome = if main_booted {
             let mut script = String::from(SCRIPT_START);
+            let mut files = c_files(&c_bins, runs);
+            for (name, filter) in RUST_IN_EVERY_BOOT {
+                let Some((_, host_path)) = rust_bins.iter().find(|(n, _)| n == name) else {
+                    continue;
+                };
+                files.push(GuestFile {
+                    host: host_path.clone(),
+                    guest: format!("/tests/rust/{name}"),
+                });
+                let label = format!("[{params}] {name}");
+                let args: Vec<&str> = if filter.is_empty() {
+                    Vec::new()
+                } else {
+                    vec!["--exact", filter]
+                };
+                push_rust_run(&mut script, &label, name, &args);
+            }
             push_c_runs(&mut script, runs);
             script.push_str(SCRIPT_END);
             eprintln!(
@@ -474,7 +484,7 @@ fn guest_suites(
                 &BootSpec {
                     tag: &format!("suite-cmdline{}", i + 1),
                     script: &script,
-                    files: &c_files(&c_bins, runs),
+                    files: &files,
                     extra_cmdline: cmdline,
                     accel: Accel::Tcg,
                     smp: opts.smp,
@@ -501,7 +511,8 @@ fn guest_suites(
             }
             Err(e) => eprintln!("[test] guest ({params}): {e}"),
         }
-        let (counts, why) = judge_extra_boot(outcome.as_ref().map_err(String::as_str));
+        let (rust_counts, counts, why) = judge_extra_boot(outcome.as_ref().map_err(String::as_str));
+        rust.counts.add(rust_counts);
         c.counts.add(counts);
         if let Some(why) = why {
             c.counts.failed += 1;
@@ -590,20 +601,46 @@ fn push_c_runs(script: &mut String, runs: &[&kernel::CTestRun]) {
 /// counts. A boot that did not run or start, a timeout, a kernel problem report, or a failed
 /// run without a failing test each give one; a test that fails inside a boot that otherwise
 /// went well is only its own failure.
-fn judge_extra_boot(outcome: Result<&qemu::VmOutcome, &str>) -> (Counts, Option<String>) {
+fn judge_extra_boot(outcome: Result<&qemu::VmOutcome, &str>) -> (Counts, Counts, Option<String>) {
     let outcome = match outcome {
         Ok(o) => o,
-        Err(e) => return (Counts::default(), Some(e.to_string())),
+        Err(e) => return (Counts::default(), Counts::default(), Some(e.to_string())),
     };
-    let (_, counts) = tally(&outcome.console);
+    let (rust, counts) = tally(&outcome.console);
     if outcome.success() {
-        return (counts, None);
+        return (rust, counts, None);
     }
-    // The main boot charges a silent failure to the Rust suite; this boot ran only C tests.
+    // The main boot charges a silent failure to the Rust suite; this one to the C suite.
     let why = report_failed_boot(outcome).or_else(|| {
-        (counts.failed == 0).then(|| "the guest run failed without a failing test".into())
+        (counts.failed + rust.failed == 0)
+            .then(|| "the guest run failed without a failing test".into())
     });
-    (counts, why)
+    (rust, counts, why)
+}
+
+/// Rust tests (binary, exact test name or "" for all its `--ignored` tests) that also run in
+/// every boot with extra kernel parameters (shadow paging): the fuzzer and the teardown stress
+/// go through every access path, and KVM's own page-table walker only runs there.
+const RUST_IN_EVERY_BOOT: &[(&str, &str)] = &[
+    ("kvm-selftests.userfault_fuzz-test", "fuzz_userfault_uapi"),
+    ("kvm-selftests.userfault_teardown-test", ""),
+];
+
+/// Appends the script line of one Rust test binary run (`/tests/rust/{name} --ignored
+/// {args}`), between begin and end markers labelled `label`; a failure sets `failed`.
+fn push_rust_run(script: &mut String, label: &str, name: &str, args: &[&str]) {
+    let command: Vec<String> = std::iter::once(format!("/tests/rust/{name}"))
+        .chain(std::iter::once("--ignored".to_string()))
+        .chain(args.iter().map(|a| a.to_string()))
+        .map(|w| sh_quote(&w))
+        .collect();
+    let _ = writeln!(
+        script,
+        "echo '{b}rust {label}'; {cmd}; rc=$?; echo '{e}rust {label}' rc=$rc; [ $rc = 0 ] || failed=1",
+        b = console::TEST_BEGIN,
+        e = console::TEST_END,
+        cmd = command.join(" "),
+    );
 }
 
 /// Prints why a boot failed. Returns the report's first line when the failure is the kernel's
@@ -824,6 +861,36 @@ mod tests {
         }
     }
 
+    /// An extra boot's C counts and its own failure.
+    fn judge_c(o: Result<&qemu::VmOutcome, &str>) -> (Counts, Option<String>) {
+        let (_, c, why) = judge_extra_boot(o);
+        (c, why)
+    }
+
+    #[test]
+    fn extra_boots_count_their_rust_runs() {
+        // A Rust run in an extra boot is tallied as Rust; its failure explains the exit status.
+        let failing = outcome(
+            Some(1),
+            &[
+                "KVMUF-TEST-BEGIN rust [kvm_amd.npt=0] kvm-selftests.userfault_fuzz-test",
+                "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 1 filtered out",
+                "KVMUF-TEST-END rust [kvm_amd.npt=0] kvm-selftests.userfault_fuzz-test rc=101",
+                PASSING_RUN[0],
+                PASSING_RUN[1],
+            ],
+        );
+        let (rust, c, why) = judge_extra_boot(Ok(&failing));
+        assert_eq!((rust.failed, rust.passed, c.passed, why), (1, 0, 1, None));
+        let mut script = String::new();
+        push_rust_run(&mut script, "[a=1] b-test", "b-test", &["--exact", "t"]);
+        assert_eq!(
+            script,
+            "echo 'KVMUF-TEST-BEGIN rust [a=1] b-test'; /tests/rust/b-test --ignored --exact t; \
+             rc=$?; echo 'KVMUF-TEST-END rust [a=1] b-test' rc=$rc; [ $rc = 0 ] || failed=1\n"
+        );
+    }
+
     /// The failures one extra boot adds to guest-c: its tests' and its own.
     fn failures((counts, why): (Counts, Option<String>)) -> u64 {
         counts.failed + u64::from(why.is_some())
@@ -838,18 +905,18 @@ mod tests {
     fn extra_boots_are_judged() {
         // It went well.
         let ok = outcome(Some(0), &PASSING_RUN);
-        let (counts, why) = judge_extra_boot(Ok(&ok));
+        let (counts, why) = judge_c(Ok(&ok));
         assert_eq!((counts.passed, counts.failed, why), (1, 0, None));
 
         // It did not start (or was skipped): one failure, with the reason.
-        let (counts, why) = judge_extra_boot(Err("cannot start qemu-system-x86_64"));
+        let (counts, why) = judge_c(Err("cannot start qemu-system-x86_64"));
         assert_eq!(counts, Counts::default());
         assert_eq!(why.as_deref(), Some("cannot start qemu-system-x86_64"));
 
         // A timeout, even after its tests passed: one failure.
         let mut hung = outcome(None, &PASSING_RUN);
         hung.timed_out = true;
-        let judged = judge_extra_boot(Ok(&hung));
+        let judged = judge_c(Ok(&hung));
         assert_eq!(judged.0.passed, 1);
         assert!(
             judged.1.as_deref().unwrap().contains("timed out after"),
@@ -860,7 +927,7 @@ mod tests {
         // A kernel problem report, though every test passed and the script exited 0.
         let mut warned = outcome(Some(0), &PASSING_RUN);
         warned.problems = vec!["WARNING: CPU: 0 PID: 1 at mm/gup.c:1 x".into()];
-        let judged = judge_extra_boot(Ok(&warned));
+        let judged = judge_c(Ok(&warned));
         assert!(
             judged
                 .1
@@ -872,7 +939,7 @@ mod tests {
         assert_eq!(failures(judged), 1);
 
         // A non-zero exit that no test accounts for.
-        let judged = judge_extra_boot(Ok(&outcome(Some(1), &PASSING_RUN)));
+        let judged = judge_c(Ok(&outcome(Some(1), &PASSING_RUN)));
         assert_eq!(
             judged.1.as_deref(),
             Some("the guest run failed without a failing test")
@@ -887,7 +954,7 @@ mod tests {
                 "KVMUF-TEST-END c [a=1] demand_paging_test rc=254",
             ],
         );
-        let judged = judge_extra_boot(Ok(&failing));
+        let judged = judge_c(Ok(&failing));
         assert_eq!((judged.0.failed, &judged.1), (1, &None));
 
         // A required run that skips a case (exit 0) or as a whole (rc 4, which the script turns
@@ -900,7 +967,7 @@ mod tests {
                 "KVMUF-TEST-END c! [kvm_amd.npt=0] x86/userfault_test rc=0",
             ],
         );
-        let judged = judge_extra_boot(Ok(&skipped_case));
+        let judged = judge_c(Ok(&skipped_case));
         assert_eq!((judged.0.failed, judged.0.passed), (1, 0));
         assert_eq!(failures(judged), 1);
         let skipped_run = outcome(
@@ -911,7 +978,7 @@ mod tests {
                 "KVMUF-TEST-END c! [kvm_amd.npt=0] x86/userfault_test rc=1",
             ],
         );
-        let judged = judge_extra_boot(Ok(&skipped_run));
+        let judged = judge_c(Ok(&skipped_run));
         assert_eq!((judged.0.failed, &judged.1), (1, &None));
     }
 
