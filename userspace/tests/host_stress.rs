@@ -30,6 +30,7 @@ use kvm_userfault::source::{
 use kvm_userfault::vm::Mapping;
 use kvm_userfault::PAGE_SIZE;
 use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -182,6 +183,8 @@ fn marker(seed: u64, page: usize) -> u64 {
 #[derive(Default)]
 struct UffdTotals {
     rounds: u64,
+    per_kind: std::collections::BTreeMap<String, u64>,
+    minor_unsupported: bool,
     pages: u64,
     accesses: u64,
     writes: u64,
@@ -206,10 +209,11 @@ fn uffd_backend_under_many_faulting_threads() {
         uffd_round(&mut rng, &mut t);
     }
     eprintln!(
-        "uffd stress: {} rounds, {} pages, {} accesses ({} writes) by {FAULTING_THREADS} \
+        "uffd stress: {} rounds {:?}, {} pages, {} accesses ({} writes) by {FAULTING_THREADS} \
          threads; handler: {} faults ({} duplicates, {} already present), {} demand + {} \
          prefetched pages, {} install calls",
         t.rounds,
+        t.per_kind,
         t.pages,
         t.accesses,
         t.writes,
@@ -231,8 +235,14 @@ fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
     let hot: Vec<usize> = (0..rng.range(1, 4))
         .map(|_| rng.below(pages as u64) as usize)
         .collect();
+    let kind = match rng.below(3) {
+        0 => Kind::AnonMissing,
+        1 => Kind::ShmemMissing,
+        _ if t.minor_unsupported => Kind::ShmemMissing,
+        _ => Kind::ShmemMinor,
+    };
     let what = format!(
-        "uffd round {} (seed {round_seed}, {pages} pages, {services} service threads, \
+        "uffd round {} (seed {round_seed}, {kind:?}, {pages} pages, {services} service threads, \
          prefetch {prefetch:?})",
         t.rounds
     );
@@ -240,27 +250,38 @@ fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
 
     let img = image(round_seed, pages);
     let source = Arc::new(Counting::new(img.clone()));
-    let mem = Mapping::new(pages * PAGE_SIZE, None).unwrap();
+    let len = pages * PAGE_SIZE;
+    let shmem = (kind != Kind::AnonMissing).then(|| memfd(len, kind == Kind::ShmemMinor));
+    let mem = Mapping::new(len, shmem.as_ref().map(|f| f.as_raw_fd())).unwrap();
+    // MINOR: the handler fills through a second mapping of the same file.
+    let alias = (kind == Kind::ShmemMinor)
+        .then(|| Mapping::new(len, shmem.as_ref().map(|f| f.as_raw_fd())).unwrap());
     let uffd = Arc::new(Uffd::new().unwrap());
-    uffd.register(mem.addr(), mem.len(), UffdMode::Missing)
-        .unwrap();
+    let mode = match kind {
+        Kind::ShmemMinor => UffdMode::Minor,
+        _ => UffdMode::Missing,
+    };
+    if let Err(e) = uffd.register(mem.addr(), len, mode) {
+        assert_eq!(kind, Kind::ShmemMinor, "{what}: {e:#}");
+        eprintln!("SKIP: userfaultfd MINOR on shmem unsupported here ({e:#}); MISSING only");
+        t.minor_unsupported = true;
+        return;
+    }
     let region = Region {
         gpa: GPA,
-        size: (pages * PAGE_SIZE) as u64,
+        size: len as u64,
         host: mem.addr(),
-        fill_alias: None,
+        fill_alias: alias.as_ref().map(|a| a.addr()),
         source_first_page: 0,
     };
-    // SAFETY: `mem` outlives the handler (dropped after it, at the end of this function) and
-    // is only accessed through `Mapping::read/write` (raw copies), never through a reference.
-    let h = unsafe {
-        Handler::new(
-            vec![region],
-            source.clone(),
-            Install::UffdCopy(uffd.clone()),
-        )
-    }
-    .unwrap();
+    let install = match kind {
+        Kind::ShmemMinor => Install::UffdContinue(uffd.clone()),
+        _ => Install::UffdCopy(uffd.clone()),
+    };
+    // SAFETY: `mem` and `alias` outlive the handler (dropped after it, at the end of this
+    // function) and are only accessed through `Mapping::read/write` (raw copies), never
+    // through a reference.
+    let h = unsafe { Handler::new(vec![region], source.clone(), install) }.unwrap();
     let stop = StopSignal::new().unwrap();
     let start = Barrier::new(FAULTING_THREADS);
     let accesses = AtomicU64::new(0);
@@ -382,8 +403,50 @@ fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
     t.demand += demand;
     t.prefetched += prefetched;
     t.installs += st.install_calls.load(Relaxed);
+    *t.per_kind.entry(format!("{kind:?}")).or_default() += 1;
     drop(h);
+    drop(alias);
     drop(mem);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Anonymous memory, MISSING, UFFDIO_COPY (`uffd-missing`).
+    AnonMissing,
+    /// A memfd, MISSING, UFFDIO_COPY (`uffd-missing --backing shmem`).
+    ShmemMissing,
+    /// A fallocated memfd, MINOR, filled through an alias, UFFDIO_CONTINUE (`uffd-minor`).
+    ShmemMinor,
+}
+
+/// A memfd of `len` bytes; `populate` allocates its (zeroed) pages in the page cache, which
+/// MINOR faults need.
+fn memfd(len: usize, populate: bool) -> OwnedFd {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; returns a new fd or -1.
+    let raw = unsafe { libc::memfd_create(c"kuf-stress".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let size = len as libc::off_t;
+    // SAFETY: ftruncate/fallocate on our own memfd.
+    let r = unsafe {
+        if populate {
+            libc::fallocate(fd.as_raw_fd(), 0, 0, size)
+        } else {
+            libc::ftruncate(fd.as_raw_fd(), size)
+        }
+    };
+    assert_eq!(
+        r,
+        0,
+        "sizing the memfd: {}",
+        std::io::Error::last_os_error()
+    );
+    fd
 }
 
 #[derive(Default)]
