@@ -96,7 +96,7 @@ impl HostMapping {
     /// a multiple of 2 MiB.
     pub fn anonymous_thp(len: usize) -> Result<Self> {
         const HUGE: usize = HUGE_PAGE_SIZE as usize;
-        if len == 0 || len % HUGE != 0 {
+        if len == 0 || !len.is_multiple_of(HUGE) {
             bail!("THP-backed mapping of {len:#x} bytes: not a multiple of 2 MiB");
         }
         // Over-allocate by 2 MiB, then trim to the aligned part.

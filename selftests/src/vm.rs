@@ -329,12 +329,16 @@ impl Vcpu {
                     vals.join(", ")
                 ))
             }
-            guest::UCALL_UNHANDLED => Ucall::Unhandled {
+            guest::UCALL_UNHANDLED if args.len() >= 4 => Ucall::Unhandled {
                 vector: args[0],
                 rip: args[1],
                 error_code: args[2],
                 cr2: args[3],
             },
+            guest::UCALL_UNHANDLED => Ucall::Assert(format!(
+                "unhandled-exception ucall with {} args",
+                args.len()
+            )),
             c => Ucall::Assert(format!("unknown ucall command {c}")),
         }
     }
@@ -648,7 +652,7 @@ impl TestVm {
     /// aligned. Overlapping an existing mapping is an error (e.g. the image copy).
     pub fn map(&mut self, gva: u64, gpa: u64, len: u64) -> Result<()> {
         ensure!(
-            gva % 4096 == 0 && gpa % 4096 == 0 && len % 4096 == 0,
+            gva.is_multiple_of(4096) && gpa.is_multiple_of(4096) && len.is_multiple_of(4096),
             "unaligned map {gva:#x} -> {gpa:#x} +{len:#x}"
         );
         ensure!(

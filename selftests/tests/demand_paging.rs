@@ -151,7 +151,7 @@ impl Params {
         };
         assert!(p.vcpus >= 1, "DEMAND_PAGING_VCPUS must be >= 1");
         assert!(
-            p.bytes_per_vcpu >= PAGE && p.bytes_per_vcpu % PAGE == 0,
+            p.bytes_per_vcpu >= PAGE && p.bytes_per_vcpu.is_multiple_of(PAGE),
             "DEMAND_PAGING_BYTES must be a non-zero multiple of the page size"
         );
         p
@@ -421,7 +421,7 @@ fn run_test(p: &Params) -> Result<()> {
         Workload::Sequential => guest_code,
         Workload::Scattered2M => {
             ensure!(
-                p.bytes_per_vcpu % HUGE_PAGE_SIZE == 0,
+                p.bytes_per_vcpu.is_multiple_of(HUGE_PAGE_SIZE),
                 "the 2 MiB workload needs a multiple of 2 MiB per vCPU"
             );
             guest_code_thp
@@ -689,7 +689,7 @@ fn thp_params(mode: Mode) -> Option<Params> {
         .next_multiple_of(HUGE_PAGE_SIZE);
     p.bytes_per_vcpu = env_size("DEMAND_PAGING_THP_BYTES", HUGE_PAGE_SIZE).max(min_per_vcpu);
     assert!(
-        p.bytes_per_vcpu % HUGE_PAGE_SIZE == 0,
+        p.bytes_per_vcpu.is_multiple_of(HUGE_PAGE_SIZE),
         "DEMAND_PAGING_THP_BYTES must be a multiple of 2M"
     );
     Some(p)

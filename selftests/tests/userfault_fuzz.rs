@@ -266,7 +266,7 @@ extern "C" fn guest_fuzz(seed: u64, vcpu: u64, stop_gva: u64, _: u64) {
             }
         }
         iter += 1;
-        if iter % SYNC_EVERY == 0 {
+        if iter.is_multiple_of(SYNC_EVERY) {
             guest::sync(&[vcpu, iter]);
         }
     }
@@ -420,6 +420,8 @@ struct Shared {
     stop_watchdog: AtomicBool,
     /// A failure was recorded: every thread returns as soon as it can.
     abort: AtomicBool,
+    /// The stall watchdog's bound (also the bound of the close-releases check).
+    stall: Duration,
     failure: Mutex<Option<String>>,
     /// Per vCPU: SYNCs seen, last guest iteration count, DONE reached.
     syncs: [AtomicU64; NR_VCPUS],
@@ -432,7 +434,9 @@ struct Shared {
     /// Scratch slot position + 1 (0: absent), for reports.
     scratch_at: AtomicU64,
     /// pthread ids of the vCPU and resolver threads (signal targets), set before the chaos
-    /// thread starts; valid until joined, which happens only after the chaos thread ended.
+    /// thread starts. The rule: a listed thread is neither joined nor detached (it is removed
+    /// before it is joined; a handle not joined is leaked, not dropped), and every kick is
+    /// made with the list's lock held.
     vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     resolver_threads: Mutex<Vec<libc::pthread_t>>,
     st: Stats,
@@ -764,9 +768,9 @@ fn install_sigusr1() -> Result<()> {
 }
 
 fn kick(thread: libc::pthread_t) {
-    // SAFETY: `thread` belongs to a thread of ours that has not been joined yet (see
-    // Shared::vcpu_threads), so the id is valid even if the thread has returned; SIGUSR1 has a
-    // no-op handler.
+    // SAFETY: callers take `thread` from Shared::vcpu_threads or resolver_threads with the
+    // list's lock held; a listed thread is neither joined nor detached (see there), so the id
+    // is valid even if the thread has returned; SIGUSR1 has a no-op handler.
     unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
 }
 
@@ -1141,7 +1145,7 @@ fn check_kvm_read(
     evictions_before: u64,
 ) -> Result<()> {
     ensure!(
-        gpa % 8 == 0 && data_page(gpa).is_some(),
+        gpa.is_multiple_of(8) && data_page(gpa).is_some(),
         "vCPU {idx}: `rep outsb` from gpa {gpa:#x} (R8): not a word of the data slot"
     );
     let want = word_value(gpa).to_le_bytes();
@@ -2076,7 +2080,9 @@ fn check_close_released(sh: &Shared, generation: u64) -> Result<()> {
             (n, sh.in_run[i].load(Ordering::SeqCst))
         })
         .collect();
-    let limit = Duration::from_secs(10).min(timeout());
+    // As long as the stall watchdog's bound (a vCPU may legitimately go that long without an
+    // exit under TCG and shadow paging), and at least 10 s.
+    let limit = sh.stall.max(Duration::from_secs(10)).min(timeout());
     let released = |i: usize| {
         !snap[i].1
             || sh.runs_returned[i].load(Ordering::SeqCst) != snap[i].0
@@ -2387,6 +2393,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         stop_resolvers: AtomicBool::new(false),
         stop_watchdog: AtomicBool::new(false),
         abort: AtomicBool::new(false),
+        stall,
         failure: Mutex::new(None),
         syncs: Default::default(),
         iters: Default::default(),
@@ -2502,15 +2509,28 @@ impl Workers {
     /// still-running chaos thread's signals).
     fn teardown(&mut self, sh: &Shared) -> Option<String> {
         sh.abort.store(true, Ordering::SeqCst);
-        for flag in [&sh.stop_chaos, &sh.stopping, &sh.stop_resolvers] {
+        for flag in [
+            &sh.stop_chaos,
+            &sh.stopping,
+            &sh.stop_resolvers,
+            &sh.stop_watchdog,
+        ] {
             flag.store(true, Ordering::SeqCst);
         }
         sh.sys.write_u64(STOP_GPA as usize, 1);
+        sh.fd_closes.fetch_add(1, Ordering::SeqCst);
         drop(lock(&sh.fd).take());
-        let deadline = Instant::now() + timeout();
+        // finish() may already have waited its own timeout: a shorter bound here.
+        let deadline = Instant::now() + timeout().min(Duration::from_secs(30));
         let all_finished = |hs: &[JoinHandle<()>]| hs.iter().all(|h| h.is_finished());
-        // The chaos and scratch threads first: they are the only ones that signal others.
+        // The chaos and scratch threads first: they are the only other signallers. Kick the
+        // vCPUs and resolvers meanwhile (none is joined yet): a resolver blocked in a read
+        // keeps the fd open, and with it a KVM-access sleeper that a chaos memslot update
+        // waits for.
         while !all_finished(&self.chaos) && Instant::now() < deadline {
+            for list in [&sh.vcpu_threads, &sh.resolver_threads] {
+                lock(list).iter().for_each(|t| kick(*t));
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         let chaos_done = all_finished(&self.chaos);
@@ -2531,7 +2551,7 @@ impl Workers {
             self.vcpus.drain(..).for_each(|h| drop(h.join()));
             self.resolvers.drain(..).for_each(|h| drop(h.join()));
         }
-        sh.stop_watchdog.store(true, Ordering::SeqCst);
+        let deadline = deadline.max(Instant::now() + Duration::from_secs(1));
         while self.watchdog.as_ref().is_some_and(|h| !h.is_finished()) && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(5));
@@ -2662,9 +2682,10 @@ fn finish(sh: &Arc<Shared>, w: &mut Workers) -> Result<()> {
         sh.fd_report(),
         thread_report(true)
     );
-    join_all(&mut w.vcpus, "the vCPU threads")?;
-    // The chaos thread, the only other signaller, is gone; nothing signals a joined thread.
+    // Off the signal list before they are joined (the chaos thread, the only other
+    // signaller, is gone already): a listed thread is never joined nor detached.
     lock(&sh.vcpu_threads).clear();
+    join_all(&mut w.vcpus, "the vCPU threads")?;
     // 4. The resolvers, kicked out of blocking reads and polls.
     sh.stop_resolvers.store(true, Ordering::SeqCst);
     let stopped = wait_until(sh, limit, || {

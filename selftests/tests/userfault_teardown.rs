@@ -214,7 +214,7 @@ extern "C" fn guest_stress(seed: u64, vcpu: u64, pages: u64, outs: u64) {
             }
         }
         iter += 1;
-        if iter % SYNC_EVERY == 0 {
+        if iter.is_multiple_of(SYNC_EVERY) {
             guest::sync(&[vcpu, iter]);
         }
     }
@@ -750,7 +750,7 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize) -> Result<()> {
     let mut outs: Vec<u8> = Vec::new();
     let mut outs_fd_closed = false;
     let mut last_iter = 0;
-    let mut use_fd = idx % 2 == 0;
+    let mut use_fd = idx.is_multiple_of(2);
     while !sh.close_vcpus.load(SeqCst) {
         me.in_run.store(true, SeqCst);
         sh.ct.inc(C::kvm_runs);
@@ -906,7 +906,7 @@ fn serve_exit(sh: &Shared, page: u64, use_fd: &mut bool) -> Result<bool> {
 /// What KVM's emulator read at `gpa`: the pattern while the fd stayed open; after it was
 /// closed KVM's access goes to memory, so an unpopulated page's zeros are allowed too.
 fn check_kvm_read(sh: &Shared, who: &str, gpa: u64, got: &[u8], fd_closed: bool) {
-    let Some(page) = sh.round.data_page(gpa).filter(|_| gpa % 8 == 0) else {
+    let Some(page) = sh.round.data_page(gpa).filter(|_| gpa.is_multiple_of(8)) else {
         sh.err(
             who,
             format!("`rep outsb` from gpa {gpa:#x}: not a data word"),

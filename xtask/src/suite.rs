@@ -456,9 +456,12 @@ fn guest_suites(
         let outcome = if main_booted {
             let mut script = String::from(SCRIPT_START);
             let mut files = c_files(&c_bins, runs);
+            // The C runs first: a hang of the fuzzer or the stress (what they hunt for) must
+            // not keep the required C runs of this boot from running.
+            push_c_runs(&mut script, runs);
             for (name, filter) in RUST_IN_EVERY_BOOT {
                 let Some((_, host_path)) = rust_bins.iter().find(|(n, _)| n == name) else {
-                    continue;
+                    bail!("{name}, which runs in every boot (RUST_IN_EVERY_BOOT), was not built");
                 };
                 files.push(GuestFile {
                     host: host_path.clone(),
@@ -472,7 +475,6 @@ fn guest_suites(
                 };
                 push_rust_run(&mut script, &label, name, &args);
             }
-            push_c_runs(&mut script, runs);
             script.push_str(SCRIPT_END);
             eprintln!(
                 "[test] booting the patched kernel with `{params}`: {} C selftest runs",
