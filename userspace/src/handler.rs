@@ -73,25 +73,29 @@ pub enum HandlerError {
     /// A fault on a host address outside every region (userfaultfd).
     #[error("userfaultfd fault at host address {0:#x}, outside every region")]
     UnknownHostAddress(u64),
-    /// The source could not supply a page.
-    #[error("filling gpa {gpa:#x}: {source}")]
+    /// The source could not supply a page. The page was not made visible: it stays missing
+    /// (USERFAULT set / not mapped), whatever the source left in the buffer.
+    ///
+    /// Display is one line naming the page, the source and the cause (the cause is part of
+    /// the message, not a separate `source()`, so an error chain prints it once).
+    #[error("filling gpa {gpa:#x} from {from}: {cause}")]
     Source {
-        /// The page.
+        /// The page that could not be filled (the first of its run that failed).
         gpa: u64,
+        /// The source, as [`PageSource::describe`] puts it.
+        from: String,
         /// Why.
-        #[source]
-        source: SourceError,
+        cause: SourceError,
     },
     /// The kernel refused to install a page.
-    #[error("making gpa {gpa:#x} (+{size:#x}) visible: {source}")]
+    #[error("making gpa {gpa:#x} (+{size:#x}) visible: {cause}")]
     Install {
         /// First byte of the range.
         gpa: u64,
         /// Bytes.
         size: u64,
         /// The ioctl error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The runtime is stopping (another thread failed or the VM is done).
     #[error("handler stopped: {0}")]
@@ -510,22 +514,29 @@ impl Handler {
         // while we write them; no Rust reference to them exists.
         let dst = unsafe { std::slice::from_raw_parts_mut(target, len) };
         let first = r.source_first_page + pages.start as u64;
-        self.source.read_pages(first, dst).map_err(|source| {
-            let bad = match &source {
-                SourceError::Corrupt { index, .. } | SourceError::OutOfRange { index, .. } => {
-                    index.saturating_sub(r.source_first_page)
+        self.source.read_pages(first, dst).map_err(|cause| {
+            // The page the source names, if it lies in this run; else the run's first page.
+            let run = first..first + pages.len() as u64;
+            let bad = match &cause {
+                SourceError::Corrupt { index, .. }
+                | SourceError::OutOfRange { index, .. }
+                | SourceError::Io { index, .. }
+                    if run.contains(index) =>
+                {
+                    index - r.source_first_page
                 }
                 _ => pages.start as u64,
             };
             HandlerError::Source {
                 gpa: r.gpa + bad * PAGE_SIZE as u64,
-                source,
+                from: self.source.describe(),
+                cause,
             }
         })?;
-        let ierr = |source| HandlerError::Install {
+        let ierr = |cause| HandlerError::Install {
             gpa,
             size: len as u64,
-            source,
+            cause,
         };
         match &self.install {
             Install::Direct(res) => res.resolve(gpa, len as u64).map_err(ierr)?,
@@ -549,23 +560,29 @@ impl Handler {
 
     /// Runs prefetch until every page is present or the handler stops; errors stop the handler.
     pub fn prefetch_all(&self, batch: usize) {
+        if let Err(e) = self.prefetch_until_done(batch) {
+            tracing::error!("prefetch failed: {e}");
+            self.fail(&e.into());
+        }
+    }
+
+    /// Runs prefetch until every page is present (`Ok`) or the handler stops (`Ok`: stopping
+    /// is not this loop's failure); the first fill error ends it and is returned, typed, for
+    /// the caller to record (it does not stop the handler itself). Never retries a failure.
+    pub fn prefetch_until_done(&self, batch: usize) -> Result<(), HandlerError> {
         let mut scratch = Scratch::default();
         loop {
             match self.prefetch(batch, &mut scratch) {
                 Ok(0) => {
                     if self.missing_pages() == 0 || self.is_stopped() {
-                        return;
+                        return Ok(());
                     }
                     // Everything left is in flight elsewhere.
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(_) => {}
-                Err(HandlerError::Stopped(_)) => return,
-                Err(e) => {
-                    tracing::error!("prefetch failed: {e}");
-                    self.fail(&e.into());
-                    return;
-                }
+                Err(HandlerError::Stopped(_)) => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
     }

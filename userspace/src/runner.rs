@@ -5,17 +5,18 @@
 use crate::fault::uffd::{Uffd, UffdMode, UffdMsg, UFFD_EVENT_PAGEFAULT};
 use crate::fault::{Access, AsyncReader, ReaderExit, StopSignal};
 use crate::guest::{self, Mailbox, WorkloadPart, PORT_DONE, PORT_FAIL, PORT_PROGRESS};
-use crate::handler::{Handler, Install, Region, Scratch};
+use crate::handler::{Handler, HandlerError, Install, Region, Scratch};
 use crate::source::PageSource;
 use crate::uapi::{KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS};
 use crate::vm::{AttributeResolver, Backing, FdResolver, UserfaultFd, Vm};
 use crate::PAGE_SIZE;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
+use kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// How faults are delivered and resolved.
@@ -132,8 +133,185 @@ impl RunReport {
     }
 }
 
+/// Why a run failed: the first failure, typed. Later failures it caused (a vCPU told to
+/// stop, an access that failed once the runner revoked the data region) are not causes.
+#[derive(Debug, thiserror::Error)]
+pub enum RunCause {
+    /// The VM or the runtime could not be set up (or the configuration is invalid).
+    #[error("{0:#}")]
+    Setup(anyhow::Error),
+    /// A fault could not be served: the page source failed (disconnect, truncated file,
+    /// corrupt page, I/O error, timeout) or the kernel refused the install. Names the page,
+    /// the source and the cause; that page was not made visible.
+    #[error("{0}")]
+    Fault(HandlerError),
+    /// The guest read a word that does not match the image: a wrong page reached it.
+    #[error("vCPU {vcpu}: guest found wrong contents at gpa {:#x}: expected {:#018x}, found {:#018x}", .mailbox.gpa, .mailbox.expected, .mailbox.found)]
+    WrongContents {
+        /// The vCPU.
+        vcpu: usize,
+        /// Its report.
+        mailbox: Mailbox,
+    },
+    /// A vCPU failed on its own (unexpected exit, KVM_RUN error).
+    #[error("vCPU {vcpu}: {reason}")]
+    Vcpu {
+        /// The vCPU.
+        vcpu: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// A fault-reading service thread failed for a reason other than a fill (io_uring,
+    /// poll, a malformed record, the VM destroyed under it).
+    #[error("{what}: {reason}")]
+    Service {
+        /// Which loop.
+        what: &'static str,
+        /// What happened.
+        reason: String,
+    },
+    /// [`RunConfig::timeout`] elapsed.
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+}
+
+/// How one vCPU's part of the workload ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest checked every page of its part.
+    Done,
+    /// The runner stopped it after the run failed (the detail says how it left KVM_RUN).
+    Stopped(String),
+    /// The guest found a wrong word (a wrong or partial page reached it).
+    WrongContents(Mailbox),
+    /// The vCPU itself failed (its own fault could not be served, an unexpected exit).
+    Failed(String),
+    /// It did not leave KVM_RUN despite the kicks (the VM was leaked).
+    Stuck,
+}
+
+/// What one vCPU did before the run ended.
+#[derive(Debug, Clone)]
+pub struct VcpuOutcome {
+    /// The vCPU index.
+    pub vcpu: usize,
+    /// First guest physical address of its part.
+    pub gpa: u64,
+    /// Pages in its part.
+    pub pages: u64,
+    /// Pages of its part the guest read and found correct, from the first one on (the
+    /// workload reads its part in order): `gpa..gpa + verified_pages * 4096`.
+    pub verified_pages: u64,
+    /// How it ended.
+    pub end: VcpuEnd,
+}
+
+/// A failed run: the first cause, and what every vCPU had done until then.
+///
+/// `Display` is one line: the cause (a guest that also saw wrong contents, or vCPU threads
+/// that did not stop, are added to it because they break the runtime's guarantees). It has no
+/// `source()`: the cause's own text is already in the line, so an error chain prints it once.
+#[derive(Debug)]
+pub struct RunError {
+    /// The first failure.
+    pub cause: RunCause,
+    /// Per vCPU, in order (empty if the run failed before the vCPUs started).
+    pub vcpus: Vec<VcpuOutcome>,
+}
+
+impl RunError {
+    fn setup(e: anyhow::Error) -> Self {
+        Self {
+            cause: RunCause::Setup(e),
+            vcpus: Vec::new(),
+        }
+    }
+
+    /// The first wrong word any guest vCPU reported, with its vCPU.
+    pub fn wrong_contents(&self) -> Option<(usize, Mailbox)> {
+        self.vcpus.iter().find_map(|v| match v.end {
+            VcpuEnd::WrongContents(m) => Some((v.vcpu, m)),
+            _ => None,
+        })
+    }
+
+    /// vCPU threads that never left KVM_RUN.
+    pub fn stuck_vcpus(&self) -> usize {
+        self.vcpus
+            .iter()
+            .filter(|v| v.end == VcpuEnd::Stuck)
+            .count()
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.cause)?;
+        if !matches!(self.cause, RunCause::WrongContents { .. }) {
+            if let Some((vcpu, m)) = self.wrong_contents() {
+                write!(
+                    f,
+                    "; and vCPU {vcpu} then found wrong contents at gpa {:#x}",
+                    m.gpa
+                )?;
+            }
+        }
+        let stuck = self.stuck_vcpus();
+        if stuck > 0 {
+            write!(
+                f,
+                "; {stuck} vCPU thread(s) did not stop (the VM and its fds were leaked)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// The run's first failure, shared by every thread of the run.
+struct FirstCause(Mutex<Option<RunCause>>);
+
+impl FirstCause {
+    /// Records `cause` unless one was recorded already, then stops the handler (so every
+    /// other thread stops). Recording happens before the stop, so a thread that sees the
+    /// handler stopped finds the cause recorded.
+    fn record(&self, cause: RunCause, h: &Handler) {
+        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            tracing::error!("run failed: {cause}");
+            h.stop(&cause.to_string());
+            *first = Some(cause);
+        } else {
+            tracing::debug!("after the first failure: {cause}");
+        }
+    }
+
+    fn take(&self) -> Option<RunCause> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Turns a service loop's error into a cause: a fill failure keeps its type; the handler
+/// being stopped is a consequence, not a cause.
+fn service_cause(e: anyhow::Error, what: &'static str) -> Option<RunCause> {
+    match e.downcast::<HandlerError>() {
+        Ok(HandlerError::Stopped(_)) => None,
+        Ok(h) => Some(RunCause::Fault(h)),
+        Err(e) => Some(RunCause::Service {
+            what,
+            reason: format!("{e:#}"),
+        }),
+    }
+}
+
 /// How long after a failure stuck vCPU threads are given before the runner gives up on them.
 const STUCK_GRACE: Duration = Duration::from_secs(10);
+/// How long the runner only signals vCPUs before it also releases the waiters a signal cannot
+/// reach (without contents: see `release_waiters`).
+const KICK_GRACE: Duration = Duration::from_millis(200);
+/// How often the runner checks its vCPUs (and re-kicks them once the run stopped).
+const POLL: Duration = Duration::from_millis(20);
 
 extern "C" fn noop_signal(_: libc::c_int) {}
 
@@ -152,8 +330,20 @@ fn install_kick_handler() {
     });
 }
 
-/// Runs the workload; every page is checked by the guest. Errors name the first failure.
-pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
+/// Runs the workload; every page is checked by the guest.
+///
+/// On failure the run stops as a whole: the vCPUs are kicked out of KVM_RUN, waiters are
+/// released without contents (no page is ever made visible that the source did not supply
+/// whole and verified), every thread is joined, and the error is the first cause with what
+/// each vCPU had verified until then.
+pub fn run_workload(cfg: &RunConfig) -> Result<RunReport, RunError> {
+    run_inner(cfg).map_err(|e| match e.downcast::<RunError>() {
+        Ok(r) => r,
+        Err(e) => RunError::setup(e),
+    })
+}
+
+fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
     ensure!(
         cfg.vcpus >= 1 && cfg.vcpus as u64 <= guest::MAX_VCPUS,
         "vcpus must be 1..={}",
@@ -256,58 +446,11 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
     let handler = Arc::new(unsafe { Handler::new(vec![region], cfg.source.clone(), install) }?);
     tracing::info!(mode = ?cfg.mode, pages = cfg.pages, vcpus = cfg.vcpus, source = %cfg.source.describe(), "run");
 
-    let stop = StopSignal::new()?;
-    let mut service_threads = Vec::new();
-    ensure!(
-        (1..=64).contains(&cfg.handler_threads),
-        "handler threads must be 1..=64"
-    );
-    for t in 0..cfg.handler_threads {
-        if let Some(fd) = &ufd {
-            let (h, fd, stop) = (handler.clone(), fd.clone(), stop.clone());
-            let (depth, per) = (cfg.ring_depth, cfg.records_per_read);
-            service_threads.push(
-                std::thread::Builder::new()
-                    .name(format!("kuf-async{t}"))
-                    .spawn(move || {
-                        match serve_userfault_fd(&h, &fd, stop, depth, per) {
-                            Ok(ReaderExit::Stopped) => {}
-                            // The runner holds the VM until the service threads are joined.
-                            Ok(ReaderExit::VmGone) => h.fail(&anyhow!(
-                                "async userfault reader: the VM was destroyed during the run"
-                            )),
-                            Err(e) => h.fail(&e.context("async userfault reader")),
-                        }
-                    })?,
-            );
-        }
-        if let Some(u) = &uffd {
-            let (h, u, stop) = (handler.clone(), u.clone(), stop.clone());
-            service_threads.push(
-                std::thread::Builder::new()
-                    .name(format!("kuf-uffd{t}"))
-                    .spawn(move || {
-                        if let Err(e) = serve_uffd(&h, &u, &stop) {
-                            h.fail(&e.context("userfaultfd handler"));
-                        }
-                    })?,
-            );
-        }
-    }
-    if cfg.prefetch {
-        let h = handler.clone();
-        service_threads.push(
-            std::thread::Builder::new()
-                .name("kuf-prefetch".into())
-                .spawn(move || h.prefetch_all(32))?,
-        );
-    }
-
-    // vCPUs.
-    let (tx, rx) = mpsc::channel::<(usize, Result<Duration>)>();
+    // The vCPUs are created before any runtime thread starts, so that a failure here
+    // returns with nothing running.
     let per = cfg.pages / cfg.vcpus as u64;
-    let mut vcpu_threads = Vec::new();
-    let start = Instant::now();
+    let mut vcpus = Vec::new();
+    let mut outcomes = Vec::new();
     for i in 0..cfg.vcpus {
         let first = i as u64 * per;
         let pages = if i + 1 == cfg.vcpus {
@@ -325,89 +468,189 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
         let vcpu = vm.create_vcpu(i as u64)?;
         guest::setup_long_mode(&vcpu)?;
         guest::setup_workload_regs(&vcpu, &part)?;
-        let (h, tx) = (handler.clone(), tx.clone());
-        let sys_addr = vm.slots[0].mapping.addr();
-        vcpu_threads.push(
-            std::thread::Builder::new()
-                .name(format!("kuf-vcpu{i}"))
-                .spawn(move || {
-                    let t = Instant::now();
-                    let r = vcpu_loop(vcpu, &h, &part, sys_addr).map(|()| t.elapsed());
-                    if let Err(e) = &r {
-                        h.fail(e);
+        // Until its thread reports, a vCPU counts as stuck with nothing verified.
+        outcomes.push(VcpuOutcome {
+            vcpu: i,
+            gpa: part.gpa,
+            pages,
+            verified_pages: 0,
+            end: VcpuEnd::Stuck,
+        });
+        vcpus.push((vcpu, part));
+    }
+    ensure!(
+        (1..=64).contains(&cfg.handler_threads),
+        "handler threads must be 1..=64"
+    );
+
+    let stop = StopSignal::new()?;
+    let causes = Arc::new(FirstCause(Mutex::new(None)));
+    let mut service_threads = Vec::new();
+    for t in 0..cfg.handler_threads {
+        if let Some(fd) = &ufd {
+            let (h, fd, stop, c) = (handler.clone(), fd.clone(), stop.clone(), causes.clone());
+            let (depth, per) = (cfg.ring_depth, cfg.records_per_read);
+            service_threads.extend(spawn_or_record(
+                format!("kuf-async{t}"),
+                &causes,
+                &handler,
+                move || {
+                    const WHAT: &str = "async userfault reader";
+                    let cause = match serve_userfault_fd(&h, &fd, stop, depth, per) {
+                        Ok(ReaderExit::Stopped) => None,
+                        // The runner holds the VM until the service threads are joined.
+                        Ok(ReaderExit::VmGone) => Some(RunCause::Service {
+                            what: WHAT,
+                            reason: "the VM was destroyed during the run".into(),
+                        }),
+                        Err(e) => service_cause(e, WHAT),
+                    };
+                    if let Some(cause) = cause {
+                        c.record(cause, &h);
                     }
-                    tx.send((i, r)).ok();
-                })?,
-        );
+                },
+            ));
+        }
+        if let Some(u) = &uffd {
+            let (h, u, stop, c) = (handler.clone(), u.clone(), stop.clone(), causes.clone());
+            service_threads.extend(spawn_or_record(
+                format!("kuf-uffd{t}"),
+                &causes,
+                &handler,
+                move || {
+                    if let Err(e) = serve_uffd(&h, &u, &stop) {
+                        if let Some(cause) = service_cause(e, "userfaultfd handler") {
+                            c.record(cause, &h);
+                        }
+                    }
+                },
+            ));
+        }
+    }
+    if cfg.prefetch {
+        let (h, c) = (handler.clone(), causes.clone());
+        service_threads.extend(spawn_or_record(
+            "kuf-prefetch".into(),
+            &causes,
+            &handler,
+            move || {
+                if let Err(e) = h.prefetch_until_done(32) {
+                    c.record(RunCause::Fault(e), &h);
+                }
+            },
+        ));
+    }
+
+    // vCPUs: the threads are started once everything else is.
+    let (tx, rx) = mpsc::channel::<(VcpuOutcome, Duration)>();
+    let mut vcpu_threads = Vec::new();
+    let start = Instant::now();
+    for (vcpu, part) in vcpus {
+        if handler.is_stopped() {
+            // A runtime thread could not be started: run no guest.
+            break;
+        }
+        let i = part.vcpu as usize;
+        let (h, tx, causes2) = (handler.clone(), tx.clone(), causes.clone());
+        let sys_addr = vm.slots[0].mapping.addr();
+        let spawned = spawn_or_record(format!("kuf-vcpu{i}"), &causes, &handler, move || {
+            let t = Instant::now();
+            let mut vcpu = vcpu;
+            let end = vcpu_loop(&mut vcpu, &h, &part, sys_addr, &causes2);
+            // The workload checks its part in order and rdi is the word it checks next:
+            // every page below it was read and found correct.
+            let verified_pages = vcpu
+                .get_regs()
+                .map_or(0, |r| r.rdi.saturating_sub(part.gpa) / PAGE_SIZE as u64)
+                .min(part.pages);
+            let outcome = VcpuOutcome {
+                vcpu: i,
+                gpa: part.gpa,
+                pages: part.pages,
+                verified_pages,
+                end,
+            };
+            tx.send((outcome, t.elapsed())).ok();
+        });
+        match spawned {
+            Some(t) => vcpu_threads.push(t),
+            None => break,
+        }
+    }
+    for o in outcomes.iter_mut().skip(vcpu_threads.len()) {
+        o.end = VcpuEnd::Stopped("not started".into());
     }
     drop(tx);
 
     let mut times = vec![Duration::ZERO; cfg.vcpus];
-    let mut first_err: Option<anyhow::Error> = None;
-    let mut remaining = cfg.vcpus;
+    let mut remaining = vcpu_threads.len();
     let deadline = start + cfg.timeout;
-    let mut unblocked = false;
+    let mut released = false;
     let mut stopped_at: Option<Instant> = None;
-    let data_addr = vm.slots[1].mapping.addr();
+    let mut stuck = false;
     while remaining > 0 {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok((i, Ok(t))) => {
-                times[i] = t;
+        match rx.recv_timeout(POLL) {
+            Ok((o, t)) => {
+                times[o.vcpu] = t;
+                let i = o.vcpu;
+                outcomes[i] = o;
                 remaining -= 1;
+                continue;
             }
-            Ok((_, Err(e))) => {
-                first_err.get_or_insert(e);
-                remaining -= 1;
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if Instant::now() > deadline {
-                    handler.stop(&format!("timed out after {:?}", cfg.timeout));
-                }
-                if handler.is_stopped() {
-                    if !unblocked {
-                        unblocked = true;
-                        if let Some(u) = &uffd {
-                            // KVM's own (emulated, uaccess) reads of a userfaultfd page spin
-                            // in the kernel while a non-fatal signal is pending and never see
-                            // EINTR. Revoke access to the data region and wake the waiters:
-                            // their retry fails (-EFAULT) instead of mapping a zero page, and
-                            // the vCPU exits.
-                            // SAFETY: PROT_NONE on our own data mapping; nothing in this
-                            // process reads it through a Rust reference.
-                            unsafe {
-                                libc::mprotect(
-                                    data_addr as *mut libc::c_void,
-                                    size as usize,
-                                    libc::PROT_NONE,
-                                )
-                            };
-                            u.wake(data_addr, size as usize).ok();
-                        }
-                    }
-                    for t in &vcpu_threads {
-                        if !t.is_finished() {
-                            // SAFETY: the thread is alive (not finished) and joinable; SIGUSR1
-                            // has a no-op handler, so this only interrupts KVM_RUN.
-                            unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
-                        }
-                    }
-                }
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if handler.is_stopped() {
-            stopped_at.get_or_insert_with(Instant::now);
+        if !handler.is_stopped() && Instant::now() > deadline {
+            causes.record(RunCause::TimedOut(cfg.timeout), &handler);
         }
-        if stopped_at.is_some_and(|t| t.elapsed() > STUCK_GRACE) {
-            // A vCPU did not leave KVM_RUN despite the kicks (a kernel that never wakes it).
-            // Do not hang the caller: stop the service threads and leak the VM, whose memory
-            // the stuck threads may still reference.
-            stop.stop();
-            let cause = handler.failure().unwrap_or_default();
-            std::mem::forget(vm);
-            std::mem::forget(alias);
-            bail!("{remaining} vCPU thread(s) did not stop after the run failed ({cause})");
+        if !handler.is_stopped() {
+            continue;
         }
+        let since = *stopped_at.get_or_insert_with(Instant::now);
+        // 1. Stop the vCPUs first: a signal makes KVM_RUN return EINTR from a vCPU waiting in
+        //    a userfaultfd fault or in a KVM userfault wait (VCPU_FAULTS), without the page
+        //    being resolved. Repeated every POLL: one sent while the thread was outside
+        //    KVM_RUN is lost, and the loop checks `is_stopped` before re-entering.
+        for t in &vcpu_threads {
+            if !t.is_finished() {
+                // SAFETY: the thread is alive (not finished) and joinable; SIGUSR1 has a
+                // no-op handler, so this only interrupts KVM_RUN (or a syscall) with EINTR.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
+            }
+        }
+        // 2. Then release the waiters a signal cannot reach, so that they fail instead of
+        //    being resolved without contents.
+        if !released && since.elapsed() >= KICK_GRACE {
+            released = true;
+            release_waiters(&vm, cfg.mode, uffd.as_deref());
+        }
+        if since.elapsed() > STUCK_GRACE {
+            stuck = true;
+            break;
+        }
+    }
+    if stuck {
+        // A vCPU did not leave KVM_RUN despite the kicks (a kernel that never wakes it). Do
+        // not hang the caller: stop the service threads and leak the VM, whose memory the
+        // stuck threads may still reference, and every fd whose close would let their
+        // faults complete without contents (userfaultfd: a zero page; the KVM userfault fd:
+        // KVM's own accesses go to the unfilled memory).
+        stop.stop();
+        std::mem::forget(vm);
+        std::mem::forget(alias);
+        std::mem::forget(ufd);
+        std::mem::forget(uffd);
+        std::mem::forget(vcpu_threads);
+        std::mem::forget(service_threads);
+        let cause = causes.take().unwrap_or_else(|| RunCause::Service {
+            what: "runner",
+            reason: handler.failure().unwrap_or_default(),
+        });
+        return Err(RunError {
+            cause,
+            vcpus: outcomes,
+        }
+        .into());
     }
     let elapsed = start.elapsed();
     for t in vcpu_threads {
@@ -418,15 +661,23 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
     for t in service_threads {
         t.join().map_err(|_| anyhow!("service thread panicked"))?;
     }
-    if let Some(e) = first_err {
-        // Prefer the root cause recorded by a service thread over a vCPU's "stopped".
-        return Err(match handler.failure() {
-            // The handler's failure is the root cause; what the vCPU saw afterwards is not.
-            Some(f) if !f.starts_with("run finished") && !f.contains(&e.to_string()) => {
-                anyhow!("{f} (vCPU then stopped: {e:#})")
-            }
-            _ => e,
-        });
+    if let Some(cause) = causes.take() {
+        return Err(RunError {
+            cause,
+            vcpus: outcomes,
+        }
+        .into());
+    }
+    if let Some(o) = outcomes.iter().find(|o| o.end != VcpuEnd::Done) {
+        // Every vCPU records its own failure; this only guards the invariant.
+        return Err(RunError {
+            cause: RunCause::Vcpu {
+                vcpu: o.vcpu,
+                reason: format!("ended as {:?} without a recorded cause", o.end),
+            },
+            vcpus: outcomes,
+        }
+        .into());
     }
     let stats = &handler.stats;
     use std::sync::atomic::Ordering::Relaxed;
@@ -438,6 +689,81 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport> {
         demand_pages: stats.demand_pages.load(Relaxed),
         prefetched_pages: stats.prefetched_pages.load(Relaxed),
     })
+}
+
+/// Spawns a runtime thread. A failure to spawn is recorded as the run's cause instead of
+/// being returned, so that the threads already running are stopped and joined like after
+/// any other failure.
+fn spawn_or_record(
+    name: String,
+    causes: &FirstCause,
+    h: &Handler,
+    f: impl FnOnce() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.clone()).spawn(f) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            causes.record(
+                RunCause::Setup(anyhow::Error::new(e).context(format!("spawning {name}"))),
+                h,
+            );
+            None
+        }
+    }
+}
+
+/// Releases, without contents, the fault waiters of a stopped run that a signal does not
+/// interrupt, so that their access fails instead of completing:
+/// - userfaultfd: KVM's own (emulated, uaccess) reads of a registered page spin in the kernel
+///   while a non-fatal signal is pending and never see EINTR. The data region is made
+///   PROT_NONE, then the waiters are woken: their retry fails (-EFAULT; the emulator turns it
+///   into an MMIO exit the vCPU loop never completes) instead of mapping a zero page, which
+///   closing or unregistering the userfaultfd would do.
+/// - KVM userfault: KVM's own accesses sleep killable, not interruptible. The data memslot
+///   is deleted, which wakes them with a failed access (docs/uapi.md); the fd is never closed
+///   and nothing is resolved while they sleep, since either would let them read the unfilled
+///   page.
+fn release_waiters(vm: &Vm, mode: Mode, uffd: Option<&Uffd>) {
+    let data = &vm.slots[1];
+    let (addr, size) = (data.mapping.addr(), data.size as usize);
+    match mode {
+        Mode::UffdMissing | Mode::UffdMinor => {
+            // SAFETY: PROT_NONE on our own data mapping; nothing in this process reads it
+            // through a Rust reference (the handler fills through the staging buffer or the
+            // alias, and is stopped).
+            let r = unsafe { libc::mprotect(addr as *mut libc::c_void, size, libc::PROT_NONE) };
+            if r != 0 {
+                tracing::error!(
+                    "revoking the data region: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            if let Some(u) = uffd {
+                u.wake(addr, size).ok();
+            }
+        }
+        Mode::KvmSync | Mode::KvmAsync => {
+            let region = kvm_userspace_memory_region2 {
+                slot: data.slot,
+                flags: if data.backing == Backing::GuestMemfd {
+                    KVM_MEM_GUEST_MEMFD
+                } else {
+                    0
+                },
+                guest_phys_addr: data.gpa,
+                memory_size: 0,
+                userspace_addr: addr as u64,
+                guest_memfd: data.fd.as_ref().map_or(0, |f| f.as_raw_fd() as u32),
+                ..Default::default()
+            };
+            // SAFETY: deletes our own data memslot (memory_size 0); its mapping stays mapped
+            // (owned by `vm`) and KVM no longer references it once the call returns.
+            if let Err(e) = unsafe { vm.fd.set_user_memory_region2(region) } {
+                tracing::error!("deleting the data memslot: {e}");
+            }
+        }
+    }
 }
 
 /// Serves a KVM userfault fd (or anything producing `kvm_userfault_msg` records) until `stop`
@@ -455,13 +781,23 @@ pub fn serve_userfault_fd(
         AsyncReader::new(fd.as_raw_fd(), fd.msg_size(), depth, records_per_read, stop)?;
     let mut scratch = Scratch::default();
     let mut gpas = Vec::new();
-    let exit = reader.run(|batch| {
+    // The handler's error is returned as itself (typed, for `downcast`), not wrapped in the
+    // reader's "handling a batch" error.
+    let mut failed: Option<HandlerError> = None;
+    let res = reader.run(|batch| {
         let t = Instant::now();
         gpas.clear();
         gpas.extend(batch.iter().map(|r| r.gfn << 12));
-        h.handle_gpas(&gpas, t, false, &mut scratch)?;
-        Ok(())
-    })?;
+        h.handle_gpas(&gpas, t, false, &mut scratch).map_err(|e| {
+            let msg = e.to_string();
+            failed = Some(e);
+            anyhow!(msg)
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    let exit = res?;
     if exit == ReaderExit::VmGone {
         tracing::info!(
             fd = fd.as_raw_fd(),
@@ -518,27 +854,48 @@ pub fn serve_uffd(h: &Handler, u: &Uffd, stop: &StopSignal) -> Result<()> {
     }
 }
 
-fn vcpu_loop(mut vcpu: VcpuFd, h: &Handler, part: &WorkloadPart, sys_addr: usize) -> Result<()> {
+/// Runs one vCPU until the guest is done, finds a wrong word, or the run stops; records the
+/// vCPU's own failures as the run's cause (unless the run had already failed: what happens to
+/// a vCPU after that is a consequence, except a wrong word, which is always reported).
+fn vcpu_loop(
+    vcpu: &mut VcpuFd,
+    h: &Handler,
+    part: &WorkloadPart,
+    sys_addr: usize,
+    causes: &FirstCause,
+) -> VcpuEnd {
     let _span = tracing::debug_span!("vcpu", id = part.vcpu).entered();
     let mut scratch = Scratch::default();
+    let id = part.vcpu as usize;
+    // A failure of this vCPU: the cause if the run had not stopped yet, else a consequence.
+    let failed = |reason: String| {
+        if h.is_stopped() {
+            VcpuEnd::Stopped(reason)
+        } else {
+            causes.record(
+                RunCause::Vcpu {
+                    vcpu: id,
+                    reason: reason.clone(),
+                },
+                h,
+            );
+            VcpuEnd::Failed(reason)
+        }
+    };
     loop {
         if h.is_stopped() {
-            bail!(
-                "vCPU {}: handler stopped: {}",
-                part.vcpu,
-                h.failure().unwrap_or_default()
-            );
+            return VcpuEnd::Stopped("signalled".into());
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => match port {
-                PORT_DONE => return Ok(()),
+                PORT_DONE => return VcpuEnd::Done,
                 PORT_PROGRESS => {
                     let left = u32::from_le_bytes(data.try_into().unwrap_or([0; 4]));
                     tracing::debug!(vcpu = part.vcpu, pages_left = left, "progress");
                 }
                 PORT_FAIL => {
                     // SAFETY: the system slot mapping outlives the vCPU threads (joined before
-                    // the Vm is dropped); read-only view of its first 2 MiB.
+                    // the Vm is dropped, or the Vm is leaked); read-only view of its first 2 MiB.
                     let sys = unsafe {
                         std::slice::from_raw_parts(
                             sys_addr as *const u8,
@@ -547,54 +904,55 @@ fn vcpu_loop(mut vcpu: VcpuFd, h: &Handler, part: &WorkloadPart, sys_addr: usize
                     };
                     let off = (guest::MAILBOX_GPA + part.vcpu * guest::MAILBOX_STRIDE) as usize;
                     let w = |i: usize| {
-                        u64::from_le_bytes(
-                            sys[off + i * 8..off + i * 8 + 8]
-                                .try_into()
-                                .expect("8 bytes"),
-                        )
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&sys[off + i * 8..off + i * 8 + 8]);
+                        u64::from_le_bytes(b)
                     };
-                    let m = Mailbox {
+                    let mailbox = Mailbox {
                         gpa: w(1),
                         expected: w(2),
                         found: w(3),
                     };
-                    bail!(
-                        "vCPU {}: guest found wrong contents at gpa {:#x}: expected {:#018x}, found {:#018x}",
-                        part.vcpu, m.gpa, m.expected, m.found
-                    );
+                    causes.record(RunCause::WrongContents { vcpu: id, mailbox }, h);
+                    return VcpuEnd::WrongContents(mailbox);
                 }
-                p => bail!("vCPU {}: unexpected port I/O to {p:#x}", part.vcpu),
+                p => return failed(format!("unexpected port I/O to {p:#x}")),
             },
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                 if flags & KVM_MEMORY_EXIT_FLAG_USERFAULT == 0 {
-                    bail!("vCPU {}: memory fault at {gpa:#x} (+{size:#x}) without USERFAULT (flags {flags:#x})", part.vcpu);
+                    return failed(format!(
+                        "memory fault at {gpa:#x} (+{size:#x}) without USERFAULT (flags {flags:#x})"
+                    ));
                 }
                 // Exactly one of READ/WRITE/EXEC with the v2 uAPI (none before it).
                 let access =
                     Access::from_exit_flags(flags).map_or("unknown-access", Access::as_str);
                 tracing::trace!(vcpu = part.vcpu, gpa, access, "userfault exit");
                 let t = Instant::now();
-                h.handle_gpas(&[gpa], t, true, &mut scratch)
-                    .with_context(|| format!("vCPU {} {access} fault at {gpa:#x}", part.vcpu))?;
+                match h.handle_gpas(&[gpa], t, true, &mut scratch) {
+                    Ok(()) => {}
+                    Err(HandlerError::Stopped(why)) => {
+                        return VcpuEnd::Stopped(format!("{access} fault at {gpa:#x}: {why}"))
+                    }
+                    Err(e) => {
+                        let reason = format!("{access} fault at {gpa:#x}: {e}");
+                        causes.record(RunCause::Fault(e), h);
+                        return VcpuEnd::Failed(reason);
+                    }
+                }
             }
             Ok(VcpuExit::Shutdown) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                bail!(
-                    "vCPU {}: guest shut down (triple fault) near rip {rip:#x}",
-                    part.vcpu
-                );
+                return failed(format!("guest shut down (triple fault) near rip {rip:#x}"));
             }
-            Ok(VcpuExit::Hlt) => bail!("vCPU {}: guest halted before reporting", part.vcpu),
+            Ok(VcpuExit::Hlt) => return failed("guest halted before reporting".into()),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                bail!(
-                    "vCPU {}: VM entry failed (reason {reason:#x}, cpu {cpu})",
-                    part.vcpu
-                )
+                return failed(format!("VM entry failed (reason {reason:#x}, cpu {cpu})"))
             }
-            Ok(VcpuExit::InternalError) => bail!("vCPU {}: KVM internal error", part.vcpu),
-            Ok(other) => bail!("vCPU {}: unexpected exit {other:?}", part.vcpu),
+            Ok(VcpuExit::InternalError) => return failed("KVM internal error".into()),
+            Ok(other) => return failed(format!("unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => return Err(anyhow!("vCPU {}: KVM_RUN: {e}", part.vcpu)),
+            Err(e) => return failed(format!("KVM_RUN: {e}")),
         }
     }
 }

@@ -401,7 +401,8 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
 /// Tunables of the fetch side.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
-    /// How long `read_page` waits for a page before failing the source.
+    /// How long `read_page` waits for a page, and a write of requests may block, before
+    /// failing the source (every later read then fails with that error: never retried).
     pub page_timeout: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
@@ -464,6 +465,9 @@ impl RemoteSource {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        // A peer that stops reading must not block a request forever (the writer is shared
+        // by every faulting thread): writes fail after the page timeout, failing the source.
+        stream.set_write_timeout(Some(opts.page_timeout))?;
         (&stream)
             .write_all(&encode_client_hello())
             .context("sending hello")?;
@@ -576,8 +580,13 @@ fn receive_loop(mut rx: BufReader<TcpStream>, shared: Arc<Shared>) {
             })
             .map_err(frame_err)?;
             let mut page = vec![0u8; PAGE_SIZE].into_boxed_slice();
-            rx.read_exact(&mut page)
-                .map_err(|e| format!("page {index} cut short: {e}"))?;
+            rx.read_exact(&mut page).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => format!(
+                    "page {index} cut short: server {} closed the connection inside the page",
+                    shared.peer
+                ),
+                _ => format!("page {index} cut short: {e}"),
+            })?;
             check_page(shared.version, index, checksum, &page).map_err(frame_err)?;
             let mut st = shared.lock();
             st.requested.set(index as usize, false);

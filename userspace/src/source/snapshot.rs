@@ -195,6 +195,40 @@ impl SnapshotSource {
     }
 }
 
+impl SnapshotSource {
+    /// Reads pages `first..` into `dst` (a whole number of pages, bounds already checked) with
+    /// `pread`, retrying only short reads and EINTR. A file that ends early (truncated while
+    /// in use) is an [`SourceError::Io`] of kind `UnexpectedEof` naming the first page not
+    /// wholly read and the file's length; any other failure is [`SourceError::Io`] naming the
+    /// page being read. Nothing else is retried.
+    fn read_run(&self, first: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        let off = self.data_offset + first * PAGE_SIZE as u64;
+        let mut done = 0usize;
+        while done < dst.len() {
+            let index = first + (done / PAGE_SIZE) as u64;
+            match self.file.read_at(&mut dst[done..], off + done as u64) {
+                Ok(0) => {
+                    let file_len = self.file.metadata().map_or(off + done as u64, |m| m.len());
+                    let page_end = self.data_offset + (index + 1) * PAGE_SIZE as u64;
+                    return Err(SourceError::Io {
+                        index,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "cut short: the file is now {file_len} bytes but the page ends at byte {page_end} (truncated while in use)"
+                            ),
+                        ),
+                    });
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(SourceError::Io { index, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
 impl PageSource for SnapshotSource {
     fn page_count(&self) -> u64 {
         self.pages
@@ -202,10 +236,7 @@ impl PageSource for SnapshotSource {
 
     fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
         check_args(index, self.pages, dst)?;
-        let off = self.data_offset + index * PAGE_SIZE as u64;
-        self.file
-            .read_exact_at(dst, off)
-            .map_err(|source| SourceError::Io { index, source })?;
+        self.read_run(index, dst)?;
         let expected = self.checksums[index as usize];
         let found = page_checksum(dst);
         if found != expected {
@@ -231,13 +262,7 @@ impl PageSource for SnapshotSource {
             });
         }
         // One pread for the run, then every page checked against its own checksum.
-        let off = self.data_offset + first * PAGE_SIZE as u64;
-        self.file
-            .read_exact_at(dst, off)
-            .map_err(|source| SourceError::Io {
-                index: first,
-                source,
-            })?;
+        self.read_run(first, dst)?;
         for (k, page) in dst.chunks_exact(PAGE_SIZE).enumerate() {
             let index = first + k as u64;
             let expected = self.checksums[index as usize];
