@@ -1,18 +1,11 @@
 //! kvm-selftests: Rust mirrors of the kernel's KVM selftests (tools/testing/selftests/kvm),
-//! including the cases for the KVM userfault series.
-//!
-//! The library is the equivalent of the C selftests' `lib/`: [`vm`] builds x86_64 long-mode
-//! VMs (page tables, GDT, IDT reporting exceptions, vCPUs), [`guest`] is the code that runs
-//! inside them (ucalls over port I/O, guest assertions), [`mem`] the memory backings,
-//! [`caps`] capability probes and skip helpers.
-//! The tests themselves live in `tests/*.rs`, one file per C test.
+//! including the cases for the KVM userfault series. The tests live in `tests/*.rs`, one file
+//! per C test, on the test VM framework `kvm-testvm` (re-exported here so a test names one
+//! crate); [`userfault`] holds the errno-exact wrappers of the series' ioctls the tests assert
+//! on.
 
-pub mod caps;
-pub mod guest;
-pub mod mem;
-pub mod uapi;
+pub use kvm_testvm::{caps, guest, mem, uapi, vm};
+pub use kvm_testvm::{guest_assert, guest_assert_eq, require_userfault};
+pub use kvm_testvm::{page_size, Backing, Exit, HostMapping, TestVm, Ucall, Vcpu};
+
 pub mod userfault;
-pub mod vm;
-
-pub use mem::{page_size, Backing, HostMapping};
-pub use vm::{Exit, TestVm, Ucall, Vcpu};

@@ -590,7 +590,7 @@ const HANDLER_BENCH_ARGS: [&str; 6] = [
     "run",
     "--release",
     "-p",
-    "kvm-userfault",
+    "kvm-userfault-harness",
     "--example",
     "handler_bench",
 ];
@@ -2278,7 +2278,7 @@ exit 0
         }
         assert_eq!(
             HANDLER_BENCH_ARGS.join(" "),
-            "run --release -p kvm-userfault --example handler_bench"
+            "run --release -p kvm-userfault-harness --example handler_bench"
         );
     }
 

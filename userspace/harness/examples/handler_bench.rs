@@ -1,7 +1,7 @@
 //! Handler micro-benchmark on a synthetic record stream: parse records (as read from the
 //! userfault fd), look up the gfn, claim it, copy 4 KiB from an in-memory image into guest
 //! memory, resolve (a no-op: the kernel's clear cost is excluded) and mark it present.
-//! One thread. Run: `cargo run --release -p kvm-userfault --example handler_bench [PAGES] [ROUNDS]`
+//! One thread. Run: `cargo run --release -p kvm-userfault-harness --example handler_bench [PAGES] [ROUNDS]`
 
 use kvm_userfault::fault::records::{encode_record, parse_records};
 use kvm_userfault::handler::{Handler, Install, NoopResolver, Region, Scratch};

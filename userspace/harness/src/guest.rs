@@ -51,7 +51,7 @@ pub fn pattern_word(seed: u64, offset: u64) -> u64 {
 
 /// Fills `buf` with the pattern of image page `page`.
 pub fn fill_pattern_page(seed: u64, page: u64, buf: &mut [u8]) {
-    let base = page * crate::PAGE_SIZE as u64;
+    let base = page * kvm_userfault::PAGE_SIZE as u64;
     for (i, w) in buf.chunks_exact_mut(8).enumerate() {
         w.copy_from_slice(&pattern_word(seed, base + i as u64 * 8).to_le_bytes());
     }
@@ -307,7 +307,7 @@ pub struct Mailbox {
 
 impl Mailbox {
     /// Decodes vCPU `vcpu`'s mailbox from system memory.
-    pub fn read(system: &crate::vm::Mapping, vcpu: u64) -> Result<Self> {
+    pub fn read(system: &kvm_userfault::memory::Mapping, vcpu: u64) -> Result<Self> {
         let mut b = [0u8; 32];
         system.read((MAILBOX_GPA + vcpu * MAILBOX_STRIDE) as usize, &mut b)?;
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));

@@ -21,14 +21,14 @@
 
 use kvm_userfault::fault::uffd::{Uffd, UffdMode};
 use kvm_userfault::fault::StopSignal;
-use kvm_userfault::guest::{fill_pattern_page, pattern_word};
 use kvm_userfault::handler::{Handler, Install, NoopResolver, Region, Scratch};
-use kvm_userfault::runner::serve_uffd;
+use kvm_userfault::memory::Mapping;
+use kvm_userfault::serve::serve_uffd;
 use kvm_userfault::source::{
     serve_connection, MemorySource, PageSource, RemoteOptions, RemoteSource, SourceError, Urgency,
 };
-use kvm_userfault::vm::Mapping;
 use kvm_userfault::PAGE_SIZE;
+use kvm_userfault_harness::guest::{fill_pattern_page, pattern_word};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};

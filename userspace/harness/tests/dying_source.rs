@@ -15,14 +15,14 @@
 //! scenarios and need the KVM userfault series (`cargo xtask test` runs them in the patched
 //! guest).
 
-use kvm_userfault::guest::fill_pattern_page;
 use kvm_userfault::handler::HandlerError;
-use kvm_userfault::runner::{run_workload, Mode, RunCause, RunConfig, RunError, VcpuEnd};
 use kvm_userfault::source::{
     page_checksum, serve_connection, write_snapshot, MemorySource, PageSource, RemoteOptions,
     RemoteSource, SnapshotSource, SourceError, Urgency,
 };
-use kvm_userfault::vm::{Backing, Vm};
+use kvm_userfault_harness::guest::fill_pattern_page;
+use kvm_userfault_harness::runner::{run_workload, Mode, RunCause, RunConfig, RunError, VcpuEnd};
+use kvm_userfault_harness::vm::{Backing, Vm};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::unix::fs::FileExt;

@@ -7,7 +7,7 @@
 //! is the stop signal.
 //!
 //! Records are `msg_size` bytes each, the size negotiated when the fd was created
-//! (`KVM_CREATE_USERFAULT_FD` returns it; [`crate::vm::UserfaultFd::msg_size`]); buffers and
+//! (`KVM_CREATE_USERFAULT_FD` returns it; [`crate::ioctls::UserfaultFd::msg_size`]); buffers and
 //! parsing stride by it.
 //!
 //! End of file is how a KVM userfault fd says that its VM was destroyed (poll reports

@@ -2,13 +2,13 @@
 
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
-use kvm_userfault::guest::fill_pattern_page;
-use kvm_userfault::runner::{run_workload, Mode, RunConfig, SyncResolve};
 use kvm_userfault::source::{
     serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource, Urgency,
 };
-use kvm_userfault::vm::Backing;
 use kvm_userfault::PAGE_SIZE;
+use kvm_userfault_harness::guest::fill_pattern_page;
+use kvm_userfault_harness::runner::{run_workload, Mode, RunConfig, SyncResolve};
+use kvm_userfault_harness::vm::Backing;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,18 +6,20 @@
 //! each missing page once ([`state`]), fills it from a [`source::PageSource`], makes it visible
 //! with as few kernel calls as contiguous runs allow, and records [`stats`].
 //!
-//! See docs/runtime.md for the architecture and how a VMM embeds it.
+//! This crate is the runtime only: the demo VMM, its workload guest and the CLI are in
+//! `kvm-userfault-harness`, the test VM framework in `kvm-testvm`. See docs/runtime.md for the
+//! architecture and how a VMM embeds it.
 
 pub mod fault;
-pub mod guest;
 pub mod handler;
 pub mod handoff;
-pub mod runner;
+pub mod ioctls;
+pub mod memory;
+pub mod serve;
 pub mod source;
 pub mod state;
 pub mod stats;
 pub mod uapi;
-pub mod vm;
 
 /// The page size this runtime works in (x86_64 base pages).
 pub const PAGE_SIZE: usize = 4096;

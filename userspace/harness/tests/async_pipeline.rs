@@ -6,16 +6,17 @@
 use kvm_userfault::fault::records::encode_record;
 use kvm_userfault::fault::ReaderExit;
 use kvm_userfault::fault::StopSignal;
-use kvm_userfault::guest::{fill_pattern_page, pattern_word};
 use kvm_userfault::handler::{Handler, Install, Region, Resolver};
-use kvm_userfault::runner::serve_userfault_fd;
+use kvm_userfault::ioctls::UserfaultFd;
+use kvm_userfault::memory::Mapping;
+use kvm_userfault::serve::serve_userfault_fd;
 use kvm_userfault::source::MemorySource;
 use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
 use kvm_userfault::uapi::{
     KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ, KVM_USERFAULT_MSG_VCPU,
 };
-use kvm_userfault::vm::{Mapping, UserfaultFd};
 use kvm_userfault::PAGE_SIZE;
+use kvm_userfault_harness::guest::{fill_pattern_page, pattern_word};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};

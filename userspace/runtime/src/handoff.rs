@@ -14,7 +14,8 @@
 //! [`recv_handoff`] asks KVM to post again the records that a previous handler read but never
 //! resolved (`KVM_USERFAULT_REQUEUE`), so that a handler crash loses no fault.
 
-use crate::vm::{Mapping, UserfaultFd};
+use crate::ioctls::UserfaultFd;
+use crate::memory::Mapping;
 use crate::PAGE_SIZE;
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};

@@ -3,12 +3,13 @@
 //! The userfaultfd tests run on a stock KVM; the kvm-sync/kvm-async ones need the KVM
 //! userfault series and are `#[ignore]`d (run inside the patched VM by `cargo xtask test`).
 
-use kvm_userfault::guest::fill_pattern_page;
-use kvm_userfault::runner::{run_workload, Mode, RunConfig};
+use kvm_userfault::ioctls::NO_USERFAULT_MSG;
 use kvm_userfault::source::{
     serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource,
 };
-use kvm_userfault::vm::{Backing, Vm, NO_USERFAULT_MSG};
+use kvm_userfault_harness::guest::fill_pattern_page;
+use kvm_userfault_harness::runner::{run_workload, Mode, RunConfig};
+use kvm_userfault_harness::vm::{Backing, Vm};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -184,7 +185,7 @@ fn kvm_sync_with_prefetch_races() {
     cfg.vcpus = 2;
     cfg.prefetch = true;
     // The generic attribute path, racing prefetch (the other kvm-sync test uses the fd).
-    cfg.sync_resolve = kvm_userfault::runner::SyncResolve::Attributes;
+    cfg.sync_resolve = kvm_userfault_harness::runner::SyncResolve::Attributes;
     check(&cfg);
 }
 
@@ -209,12 +210,12 @@ fn kvm_async_from_remote_source_over_loopback() {
 fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
     use kvm_ioctls::VcpuExit;
     use kvm_userfault::fault::StopSignal;
-    use kvm_userfault::guest::{self, WorkloadPart};
     use kvm_userfault::handler::{Handler, Install, Region};
     use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
-    use kvm_userfault::runner::serve_userfault_fd;
+    use kvm_userfault::ioctls::{FdResolver, UserfaultFd};
+    use kvm_userfault::serve::serve_userfault_fd;
     use kvm_userfault::uapi::KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
-    use kvm_userfault::vm::{FdResolver, UserfaultFd};
+    use kvm_userfault_harness::guest::{self, WorkloadPart};
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
@@ -311,7 +312,7 @@ fn spawn_workload_vcpu(
     pages: u64,
 ) -> std::thread::JoinHandle<Result<(), String>> {
     use kvm_ioctls::VcpuExit;
-    use kvm_userfault::guest::{self, WorkloadPart};
+    use kvm_userfault_harness::guest::{self, WorkloadPart};
     let mut vcpu = vm.create_vcpu(0).unwrap();
     guest::setup_long_mode(&vcpu).unwrap();
     let part = WorkloadPart {
@@ -350,12 +351,12 @@ fn join_within<T>(h: std::thread::JoinHandle<T>, limit: Duration, what: &str) ->
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
     use kvm_userfault::fault::StopSignal;
-    use kvm_userfault::guest;
     use kvm_userfault::handler::{Handler, Install, Region};
     use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
-    use kvm_userfault::runner::serve_userfault_fd;
+    use kvm_userfault::ioctls::{FdResolver, ReadStatus};
+    use kvm_userfault::serve::serve_userfault_fd;
     use kvm_userfault::uapi::{KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, USERFAULT_MSG_SIZE};
-    use kvm_userfault::vm::{FdResolver, ReadStatus};
+    use kvm_userfault_harness::guest;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
@@ -447,10 +448,11 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
 fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
     use kvm_userfault::fault::{ReaderExit, StopSignal};
     use kvm_userfault::handler::{Handler, Install, NoopResolver, Region};
-    use kvm_userfault::runner::serve_userfault_fd;
+    use kvm_userfault::ioctls::{ReadStatus, UserfaultError};
+    use kvm_userfault::memory::Mapping;
+    use kvm_userfault::serve::serve_userfault_fd;
     use kvm_userfault::source::MemorySource;
     use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
-    use kvm_userfault::vm::{Mapping, ReadStatus, UserfaultError};
 
     if !series_present() {
         return;
