@@ -2,7 +2,8 @@
 //! contract in docs/uapi.md. Mirrors the series' C `userfault_test`.
 //!
 //! Every test needs the patched kernel, so all are ignored; forced on a kernel without the
-//! series (`cargo test -- --ignored`) each prints a `[SKIP]` line and returns.
+//! series (`cargo test -- --ignored`) each fails with one line saying so (`KVMUF_ALLOW_SKIP=1`
+//! makes them skip instead; docs/selftests.md).
 //!
 //! How the two kinds of fault are provoked:
 //! - a *vCPU* fault: the guest loads or stores a USERFAULT gfn (a stage-2 fault);
@@ -564,7 +565,8 @@ fn delta_flags_keep_private() {
     let mut vm = TestVm::with_type(SW_PROTECTED).unwrap();
     let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 || vm.check_cap(KVM_CAP_USERFAULT as u64) <= 0 {
-        skip(
+        // The series supports USERFAULT on SW_PROTECTED VMs (kvm_arch_has_userfault()).
+        kvm_selftests::caps::series_missing(
             "userfault::delta_flags_keep_private",
             "SW_PROTECTED VMs do not support USERFAULT here",
         );
@@ -2198,9 +2200,10 @@ fn bad_input_resolve_and_read() {
     }
 }
 
-/// Sanity check that the skip path itself works: when `KVM_CAP_USERFAULT` is absent the probe
-/// says so; when it is present, only a missing USERFAULT attribute can make it refuse (not
-/// ignored; runs everywhere).
+/// The probe behind `require_userfault!` agrees with the kernel (not ignored; runs
+/// everywhere). Without `KVM_CAP_USERFAULT` it refuses and names what is missing. With it, the
+/// capability promises what every series test relies on, so the probe must accept, and a
+/// default VM must report the USERFAULT attribute and create a userfault fd.
 #[test]
 fn probe_matches_capabilities() {
     let cap = kvm_selftests::caps::kvm_check_cap(KVM_CAP_USERFAULT as u64);
@@ -2211,10 +2214,23 @@ fn probe_matches_capabilities() {
             why.contains("KVM_CAP_USERFAULT") || why.contains("/dev/kvm"),
             "{why}"
         );
-    } else if let Some(why) = why {
-        // With the capability, only a missing attribute can make the probe refuse.
-        assert!(why.contains("KVM_CAP_MEMORY_ATTRIBUTES"), "{why}");
+        return;
     }
+    assert_eq!(
+        why, None,
+        "KVM_CAP_USERFAULT is {cap}, yet the probe refuses"
+    );
+    let kvm = open_kvm().unwrap();
+    let vm = create_barebones(&kvm, 0).unwrap();
+    let attrs = vm.check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES as libc::c_ulong) as u64;
+    assert_ne!(
+        attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT,
+        0,
+        "KVM_CAP_USERFAULT is {cap}, but a default VM's KVM_CAP_MEMORY_ATTRIBUTES is {attrs:#x}"
+    );
+    drop(create_fd(&vm, 0).unwrap_or_else(|e| {
+        panic!("KVM_CAP_USERFAULT is {cap}, but KVM_CREATE_USERFAULT_FD fails: {e}")
+    }));
 }
 
 /// Wake-up races: several vCPUs read the same pages (so faults on one gfn coalesce while others

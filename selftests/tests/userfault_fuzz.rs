@@ -44,7 +44,8 @@
 //! reproduces the mix of operations and the kind of races, not one exact run. The run ends
 //! with one `fuzz summary: ...` line of counts.
 //!
-//! Needs the patched kernel; on a kernel without the series it prints a `[SKIP]` line.
+//! Needs the patched kernel; on a kernel without the series it fails with one line saying so
+//! (`KVMUF_ALLOW_SKIP=1` makes it skip instead).
 //!
 //! **Fault injection** (`fuzz_userfault_uapi_failslab`): the same fuzzer with the kernel's
 //! failslab and fail_page_alloc (debugfs, the debug flavour; without them it prints a `[SKIP]`
