@@ -3,7 +3,7 @@
 //! The userfaultfd tests run on a stock KVM; the kvm-sync/kvm-async ones need the KVM
 //! userfault series and are `#[ignore]`d (run inside the patched VM by `cargo xtask test`).
 
-use kvm_userfault::ioctls::NO_USERFAULT_MSG;
+use kvm_testvm::caps;
 use kvm_userfault::source::{
     serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource,
 };
@@ -16,14 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const SEED: u64 = 0xC0FFEE;
-const SERIES: &str = "needs the KVM userfault kernel (cargo xtask test)";
 
+/// For the userfaultfd tests (no series needed): a host without KVM skips them, but the
+/// patched guest (`KVMUF_REQUIRE_SERIES`) fails them.
+#[track_caller]
 fn kvm_available() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm not available");
-        return false;
-    }
-    true
+    caps::require_dev_kvm(&caps::current_test())
 }
 
 fn snapshot(name: &str, pages: u64) -> PathBuf {
@@ -137,24 +135,22 @@ fn corrupt_snapshot_page_fails_the_run_cleanly() {
     assert!(e.contains("page 63 is corrupt"), "{e}");
 }
 
+/// For the tests that need the series (all `#[ignore]`d, so asked for): without it (or
+/// without KVM) they fail with the runtime's one-line reason, unless `KVMUF_ALLOW_SKIP` lets
+/// them skip (`caps::series_missing`).
+#[track_caller]
 fn series_present() -> bool {
-    if !kvm_available() {
-        return false;
-    }
-    match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            assert!(e.to_string().contains(NO_USERFAULT_MSG) || !e.to_string().is_empty());
-            false
-        }
-    }
+    let why = match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
+        Ok(_) => return true,
+        Err(e) => format!("{e:#}"),
+    };
+    caps::series_missing(&caps::current_test(), &why);
+    false
 }
 
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_sync_guest_memfd_every_page_checked() {
-    let _ = SERIES;
     if !series_present() {
         return;
     }

@@ -15,6 +15,7 @@
 //! scenarios and need the KVM userfault series (`cargo xtask test` runs them in the patched
 //! guest).
 
+use kvm_testvm::caps;
 use kvm_userfault::handler::HandlerError;
 use kvm_userfault::source::{
     page_checksum, serve_connection, write_snapshot, MemorySource, PageSource, RemoteOptions,
@@ -73,25 +74,24 @@ fn runtime_threads() -> Vec<String> {
     out
 }
 
+/// For the userfaultfd tests (no series needed): a host without KVM skips them, but the
+/// patched guest (`KVMUF_REQUIRE_SERIES`) fails them.
+#[track_caller]
 fn kvm_available() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm not available");
-        return false;
-    }
-    true
+    caps::require_dev_kvm(&caps::current_test())
 }
 
+/// For the tests that need the series (all `#[ignore]`d, so asked for): without it (or
+/// without KVM) they fail with the runtime's one-line reason, unless `KVMUF_ALLOW_SKIP` lets
+/// them skip (`caps::series_missing`).
+#[track_caller]
 fn series_present() -> bool {
-    if !kvm_available() {
-        return false;
-    }
-    match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            false
-        }
-    }
+    let why = match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
+        Ok(_) => return true,
+        Err(e) => format!("{e:#}"),
+    };
+    caps::series_missing(&caps::current_test(), &why);
+    false
 }
 
 fn available(mode: Mode) -> bool {
