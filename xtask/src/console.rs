@@ -52,10 +52,42 @@ pub fn exit_status_in(line: &str) -> Option<i32> {
     line[idx + EXIT_MARKER.len()..].trim().parse().ok()
 }
 
-/// A test's "feature missing, skipping" line (`[SKIP] name: why` or `SKIP: why`).
-pub fn is_skip_line(line: &str) -> bool {
-    let l = line.trim_start();
-    l.starts_with("[SKIP]") || l.starts_with("SKIP:")
+/// Exported by the in-guest suite script: the Rust tests that need the series fail, rather
+/// than skip, if they find it missing (kvm-testvm's `caps::REQUIRE_SERIES_ENV`).
+pub const REQUIRE_SERIES_ENV: &str = "KVMUF_REQUIRE_SERIES";
+/// How a Rust test's "the series is missing, skipping" line starts (kvm-testvm's
+/// `caps::SERIES_SKIP_PREFIX`).
+pub const SERIES_SKIP_PREFIX: &str = "[SKIP series]";
+
+/// What a Rust test's skip line says is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// A feature of the host or the kernel's configuration (THP, a VM type, EPT/NPT): a skip.
+    Feature,
+    /// The series itself: in the patched kernel, a failure.
+    Series,
+}
+
+/// A test's "feature missing, skipping" line (`[SKIP] name: why`, `SKIP: why`, or
+/// [`SERIES_SKIP_PREFIX`]` name: why`), and what it is missing. A plain skip line that names
+/// the series (as the runtime's `NO_USERFAULT_MSG` does) or its capability is a series skip
+/// too: an older test (or one that prints the runtime's error) must not pass for a skip.
+pub fn skip_in(line: &str) -> Option<Skip> {
+    let l = line.trim_start_matches(['\r', '\0', ' ', '\t']);
+    if l.starts_with(SERIES_SKIP_PREFIX) {
+        return Some(Skip::Series);
+    }
+    if !(l.starts_with("[SKIP]") || l.starts_with("SKIP:")) {
+        return None;
+    }
+    let names_series = ["KVM userfault series", "KVM_CAP_USERFAULT"]
+        .iter()
+        .any(|s| l.contains(s));
+    Some(if names_series {
+        Skip::Series
+    } else {
+        Skip::Feature
+    })
 }
 
 /// Counts from a libtest (`cargo test`) closing line.
@@ -139,6 +171,56 @@ mod tests {
         assert_eq!(exit_status_in("noise KVMUF-EXIT 137\r"), Some(137));
         assert_eq!(exit_status_in("KVMUF-EXIT x"), None);
         assert_eq!(exit_status_in("exit 0"), None);
+    }
+
+    #[test]
+    fn skip_lines_say_what_is_missing() {
+        for (line, want) in [
+            (
+                "[SKIP] collapse: transparent hugepages are not available",
+                Some(Skip::Feature),
+            ),
+            ("SKIP: /dev/kvm not available", Some(Skip::Feature)),
+            ("  SKIP: userfaultfd unavailable here", Some(Skip::Feature)),
+            (
+                "[SKIP] userfault::bad_input_vm_types (EOPNOTSUPP part): every creatable VM \
+                 type supports userfault here",
+                Some(Skip::Feature),
+            ),
+            (
+                "[SKIP series] userfault::capability: kernel lacks the KVM userfault series",
+                Some(Skip::Series),
+            ),
+            ("\r[SKIP series] x: y", Some(Skip::Series)),
+            // Skip lines written before the series had its own prefix.
+            (
+                "[SKIP] one: KVM_CAP_USERFAULT (252) is not supported",
+                Some(Skip::Series),
+            ),
+            (
+                "SKIP: kernel lacks the KVM userfault series (KVM_CAP_USERFAULT); build it \
+                 with `cargo xtask kernel`",
+                Some(Skip::Series),
+            ),
+            ("test capability ... ok", None),
+            ("a line saying [SKIP] in the middle", None),
+            ("SKIPPED: not a skip line", None),
+        ] {
+            assert_eq!(skip_in(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn names_shared_with_the_tests_match() {
+        // The tests (kvm-testvm, which xtask does not link) spell the same names; a rename on
+        // one side only would make the guest's series skips pass unnoticed.
+        let caps = include_str!("../../userspace/testvm/src/caps.rs");
+        for decl in [
+            format!("pub const REQUIRE_SERIES_ENV: &str = \"{REQUIRE_SERIES_ENV}\";"),
+            format!("pub const SERIES_SKIP_PREFIX: &str = \"{SERIES_SKIP_PREFIX}\";"),
+        ] {
+            assert!(caps.contains(&decl), "caps.rs lacks `{decl}`");
+        }
     }
 
     #[test]

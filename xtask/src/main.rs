@@ -529,62 +529,145 @@ mod tests {
 
     #[test]
     fn bad_flags_are_clear_errors() {
-        for (bad, why) in [
-            (&["bench", "--vcpus", "0"][..], "0 is not in 1..=512"),
+        // (arguments, the flag and bad value the error must name, why it is bad).
+        for (bad, flag, value, why) in [
+            (
+                &["bench", "--vcpus", "0"][..],
+                "--vcpus <VCPUS>",
+                "0",
+                "0 is not in 1..=512",
+            ),
             (
                 &["bench", "--vcpus", "1,x"],
-                "invalid value 'x' for '--vcpus <VCPUS>'",
+                "--vcpus <VCPUS>",
+                "x",
+                "invalid digit found in string",
             ),
-            (&["bench", "--vcpus", "513"], "513 is not in 1..=512"),
-            (&["bench", "--repeats", "0"], "0 is not in 1..=50"),
+            (
+                &["bench", "--vcpus", "513"],
+                "--vcpus <VCPUS>",
+                "513",
+                "513 is not in 1..=512",
+            ),
+            (
+                &["bench", "--repeats", "0"],
+                "--repeats <REPEATS>",
+                "0",
+                "0 is not in 1..=50",
+            ),
             (
                 &["bench", "--bytes-per-vcpu", "16K"],
+                "--bytes-per-vcpu <BYTES_PER_VCPU>",
+                "16K",
                 "`16K` is not a size like 512M or 2G",
             ),
             (
                 &["bench", "--bytes-per-vcpu", "99999999999G"],
+                "--bytes-per-vcpu <BYTES_PER_VCPU>",
+                "99999999999G",
                 "`99999999999G` is not a size",
             ),
             (
                 &["vm", "--mem", "lots", "--", "true"],
+                "--mem <MEM>",
+                "lots",
                 "`lots` is not a size",
             ),
-            (&["vm", "--mem", "0G", "--", "true"], "`0G` is not a size"),
-            (&["vm", "--mem", "+2G", "--", "true"], "`+2G` is not a size"),
-            (&["vm", "--smp", "0", "--", "true"], "0 is not in 1..=16"),
+            (
+                &["vm", "--mem", "0G", "--", "true"],
+                "--mem <MEM>",
+                "0G",
+                "`0G` is not a size",
+            ),
+            (
+                &["vm", "--mem", "+2G", "--", "true"],
+                "--mem <MEM>",
+                "+2G",
+                "`+2G` is not a size",
+            ),
+            (
+                &["vm", "--smp", "0", "--", "true"],
+                "--smp <SMP>",
+                "0",
+                "0 is not in 1..=16",
+            ),
             (
                 &["vm", "--timeout", "0", "--", "true"],
-                "invalid value '0' for '--timeout <TIMEOUT>'",
+                "--timeout <TIMEOUT>",
+                "0",
+                "0 is not in 1..",
             ),
-            (&["test", "--timeout", "0"], "0 is not in 1.."),
+            (
+                &["test", "--timeout", "0"],
+                "--timeout <TIMEOUT>",
+                "0",
+                "0 is not in 1..",
+            ),
             (
                 &["vm", "--append", "a b", "--", "true"],
+                "--append <PARAM>",
+                "a b",
                 "` ` is not allowed",
             ),
             (
                 &["vm", "--append", "", "--", "true"],
+                "--append <PARAM>",
+                "",
                 "empty kernel parameter",
             ),
             (
                 &["vm", "--append=x='1'", "--", "true"],
+                "--append <PARAM>",
+                "x='1'",
                 "`'` is not allowed",
             ),
-            (&["vm", "--append=--", "--", "true"], "starts with `-`"),
             (
-                &["vm", "--append", "console=tty0", "--", "true"],
-                "the harness sets `console` itself",
+                &["vm", "--append=--", "--", "true"],
+                "--append <PARAM>",
+                "--",
+                "starts with `-`",
             ),
             (
-                &["vm"],
-                "the following required arguments were not provided",
+                &["vm", "--append", "console=tty0", "--", "true"],
+                "--append <PARAM>",
+                "console=tty0",
+                "the harness sets `console` itself",
             ),
         ] {
             let err = parse(bad)
                 .err()
-                .unwrap_or_else(|| panic!("{bad:?} was accepted"))
-                .to_string();
-            assert!(err.contains(why), "{bad:?}: {err}");
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            let msg = err.to_string();
+            // The first line names the flag, the value given and why it is refused.
+            let first = msg.lines().next().unwrap_or_default();
+            assert!(
+                first.contains(&format!("invalid value '{value}' for '{flag}'")),
+                "{bad:?}: {msg}"
+            );
+            assert!(first.contains(why), "{bad:?}: {msg}");
+            // `Cli::parse` exits with this: clap's usage-error status, the message on stderr.
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+            assert!(err.use_stderr(), "{bad:?}");
         }
+        // A missing command names what is missing and how to give it.
+        let err = parse(&["vm"])
+            .err()
+            .expect("`vm` without a command was accepted");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("the following required arguments were not provided")
+                && msg.contains("<COMMAND>...")
+                && msg.contains("Usage: xtask vm -- <COMMAND>..."),
+            "{msg}"
+        );
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert_eq!(err.exit_code(), 2);
+        // A good value is taken as given.
         let Cmd::Vm { timeout, .. } = parse(&["vm", "--timeout", "1", "--", "true"])
             .unwrap()
             .command

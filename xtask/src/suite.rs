@@ -388,7 +388,7 @@ fn guest_suites(
     };
 
     let mut files = c_files(&c_bins, &main_runs);
-    let mut script = String::from(SCRIPT_START);
+    let mut script = script_start();
     for (name, host_path) in &rust_bins {
         files.push(GuestFile {
             host: host_path.clone(),
@@ -454,7 +454,7 @@ fn guest_suites(
     for (i, (cmdline, runs)) in groups.iter().enumerate() {
         let params = cmdline.join(" ");
         let outcome = if main_booted {
-            let mut script = String::from(SCRIPT_START);
+            let mut script = script_start();
             let mut files = c_files(&c_bins, runs);
             // The C runs first: a hang of the fuzzer or the stress (what they hunt for) must
             // not keep the required C runs of this boot from running.
@@ -528,8 +528,16 @@ fn guest_suites(
 }
 
 /// The start of every in-guest suite script. Huge pages for the hugetlbfs-backed runs
-/// (128 MiB of the guest's memory).
-const SCRIPT_START: &str = "failed=0\necho 64 > /proc/sys/vm/nr_hugepages\n";
+/// (128 MiB of the guest's memory). `KVMUF_REQUIRE_SERIES=1`: this kernel has the series, so
+/// a Rust test that finds it missing fails instead of skipping (whatever `KVMUF_ALLOW_SKIP`
+/// says), and so does one that finds no /dev/kvm.
+fn script_start() -> String {
+    format!(
+        "failed=0\necho 64 > /proc/sys/vm/nr_hugepages\nexport {}=1\n",
+        console::REQUIRE_SERIES_ENV
+    )
+}
+
 /// The end: a kmemleak scan where the kernel has kmemleak (the debug flavour), whose
 /// "new suspected memory leaks" line fails the run like any other kernel report, with the
 /// leaks listed; then the status says whether any test failed. kmemleak reports only objects
@@ -661,11 +669,14 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
     let mut rust = Counts::default();
     let mut c = Counts::default();
     let mut current_rust_counts: Option<Counts> = None;
+    // Within a Rust binary: how many of its tests printed a series skip line.
+    let mut series_skips = 0u64;
     // Within a required C run: whether one of its cases printed a kselftest skip.
     let mut required_c_skipped: Option<bool> = None;
     for line in console_lines {
         if let Some(rest) = line.split(console::TEST_BEGIN).nth(1) {
             current_rust_counts = rest.starts_with("rust ").then(Counts::default);
+            series_skips = 0;
             required_c_skipped = rest.starts_with("c! ").then_some(false);
             continue;
         }
@@ -681,9 +692,12 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
                 counts.add(found);
             }
             // A test that finds its feature missing prints a skip line and returns: libtest
-            // calls that a pass, the summary calls it a skip.
-            if console::is_skip_line(line) {
-                counts.skipped += 1;
+            // calls that a pass, the summary calls it a skip, or a failure if what is missing
+            // is the series this kernel has (as for the required C runs).
+            match console::skip_in(line) {
+                Some(console::Skip::Feature) => counts.skipped += 1,
+                Some(console::Skip::Series) => series_skips += 1,
+                None => {}
             }
         }
         let Some(rest) = line.split(console::TEST_END).nth(1) else {
@@ -695,6 +709,10 @@ fn tally(console_lines: &[String]) -> (Counts, Counts) {
             .and_then(|r| r.trim().parse().ok());
         if rest.starts_with("rust ") {
             let mut counts = current_rust_counts.take().unwrap_or_default();
+            // Each skip line was a libtest pass; a series skip is a failure even when the
+            // binary exits 0.
+            counts.passed -= series_skips.min(counts.passed);
+            counts.failed += series_skips;
             let moved = counts.skipped.min(counts.passed);
             counts.passed -= moved;
             counts.skipped = moved;
@@ -727,7 +745,7 @@ mod tests {
             "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
             "KVMUF-TEST-END rust a-test rc=0",
             "KVMUF-TEST-BEGIN rust s-test",
-            "[SKIP] one: KVM_CAP_USERFAULT (252) is not supported",
+            "[SKIP] one: transparent hugepages are not available",
             "SKIP: no /dev/kvm",
             "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
             "KVMUF-TEST-END rust s-test rc=0",
@@ -776,6 +794,54 @@ mod tests {
                 ignored: 0,
                 skipped: 1
             }
+        );
+    }
+
+    #[test]
+    fn rust_series_skips_are_failures() {
+        let lines: Vec<String> = [
+            "KVMUF-TEST-BEGIN rust kvm-selftests.userfault-test",
+            "running 4 tests",
+            "[SKIP series] userfault::capability: kernel lacks the KVM userfault series",
+            "test capability ... ok",
+            "[SKIP] userfault::one_stage2_fault_per_page: KVM does not use EPT/NPT here",
+            "test one_stage2_fault_per_page ... ok",
+            // Printed by a harness test through the runtime's error, without the prefix.
+            "SKIP: kernel lacks the KVM userfault series (KVM_CAP_USERFAULT); build it with \
+             `cargo xtask kernel`",
+            "test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            // The binary exited 0: libtest saw four passes.
+            "KVMUF-TEST-END rust kvm-selftests.userfault-test rc=0",
+            // Counting restarts with the next binary.
+            "KVMUF-TEST-BEGIN rust kvm-selftests.framework-test",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "KVMUF-TEST-END rust kvm-selftests.framework-test rc=0",
+            // A series test that failed (KVMUF_REQUIRE_SERIES) is one failure, not two.
+            "KVMUF-TEST-BEGIN rust kvm-userfault-harness.demand_paging-test",
+            "thread 'kvm_sync' panicked at tests/demand_paging.rs:150:5:",
+            "kvm_sync: kernel lacks the KVM userfault series, but KVMUF_REQUIRE_SERIES is set",
+            "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "KVMUF-TEST-END rust kvm-userfault-harness.demand_paging-test rc=101",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (rust, c) = tally(&lines);
+        assert_eq!(
+            rust,
+            Counts {
+                passed: 2,
+                failed: 3,
+                ignored: 0,
+                skipped: 1
+            }
+        );
+        assert_eq!(c, Counts::default());
+        // The script the guest runs promises the series to the tests.
+        let start = script_start();
+        assert!(
+            start.lines().any(|l| l == "export KVMUF_REQUIRE_SERIES=1"),
+            "{start}"
         );
     }
 
