@@ -110,7 +110,7 @@ pub fn current_test() -> String {
 
 /// Whether `/dev/kvm` can be opened. If not, a host-feature skip ([`skip`]) and `false`, but
 /// under [`REQUIRE_SERIES_ENV`] a panic: the patched guest always has KVM, and a test that
-/// passes there without running is a lie.
+/// passes there without running would hide that it never ran.
 #[track_caller]
 pub fn require_dev_kvm(test: &str) -> bool {
     let Err(e) = open_kvm() else {
