@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kvm_bindings::{
-    kvm_create_guest_memfd, kvm_segment, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD,
+    kvm_create_guest_memfd, kvm_segment, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use kvm_userfault::fault::uffd::{Uffd, UffdMode};
@@ -38,9 +38,7 @@ use kvm_userfault::uapi::{
 };
 use kvm_userfault::{DemandRegion, FaultAction, Runtime, PAGE_SIZE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How the data region's pages are protected and how faults arrive.
@@ -98,7 +96,7 @@ const MAX_DATA: u64 = 1 << 30;
 const PORT_DONE: u16 = 0x10;
 const PORT_WRONG_WORD: u16 = 0x11;
 const PATTERN_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
-const SEED: u64 = 0x5eed_0f_da7a;
+const SEED: u64 = 0x5eed_0fda_7a00;
 
 /// The word the guest expects at byte `offset` of the data region.
 pub fn pattern(offset: u64) -> u64 {
@@ -110,9 +108,9 @@ pub fn pattern(offset: u64) -> u64 {
 /// cmp rax,[rsi]; jne fail; add rsi,8; cmp rsi,rdi; jb top; mov dx,0x10; out dx,al; hlt;
 /// fail: mov dx,0x11; out dx,al; hlt`.
 const GUEST_CODE: [u8; 39] = [
-    0x48, 0x89, 0xf0, 0x4c, 0x29, 0xc8, 0x48, 0x31, 0xd8, 0x49, 0x0f, 0xaf, 0xc0, 0x48, 0x3b,
-    0x06, 0x75, 0x0f, 0x48, 0x83, 0xc6, 0x08, 0x48, 0x39, 0xfe, 0x72, 0xe5, 0x66, 0xba, 0x10,
-    0x00, 0xee, 0xf4, 0x66, 0xba, 0x11, 0x00, 0xee, 0xf4,
+    0x48, 0x89, 0xf0, 0x4c, 0x29, 0xc8, 0x48, 0x31, 0xd8, 0x49, 0x0f, 0xaf, 0xc0, 0x48, 0x3b, 0x06,
+    0x75, 0x0f, 0x48, 0x83, 0xc6, 0x08, 0x48, 0x39, 0xfe, 0x72, 0xe5, 0x66, 0xba, 0x10, 0x00, 0xee,
+    0xf4, 0x66, 0xba, 0x11, 0x00, 0xee, 0xf4,
 ];
 
 /// Runs the guest with `vcpus` vCPUs over `data_bytes` of demand-paged memory.
@@ -120,9 +118,7 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
     ensure!((1..=8).contains(&vcpus), "1 to 8 vCPUs, not {vcpus}");
     let page = PAGE_SIZE as u64;
     ensure!(
-        data_bytes > 0
-            && data_bytes <= MAX_DATA
-            && data_bytes.is_multiple_of(page * vcpus as u64),
+        data_bytes > 0 && data_bytes <= MAX_DATA && data_bytes.is_multiple_of(page * vcpus as u64),
         "data size {data_bytes:#x}: a multiple of {vcpus} pages, at most 1 GiB"
     );
     // Guest memory outlives the VM: `memory` is declared before `vm`, so it is dropped after
@@ -130,7 +126,8 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
     let mut memory: Vec<Arc<GuestRegionMmap>> = Vec::new();
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-    vm.set_tss_address(0xfffb_d000).context("KVM_SET_TSS_ADDR")?;
+    vm.set_tss_address(0xfffb_d000)
+        .context("KVM_SET_TSS_ADDR")?;
 
     // System memory: anonymous, present.
     let sys = Arc::new(
@@ -164,8 +161,12 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
             );
             add_slot(&vm, 1, &data, None)?;
             let uffd = Arc::new(Uffd::new().context("userfaultfd")?);
-            uffd.register(data.as_ptr() as usize, data_bytes as usize, UffdMode::Missing)
-                .context("UFFDIO_REGISTER")?;
+            uffd.register(
+                data.as_ptr() as usize,
+                data_bytes as usize,
+                UffdMode::Missing,
+            )
+            .context("UFFDIO_REGISTER")?;
             (data, Setup::Uffd(uffd))
         }
         Mode::KvmSync | Mode::KvmAsync => {
@@ -175,7 +176,9 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
                 flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
                 ..Default::default()
             };
-            let raw = vm.create_guest_memfd(gmem).context("KVM_CREATE_GUEST_MEMFD")?;
+            let raw = vm
+                .create_guest_memfd(gmem)
+                .context("KVM_CREATE_GUEST_MEMFD")?;
             // SAFETY: a new fd KVM just returned, owned by nothing else.
             let gmem_fd = unsafe { OwnedFd::from_raw_fd(raw) };
             let mapping = MmapRegion::from_file(
@@ -198,7 +201,13 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
                 0
             };
             let ufd = Arc::new(ioctls::create_userfault_fd(&vm, flags)?);
-            (data, Setup::Kvm { ufd, _gmem: gmem_fd })
+            (
+                data,
+                Setup::Kvm {
+                    ufd,
+                    _gmem: gmem_fd,
+                },
+            )
         }
     };
     memory.push(data.clone());
@@ -253,7 +262,12 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
             _ => unreachable!("one input per mode"),
         };
         // SAFETY: both fds belong to objects (the input, `done`) that outlive this poll.
-        let (input, done_fd) = unsafe { (BorrowedFd::borrow_raw(input), BorrowedFd::borrow_raw(done.as_raw_fd())) };
+        let (input, done_fd) = unsafe {
+            (
+                BorrowedFd::borrow_raw(input),
+                BorrowedFd::borrow_raw(done.as_raw_fd()),
+            )
+        };
         let mut fds = [
             PollFd::new(input, PollFlags::POLLIN),
             PollFd::new(done_fd, PollFlags::POLLIN),
@@ -349,9 +363,7 @@ fn release_waiters(vm: &VmFd, data: &GuestRegionMmap, setup: &Setup) {
         Setup::Uffd(u) => {
             // No access to the range can succeed any more; woken waiters retry and fail.
             // SAFETY: changes the protection of the data mapping only, which stays mapped.
-            unsafe {
-                libc::mprotect(data.as_ptr().cast(), data.len() as usize, libc::PROT_NONE)
-            };
+            unsafe { libc::mprotect(data.as_ptr().cast(), data.len() as usize, libc::PROT_NONE) };
             let _ = u.wake(data.as_ptr() as usize, data.len() as usize);
         }
     }
@@ -360,7 +372,11 @@ fn release_waiters(vm: &VmFd, data: &GuestRegionMmap, setup: &Setup) {
 fn add_slot(vm: &VmFd, slot: u32, mem: &GuestRegionMmap, gmem: Option<&OwnedFd>) -> Result<()> {
     let region = kvm_userspace_memory_region2 {
         slot,
-        flags: if gmem.is_some() { KVM_MEM_GUEST_MEMFD } else { 0 },
+        flags: if gmem.is_some() {
+            KVM_MEM_GUEST_MEMFD
+        } else {
+            0
+        },
         guest_phys_addr: mem.start_addr().0,
         memory_size: mem.len(),
         userspace_addr: mem.as_ptr() as u64,

@@ -104,7 +104,9 @@ pub enum HandlerError {
     Stopped(StopCause),
     /// A `KVM_EXIT_MEMORY_FAULT` whose range no fault can have (larger than
     /// [`MAX_EXIT_SIZE`], or wrapping).
-    #[error("memory fault exit of {size:#x} bytes at gpa {gpa:#x}: not a range one access faults on")]
+    #[error(
+        "memory fault exit of {size:#x} bytes at gpa {gpa:#x}: not a range one access faults on"
+    )]
     BadExit {
         /// The exit's gpa.
         gpa: u64,
@@ -253,7 +255,9 @@ impl Index<usize> for RegionTable {
 
     fn index(&self, i: usize) -> &RegionState {
         // Indices come from lookups over `0..len()`, and a slot is set before `len` covers it.
-        self.slots[i].get().expect("region index below the published length")
+        self.slots[i]
+            .get()
+            .expect("region index below the published length")
     }
 }
 
@@ -334,7 +338,7 @@ impl Handler {
             why,
         };
         let page = PAGE_SIZE as u64;
-        if r.gpa % page != 0 || r.size % page != 0 || r.size == 0 {
+        if !r.gpa.is_multiple_of(page) || !r.size.is_multiple_of(page) || r.size == 0 {
             return Err(bad("not page aligned, or empty".into()));
         }
         if r.gpa.checked_add(r.size).is_none() {
@@ -1136,6 +1140,10 @@ mod tests {
         let e = unsafe { Handler::new(vec![r], img, Install::Direct(Box::new(NoopResolver))) }
             .err()
             .unwrap();
-        assert!(e.to_string().contains("needs source pages 0..0+2, but memory image (1 pages) has 1"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("needs source pages 0..0+2, but memory image (1 pages) has 1"),
+            "{e}"
+        );
     }
 }

@@ -206,3 +206,182 @@ impl Runtime {
     /// The page size regions must be aligned to.
     pub const PAGE_SIZE: usize = PAGE_SIZE;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::NoopResolver;
+    use crate::source::MemorySource;
+    use crate::uapi::{KVM_MEMORY_EXIT_FLAG_READ, KVM_MEMORY_EXIT_FLAG_USERFAULT};
+    use crate::vcpu::FaultAction;
+    use vm_memory::{Bytes, GuestAddress, MemoryRegionAddress};
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+    const UF_READ: u64 = KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_READ;
+
+    /// A source of `pages` pages, page `i` filled with byte `i + 1`.
+    fn source(pages: u64) -> Arc<MemorySource> {
+        let img = (0..pages)
+            .flat_map(|i| std::iter::repeat_n(i as u8 + 1, PAGE_SIZE))
+            .collect();
+        Arc::new(MemorySource::new(img).unwrap())
+    }
+
+    fn region(gpa: u64, pages: u64) -> Arc<GuestRegionMmap> {
+        Arc::new(
+            GuestRegionMmap::from_range(GuestAddress(gpa), (pages * PAGE) as usize, None).unwrap(),
+        )
+    }
+
+    fn byte_at(r: &GuestRegionMmap, offset: u64) -> u8 {
+        r.read_obj(MemoryRegionAddress(offset)).unwrap()
+    }
+
+    fn runtime(src: u64, regions: Vec<DemandRegion>) -> Runtime {
+        Runtime::new(
+            source(src),
+            Install::Direct(Box::new(NoopResolver)),
+            regions,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_userfault_exit_fills_its_pages_and_only_its_pages() {
+        let mem = region(0x10_0000, 4);
+        let rt = runtime(4, vec![DemandRegion::new(mem.clone(), 0)]);
+        let mut v = rt.vcpu_faults();
+        // An exit of 2 bytes straddling pages 1 and 2 covers both.
+        let a = v
+            .on_memory_fault(UF_READ, 0x10_0000 + 2 * PAGE - 1, 2)
+            .unwrap();
+        assert_eq!(a, FaultAction::Retry);
+        assert_eq!(rt.missing_pages(), 2);
+        assert_eq!(byte_at(&mem, PAGE), 2);
+        assert_eq!(byte_at(&mem, 2 * PAGE + 4095), 3);
+        assert_eq!(byte_at(&mem, 0), 0, "page 0 was not asked for");
+        // Size 0 means the page of gpa.
+        v.on_memory_fault(UF_READ, 0x10_0000 + 3 * PAGE + 8, 0)
+            .unwrap();
+        assert_eq!(byte_at(&mem, 3 * PAGE), 4);
+        assert_eq!(rt.missing_pages(), 1);
+        assert_eq!(
+            rt.stats()
+                .demand_pages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+    }
+
+    #[test]
+    fn exits_that_are_not_userfault_or_not_a_fault_range_are_refused() {
+        let mem = region(0, 2);
+        let rt = runtime(2, vec![DemandRegion::new(mem.clone(), 0)]);
+        let mut v = rt.vcpu_faults();
+        // A private/shared conversion exit is the VMM's business: nothing is filled.
+        let a = v
+            .on_memory_fault(KVM_MEMORY_EXIT_FLAG_READ, 0, PAGE)
+            .unwrap();
+        assert_eq!(a, FaultAction::NotUserfault);
+        assert_eq!(rt.missing_pages(), 2);
+        for (gpa, size) in [(0, (2 << 20) + 1), (u64::MAX - 10, 100)] {
+            let e = v.on_memory_fault(UF_READ, gpa, size).unwrap_err();
+            assert!(
+                matches!(e, HandlerError::BadExit { gpa: g, size: s } if g == gpa && s == size),
+                "{e:?}"
+            );
+        }
+        let e = v.on_memory_fault(UF_READ, 5 * PAGE, PAGE).unwrap_err();
+        assert!(
+            matches!(e, HandlerError::UnknownGpa(g) if g == 5 * PAGE),
+            "{e:?}"
+        );
+        assert_eq!(rt.missing_pages(), 2);
+    }
+
+    #[test]
+    fn a_region_added_later_is_demand_paged_and_overlaps_are_refused() {
+        let a = region(0, 2);
+        let rt = runtime(6, vec![DemandRegion::new(a.clone(), 0)]);
+        let mut v = rt.vcpu_faults();
+        v.on_memory_fault(UF_READ, 0, PAGE).unwrap();
+        // Hotplug: a second region, served from source pages 2.., while the first is live.
+        let b = region(0x100_0000, 4);
+        rt.add_region(DemandRegion::new(b.clone(), 2)).unwrap();
+        assert_eq!(rt.missing_pages(), 1 + 4);
+        v.on_memory_fault(UF_READ, 0x100_0000 + 3 * PAGE, PAGE)
+            .unwrap();
+        assert_eq!(byte_at(&b, 3 * PAGE), 6);
+        // Overlapping, misaligned-in-size (fill alias) and beyond-the-source regions: typed
+        // errors, nothing added.
+        let e = rt
+            .add_region(DemandRegion::new(region(PAGE, 1), 0))
+            .unwrap_err();
+        assert!(e.to_string().contains("overlaps the region at 0x0"), "{e}");
+        let mut bad_alias = DemandRegion::new(region(0x200_0000, 2), 0);
+        bad_alias.fill_alias = Some(region(0x300_0000, 1));
+        let e = rt.add_region(bad_alias).unwrap_err();
+        assert!(e.to_string().contains("fill alias has 0x1000 bytes"), "{e}");
+        let e = rt
+            .add_region(DemandRegion::new(region(0x400_0000, 2), 5))
+            .unwrap_err();
+        assert!(e.to_string().contains("needs source pages 5..5+2"), "{e}");
+        assert_eq!(rt.handler().regions().count(), 2);
+    }
+
+    #[test]
+    fn the_region_table_has_a_bound_and_says_so() {
+        let rt = runtime(1, Vec::new());
+        for i in 0..crate::handler::MAX_REGIONS as u64 {
+            rt.add_region(DemandRegion::new(region(i * PAGE, 1), 0))
+                .unwrap();
+        }
+        let e = rt
+            .add_region(DemandRegion::new(region(1 << 40, 1), 0))
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 256 regions"), "{e}");
+    }
+
+    #[test]
+    fn shutdown_stops_faults_with_its_reason_and_a_failure_keeps_its_type() {
+        let mem = region(0, 2);
+        let rt = runtime(2, vec![DemandRegion::new(mem, 0)]);
+        let h = rt.handler().clone();
+        h.fail(HandlerError::UnknownGpa(0x1234));
+        rt.shutdown("vm exiting");
+        let mut v = rt.vcpu_faults();
+        let e = v.on_memory_fault(UF_READ, 0, PAGE).unwrap_err();
+        let HandlerError::Stopped(cause) = e else {
+            panic!("{e:?}")
+        };
+        // The first stop wins, and the failure is still a HandlerError underneath.
+        let inner = cause.error().and_then(|e| e.downcast_ref::<HandlerError>());
+        assert!(
+            matches!(inner, Some(HandlerError::UnknownGpa(0x1234))),
+            "{cause:?}"
+        );
+        assert!(cause.to_string().contains("gpa 0x1234"), "{cause}");
+        assert_eq!(rt.missing_pages(), 2, "nothing filled after the stop");
+    }
+
+    #[test]
+    fn shutdown_ends_a_serving_thread() {
+        let mem = region(0, 1);
+        let rt = Arc::new(runtime(1, vec![DemandRegion::new(mem, 0)]));
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => panic!("userfaultfd is needed on the build host: {e}"),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt2 = rt.clone();
+        let t = std::thread::spawn(move || {
+            let r = rt2.serve_uffd(&uffd);
+            tx.send(()).unwrap();
+            r
+        });
+        rt.shutdown("done");
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("serve_uffd did not return after shutdown");
+        t.join().unwrap().unwrap();
+    }
+}

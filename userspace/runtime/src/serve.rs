@@ -141,8 +141,7 @@ impl RingInput {
     /// Handles every record available now, without blocking. `Ok(None)`: poll again;
     /// `Ok(Some(ReaderExit::VmGone))`: the VM was destroyed, nothing more will arrive.
     pub fn process_ready(&mut self) -> Result<Option<ReaderExit>, ServeError> {
-        let _span =
-            tracing::trace_span!("userfault_fd_ready", fd = self.fd.as_raw_fd()).entered();
+        let _span = tracing::trace_span!("userfault_fd_ready", fd = self.fd.as_raw_fd()).entered();
         let (h, gpas, scratch) = (&self.handler, &mut self.gpas, &mut self.scratch);
         Ok(self
             .reader
@@ -194,10 +193,12 @@ impl UffdDrain {
     /// Reads (non-blocking) and handles messages until the userfaultfd has none left.
     fn drain(&mut self, h: &Handler, u: &Uffd) -> Result<(), ServeError> {
         loop {
-            let n = u.read_msgs(&mut self.msgs).map_err(|source| ServeError::UffdRead {
-                fd: u.as_raw_fd(),
-                source,
-            })?;
+            let n = u
+                .read_msgs(&mut self.msgs)
+                .map_err(|source| ServeError::UffdRead {
+                    fd: u.as_raw_fd(),
+                    source,
+                })?;
             if n == 0 {
                 return Ok(());
             }
@@ -269,5 +270,118 @@ pub fn serve_uffd(h: &Handler, u: &Uffd, stop: &StopSignal) -> Result<(), ServeE
             return Ok(());
         }
         drain.drain(h, u)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::records::encode_record;
+    use crate::handler::{Install, NoopResolver, Region};
+    use crate::memory::Mapping;
+    use crate::source::MemorySource;
+    use crate::uapi::{KVM_USERFAULT_MSG_READ, USERFAULT_MSG_SIZE};
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    const PAGES: u64 = 16;
+
+    /// Waits (bounded) until `fd` polls readable: synchronises on the input's state.
+    fn wait_readable(fd: RawFd) {
+        // SAFETY: the caller's input owns `fd` and outlives this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::from(30_000u16)).unwrap();
+        assert_eq!(n, 1, "input never became readable");
+    }
+
+    /// A handler over an anonymous mapping of PAGES pages (page i holds byte i + 1), and a
+    /// RingInput reading records from a socketpair standing in for the userfault fd.
+    fn setup() -> (Mapping, Arc<Handler>, UnixStream, RingInput) {
+        let img = (0..PAGES)
+            .flat_map(|i| std::iter::repeat_n(i as u8 + 1, PAGE_SIZE))
+            .collect();
+        let src = Arc::new(MemorySource::new(img).unwrap());
+        let mem = Mapping::new(PAGES as usize * PAGE_SIZE, None).unwrap();
+        let region = Region {
+            gpa: 0,
+            size: PAGES * PAGE_SIZE as u64,
+            host: mem.addr(),
+            fill_alias: None,
+            source_first_page: 0,
+        };
+        // SAFETY: `mem` is returned with the handler and outlives it in every test (dropped
+        // last); nothing else touches it while pages are missing.
+        let h = Arc::new(
+            unsafe { Handler::new(vec![region], src, Install::Direct(Box::new(NoopResolver))) }
+                .unwrap(),
+        );
+        let (tx, rx) = UnixStream::pair().unwrap();
+        let ufd = Arc::new(UserfaultFd::from_parts(OwnedFd::from(rx), USERFAULT_MSG_SIZE).unwrap());
+        let input = RingInput::new(h.clone(), ufd, 2, 4).unwrap();
+        (mem, h, tx, input)
+    }
+
+    fn records(gfns: impl IntoIterator<Item = u64>) -> Vec<u8> {
+        gfns.into_iter()
+            .flat_map(|g| encode_record(g, KVM_USERFAULT_MSG_READ, 0))
+            .collect()
+    }
+
+    #[test]
+    fn ring_input_fills_on_readiness_and_pause_loses_no_record() {
+        let (mem, h, mut tx, mut input) = setup();
+        // Readiness, then one call handles what arrived.
+        tx.write_all(&records(0..3)).unwrap();
+        while h.missing_pages() > (PAGES - 3) as usize {
+            wait_readable(input.as_raw_fd());
+            assert_eq!(input.process_ready().unwrap(), None);
+        }
+        let mut b = [0u8; 1];
+        mem.read(2 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b[0], 3);
+        // Records that arrive just before a pause are handled by the pause itself, or are
+        // still in the fd for after the resume: never consumed and dropped.
+        tx.write_all(&records(3..11)).unwrap();
+        input.pause().unwrap();
+        let after_pause = h.missing_pages();
+        input.resume().unwrap();
+        while h.missing_pages() > (PAGES - 11) as usize {
+            wait_readable(input.as_raw_fd());
+            input.process_ready().unwrap();
+        }
+        assert!(after_pause >= (PAGES - 11) as usize);
+        assert_eq!(h.missing_pages(), (PAGES - 11) as usize);
+        // End of file is how the fd says its VM is gone.
+        drop(tx);
+        let exit = loop {
+            wait_readable(input.as_raw_fd());
+            if let Some(exit) = input.process_ready().unwrap() {
+                break exit;
+            }
+        };
+        assert_eq!(exit, ReaderExit::VmGone);
+        drop(input);
+        drop(h);
+        drop(mem);
+    }
+
+    #[test]
+    fn ring_input_returns_the_handlers_error_typed() {
+        let (_mem, _h, mut tx, mut input) = setup();
+        tx.write_all(&records([PAGES + 5])).unwrap();
+        let e = loop {
+            wait_readable(input.as_raw_fd());
+            match input.process_ready() {
+                Ok(None) => continue,
+                Ok(Some(x)) => panic!("{x:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(e, ServeError::Handler(HandlerError::UnknownGpa(g)) if g == (PAGES + 5) * PAGE_SIZE as u64),
+            "{e:?}"
+        );
     }
 }

@@ -75,10 +75,13 @@ impl VcpuFaults {
             .and_then(|e| e.checked_next_multiple_of(page))
             .ok_or(HandlerError::BadExit { gpa, size })?;
         self.gpas.clear();
-        self.gpas.extend((gpa / page * page..end).step_by(PAGE_SIZE));
+        self.gpas
+            .extend((gpa / page * page..end).step_by(PAGE_SIZE));
         self.handler
             .handle_gpas(&self.gpas, t, true, &mut self.scratch)
-            .inspect_err(|e| tracing::warn!(gpa, size, ?access, error = %e, "USERFAULT exit not resolved"))?;
+            .inspect_err(
+                |e| tracing::warn!(gpa, size, ?access, error = %e, "USERFAULT exit not resolved"),
+            )?;
         Ok(FaultAction::Retry)
     }
 

@@ -16,7 +16,10 @@ fn check(mode: Mode, r: &Report) {
     let pages = DATA / 4096;
     assert_eq!(r.pages, pages);
     // The guest read every word of every page and found the source's pattern.
-    assert_eq!(r.pages_checked, pages, "{mode:?}: pages checked by the guest");
+    assert_eq!(
+        r.pages_checked, pages,
+        "{mode:?}: pages checked by the guest"
+    );
     // Each page was filled once, on demand, and nothing is left missing.
     assert_eq!(r.demand_pages, pages, "{mode:?}: pages filled: {r:?}");
     assert_eq!(r.missing_at_end, 0, "{mode:?}: {r:?}");

@@ -161,7 +161,13 @@ impl<'fd> AsyncReader<'fd> {
         records_per_read: usize,
         stop: StopSignal,
     ) -> Result<Self, ReaderError> {
-        Self::build(fd.as_raw_fd(), msg_size, depth, records_per_read, Some(stop))
+        Self::build(
+            fd.as_raw_fd(),
+            msg_size,
+            depth,
+            records_per_read,
+            Some(stop),
+        )
     }
 
     /// A reader for an event loop: no stop signal of its own (the loop decides when to stop
@@ -315,7 +321,10 @@ impl<'fd> AsyncReader<'fd> {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let res = self.run_inner(&mut on_batch);
-        let late_res = self.finish(&mut on_batch, matches!(res, Err(ReaderError::Handler { .. })));
+        let late_res = self.finish(
+            &mut on_batch,
+            matches!(res, Err(ReaderError::Handler { .. })),
+        );
         let exit = res?;
         late_res?;
         Ok(exit)
@@ -609,9 +618,9 @@ impl Drop for AsyncReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
     use crate::fault::records::{encode_record, encode_record_sized};
     use crate::uapi::{KVM_USERFAULT_MSG_READ, USERFAULT_MSG_SIZE};
+    use std::convert::Infallible;
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
@@ -644,7 +653,14 @@ mod tests {
     /// A reader of 24-byte records (depth 2, 8 per read) on one end of a socketpair; the other
     /// end is the writer. `rx` must outlive the reader, which reads its raw fd.
     fn reader_on(rx: &UnixStream) -> AsyncReader<'_> {
-        AsyncReader::new(rx.as_fd(), USERFAULT_MSG_SIZE, 2, 8, StopSignal::new().unwrap()).unwrap()
+        AsyncReader::new(
+            rx.as_fd(),
+            USERFAULT_MSG_SIZE,
+            2,
+            8,
+            StopSignal::new().unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -693,7 +709,9 @@ mod tests {
         )
         .unwrap();
         let t = Instant::now();
-        let exit = reader.run(|_| -> Result<(), Infallible> { panic!("no records") }).unwrap();
+        let exit = reader
+            .run(|_| -> Result<(), Infallible> { panic!("no records") })
+            .unwrap();
         assert_eq!(exit, ReaderExit::VmGone);
         assert!(reader.wakeups <= 8, "{} wake-ups", reader.wakeups);
         assert!(t.elapsed() < Duration::from_secs(5));
@@ -772,7 +790,10 @@ mod tests {
             s2.stop();
             asleep
         });
-        assert_eq!(reader.run(|_| Ok::<(), Infallible>(())).unwrap(), ReaderExit::Stopped);
+        assert_eq!(
+            reader.run(|_| Ok::<(), Infallible>(())).unwrap(),
+            ReaderExit::Stopped
+        );
         assert!(
             stopper.join().unwrap(),
             "the reader never slept in io_uring_enter"
