@@ -130,6 +130,20 @@ pub enum HandlerError {
 /// access touched (4 KiB, or a 2 MiB mapping at most).
 pub const MAX_EXIT_SIZE: u64 = 2 << 20;
 
+impl HandlerError {
+    /// The guest physical address the error is about, if it names one.
+    pub fn gpa(&self) -> Option<u64> {
+        match self {
+            Self::UnknownGpa(g) => Some(*g),
+            Self::Source { gpa, .. }
+            | Self::Install { gpa, .. }
+            | Self::BadExit { gpa, .. }
+            | Self::BadRegion { gpa, .. } => Some(*gpa),
+            Self::UnknownHostAddress(_) | Self::Stopped(_) => None,
+        }
+    }
+}
+
 /// Why a handler stopped: the first [`Handler::stop`] or [`Handler::fail`].
 #[derive(Debug, Clone)]
 pub enum StopCause {
@@ -757,7 +771,7 @@ impl Handler {
     /// Runs prefetch until every page is present or the handler stops; errors stop the handler.
     pub fn prefetch_all(&self, batch: usize) {
         if let Err(e) = self.prefetch_until_done(batch) {
-            tracing::error!("prefetch failed: {e}");
+            tracing::error!(gpa = e.gpa(), error = %e, "prefetch failed");
             self.fail(e);
         }
     }
@@ -1077,9 +1091,13 @@ mod tests {
     }
 
     /// Fails the first read (slowly), succeeds afterwards.
+    /// Fails its first read, once the test opens its gate: the test decides the order of
+    /// events by state, not by sleeping.
     struct FailOnce {
         inner: Arc<MemorySource>,
         failed: AtomicBool,
+        entered: Mutex<std::sync::mpsc::Sender<()>>,
+        gate: Mutex<std::sync::mpsc::Receiver<()>>,
     }
     impl PageSource for FailOnce {
         fn page_count(&self) -> u64 {
@@ -1087,7 +1105,12 @@ mod tests {
         }
         fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
             if !self.failed.swap(true, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100));
+                self.entered.lock().unwrap().send(()).unwrap();
+                self.gate
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("the test never opened the gate");
                 return Err(SourceError::Remote("transient".into()));
             }
             self.inner.read_page(index, dst)
@@ -1102,21 +1125,37 @@ mod tests {
         let data: Vec<u8> = (0..4 * PAGE_SIZE)
             .map(|i| (i / PAGE_SIZE) as u8 + 1)
             .collect();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (open, gate) = std::sync::mpsc::channel();
         let src = Arc::new(FailOnce {
             inner: Arc::new(MemorySource::new(data).unwrap()),
             failed: AtomicBool::new(false),
+            entered: Mutex::new(entered_tx),
+            gate: Mutex::new(gate),
         });
         let f = fixture(4, Some(src));
         let h = &f.h;
         let gpa = GPA + 2 * PAGE_SIZE as u64;
         std::thread::scope(|s| {
+            // A claims the page and is inside the source's read.
             let a =
                 s.spawn(|| h.handle_gpas(&[gpa], Instant::now(), false, &mut Scratch::default()));
-            std::thread::sleep(Duration::from_millis(20));
-            // B finds the page in flight, waits, sees A give up, and fills it itself.
-            h.handle_gpas(&[gpa], Instant::now(), true, &mut Scratch::default())
-                .unwrap();
+            entered.recv_timeout(Duration::from_secs(30)).unwrap();
+            // B finds the page in flight and waits for it.
+            let b =
+                s.spawn(|| h.handle_gpas(&[gpa], Instant::now(), true, &mut Scratch::default()));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while h.stats.duplicate_faults.load(Ordering::SeqCst) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "B never found the page in flight"
+                );
+                std::thread::yield_now();
+            }
+            // A's read fails: A gives up, B sees that and fills the page itself.
+            open.send(()).unwrap();
             assert!(a.join().unwrap().is_err());
+            b.join().unwrap().unwrap();
         });
         assert!(!h.is_missing(gpa));
         assert!(f.mem[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|&b| b == 3));
