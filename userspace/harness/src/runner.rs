@@ -11,7 +11,7 @@ use kvm_userfault::fault::uffd::{Uffd, UffdMode};
 use kvm_userfault::fault::{Access, ReaderExit, StopSignal};
 use kvm_userfault::handler::{Handler, HandlerError, Install, Region, Scratch};
 use kvm_userfault::ioctls::{AttributeResolver, FdResolver};
-use kvm_userfault::serve::{serve_uffd, serve_userfault_fd};
+use kvm_userfault::serve::{serve_uffd, serve_userfault_fd, ServeError};
 use kvm_userfault::source::PageSource;
 use kvm_userfault::uapi::{KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS};
 use kvm_userfault::PAGE_SIZE;
@@ -296,13 +296,13 @@ impl FirstCause {
 
 /// Turns a service loop's error into a cause: a fill failure keeps its type; the handler
 /// being stopped is a consequence, not a cause.
-fn service_cause(e: anyhow::Error, what: &'static str) -> Option<RunCause> {
-    match e.downcast::<HandlerError>() {
-        Ok(HandlerError::Stopped(_)) => None,
-        Ok(h) => Some(RunCause::Fault(h)),
-        Err(e) => Some(RunCause::Service {
+fn service_cause(e: ServeError, what: &'static str) -> Option<RunCause> {
+    match e {
+        ServeError::Handler(HandlerError::Stopped(_)) => None,
+        ServeError::Handler(h) => Some(RunCause::Fault(h)),
+        e => Some(RunCause::Service {
             what,
-            reason: format!("{e:#}"),
+            reason: format!("{:#}", anyhow::Error::from(e)),
         }),
     }
 }
@@ -646,7 +646,7 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
         std::mem::forget(service_threads);
         let cause = causes.take().unwrap_or_else(|| RunCause::Service {
             what: "runner",
-            reason: handler.failure().unwrap_or_default(),
+            reason: handler.failure().map(|c| c.to_string()).unwrap_or_default(),
         });
         return Err(RunError {
             cause,

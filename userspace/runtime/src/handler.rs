@@ -10,10 +10,12 @@ use crate::source::{PageSource, SourceError, Urgency};
 use crate::state::{coalesce_into, Claim, MissingMap, SlotState};
 use crate::stats::Stats;
 use crate::PAGE_SIZE;
+use std::any::Any;
+use std::fmt;
 use std::io;
-use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::ops::{Index, Range};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Makes a range of guest memory visible after it was written (clears USERFAULT).
@@ -99,7 +101,85 @@ pub enum HandlerError {
     },
     /// The runtime is stopping (another thread failed or the VM is done).
     #[error("handler stopped: {0}")]
-    Stopped(String),
+    Stopped(StopCause),
+    /// A `KVM_EXIT_MEMORY_FAULT` whose range no fault can have (larger than
+    /// [`MAX_EXIT_SIZE`], or wrapping).
+    #[error(
+        "memory fault exit of {size:#x} bytes at gpa {gpa:#x}: not a range one access faults on"
+    )]
+    BadExit {
+        /// The exit's gpa.
+        gpa: u64,
+        /// The exit's size.
+        size: u64,
+    },
+    /// A region that cannot be handled (not page aligned, empty, overlapping another, beyond
+    /// the source, or one too many).
+    #[error("region at gpa {gpa:#x} (+{size:#x}): {why}")]
+    BadRegion {
+        /// Its first byte.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Most bytes one `KVM_EXIT_MEMORY_FAULT` may ask for: a USERFAULT exit covers the page the
+/// access touched (4 KiB, or a 2 MiB mapping at most).
+pub const MAX_EXIT_SIZE: u64 = 2 << 20;
+
+impl HandlerError {
+    /// The guest physical address the error is about, if it names one.
+    pub fn gpa(&self) -> Option<u64> {
+        match self {
+            Self::UnknownGpa(g) => Some(*g),
+            Self::Source { gpa, .. }
+            | Self::Install { gpa, .. }
+            | Self::BadExit { gpa, .. }
+            | Self::BadRegion { gpa, .. } => Some(*gpa),
+            Self::UnknownHostAddress(_) | Self::Stopped(_) => None,
+        }
+    }
+}
+
+/// Why a handler stopped: the first [`Handler::stop`] or [`Handler::fail`].
+#[derive(Debug, Clone)]
+pub enum StopCause {
+    /// An orderly stop, with the caller's reason ("vm exiting").
+    Requested(Arc<str>),
+    /// A fatal error, kept with its type and chain (downcast it with
+    /// `err.downcast_ref::<HandlerError>()` and friends).
+    Failed(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl StopCause {
+    /// The error, if the stop was a failure.
+    pub fn error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            Self::Requested(_) => None,
+            Self::Failed(e) => Some(e.as_ref()),
+        }
+    }
+}
+
+impl fmt::Display for StopCause {
+    /// One line: the reason, or the error followed by each of its causes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Requested(r) => f.write_str(r),
+            Self::Failed(e) => {
+                write!(f, "{e}")?;
+                let mut cause = e.source();
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Per-thread scratch buffers, so the fault path does not allocate.
@@ -121,17 +201,89 @@ const MAX_RUN_PAGES: usize = 256;
 struct RegionState {
     region: Region,
     state: SlotState,
+    /// What keeps the region's memory mapped, for regions added through a safe constructor
+    /// (e.g. vm-memory's `Arc<GuestRegionMmap>`): dropped only with the handler.
+    _owner: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// Most regions one handler serves, those added later with [`Handler::add_region`] included.
+pub const MAX_REGIONS: usize = 256;
+
+/// The handler's regions: append-only, so that a region can be added (memory hotplug) while
+/// faults are handled, without a lock on the fault path. An index, once returned by a lookup,
+/// stays valid: slots are written once, before the length that covers them is published.
+struct RegionTable {
+    slots: Box<[OnceLock<RegionState>]>,
+    len: AtomicUsize,
+    /// Serialises appends (and their overlap check).
+    append: Mutex<()>,
+}
+
+impl RegionTable {
+    fn new() -> Self {
+        Self {
+            slots: (0..MAX_REGIONS).map(|_| OnceLock::new()).collect(),
+            len: AtomicUsize::new(0),
+            append: Mutex::new(()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &RegionState> {
+        self.slots[..self.len()].iter().filter_map(OnceLock::get)
+    }
+
+    /// Appends `r` unless it overlaps a region already there or the table is full.
+    fn push(&self, r: RegionState) -> Result<usize, HandlerError> {
+        let _g = self.append.lock().unwrap_or_else(|e| e.into_inner());
+        let (gpa, size) = (r.region.gpa, r.region.size);
+        let bad = |why: String| HandlerError::BadRegion { gpa, size, why };
+        if let Some(o) = self
+            .iter()
+            .find(|o| gpa < o.region.gpa + o.region.size && o.region.gpa < gpa + size)
+        {
+            return Err(bad(format!(
+                "overlaps the region at {:#x} (+{:#x})",
+                o.region.gpa, o.region.size
+            )));
+        }
+        let i = self.len.load(Ordering::Relaxed);
+        let slot = self
+            .slots
+            .get(i)
+            .ok_or_else(|| bad(format!("a handler serves at most {MAX_REGIONS} regions")))?;
+        if slot.set(r).is_err() {
+            // Only appends (serialised above) set slots, each at the current length.
+            unreachable!("region slot {i} written twice");
+        }
+        self.len.store(i + 1, Ordering::Release);
+        Ok(i)
+    }
+}
+
+impl Index<usize> for RegionTable {
+    type Output = RegionState;
+
+    fn index(&self, i: usize) -> &RegionState {
+        // Indices come from lookups over `0..len()`, and a slot is set before `len` covers it.
+        self.slots[i]
+            .get()
+            .expect("region index below the published length")
+    }
 }
 
 /// The handler.
 pub struct Handler {
-    regions: Vec<RegionState>,
+    regions: RegionTable,
     source: Arc<dyn PageSource>,
     install: Install,
     /// Counters and latency.
     pub stats: Stats,
     stopped: AtomicBool,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<StopCause>>,
     prefetch_cursor: Mutex<(usize, usize)>,
 }
 
@@ -140,47 +292,91 @@ impl Handler {
     ///
     /// # Safety
     /// For every region, `host` (and `fill_alias`, if any) must be the address of a writable
-    /// mapping of at least `size` bytes that stays mapped for the handler's lifetime, and no
-    /// Rust reference may alias that memory: the handler writes page contents there through
-    /// raw pointers (guest memory is shared with the guest and the kernel, not Rust-owned).
+    /// mapping of at least `size` bytes that stays mapped for the handler's lifetime. The
+    /// handler writes a page's contents there only while it holds the page's claim, i.e. while
+    /// the page is still missing (USERFAULT set, or not mapped in the userfaultfd range), so
+    /// neither the guest nor KVM accesses those bytes meanwhile; the caller must not access a
+    /// missing page through the mapping either (a VMM's device emulation reads guest memory
+    /// only once the page is present).
     pub unsafe fn new(
         regions: Vec<Region>,
         source: Arc<dyn PageSource>,
         install: Install,
-    ) -> anyhow::Result<Self> {
-        let mut out = Vec::new();
-        for r in regions {
-            anyhow::ensure!(
-                r.gpa % PAGE_SIZE as u64 == 0 && r.size % PAGE_SIZE as u64 == 0 && r.size > 0,
-                "region at {:#x} of {:#x} bytes is not page aligned",
-                r.gpa,
-                r.size
-            );
-            let last = r.source_first_page + r.size / PAGE_SIZE as u64;
-            anyhow::ensure!(
-                last <= source.page_count(),
-                "region at gpa {:#x} needs source pages up to {last}, but {} has {}",
-                r.gpa,
-                source.describe(),
-                source.page_count()
-            );
-            if matches!(install, Install::UffdContinue(_)) {
-                anyhow::ensure!(r.fill_alias.is_some(), "UFFDIO_CONTINUE needs a fill alias");
-            }
-            let pages = r.pages();
-            out.push(RegionState {
-                region: r,
-                state: SlotState::new(MissingMap::all_missing(pages)),
-            });
-        }
-        Ok(Self {
-            regions: out,
+    ) -> Result<Self, HandlerError> {
+        let h = Self {
+            regions: RegionTable::new(),
             source,
             install,
             stats: Stats::default(),
             stopped: AtomicBool::new(false),
             failure: Mutex::new(None),
             prefetch_cursor: Mutex::new((0, 0)),
+        };
+        for r in regions {
+            h.push_region(r, None)?;
+        }
+        Ok(h)
+    }
+
+    /// Adds a demand-paged region (memory hotplug), every page missing, while faults on the
+    /// others are being handled. Returns its index.
+    ///
+    /// # Safety
+    /// As for [`Handler::new`].
+    pub unsafe fn add_region(&self, region: Region) -> Result<usize, HandlerError> {
+        self.push_region(region, None)
+    }
+
+    /// Adds a region whose memory `owner` keeps mapped: the handler holds `owner` until it is
+    /// dropped, so the mapping outlives every write the handler makes.
+    ///
+    /// # Safety
+    /// `region.host` (and `fill_alias`) must lie in mappings that `owner` keeps alive, and the
+    /// access rule of [`Handler::new`] holds.
+    pub(crate) unsafe fn add_owned_region(
+        &self,
+        region: Region,
+        owner: Arc<dyn Any + Send + Sync>,
+    ) -> Result<usize, HandlerError> {
+        self.push_region(region, Some(owner))
+    }
+
+    fn push_region(
+        &self,
+        r: Region,
+        owner: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<usize, HandlerError> {
+        let bad = |why: String| HandlerError::BadRegion {
+            gpa: r.gpa,
+            size: r.size,
+            why,
+        };
+        let page = PAGE_SIZE as u64;
+        if !r.gpa.is_multiple_of(page) || !r.size.is_multiple_of(page) || r.size == 0 {
+            return Err(bad("not page aligned, or empty".into()));
+        }
+        if r.gpa.checked_add(r.size).is_none() {
+            return Err(bad("ends beyond the 64-bit address space".into()));
+        }
+        let (first, n) = (r.source_first_page, r.size / page);
+        if first
+            .checked_add(n)
+            .is_none_or(|end| end > self.source.page_count())
+        {
+            return Err(bad(format!(
+                "needs source pages {first}..{first}+{n}, but {} has {}",
+                self.source.describe(),
+                self.source.page_count()
+            )));
+        }
+        if matches!(self.install, Install::UffdContinue(_)) && r.fill_alias.is_none() {
+            return Err(bad("UFFDIO_CONTINUE needs a fill alias".into()));
+        }
+        let pages = r.pages();
+        self.regions.push(RegionState {
+            region: r,
+            state: SlotState::new(MissingMap::all_missing(pages)),
+            _owner: owner,
         })
     }
 
@@ -205,9 +401,20 @@ impl Handler {
 
     /// Stops the handler: later calls fail with `Stopped`, waiters give up.
     pub fn stop(&self, reason: &str) {
+        self.stop_with(StopCause::Requested(reason.into()));
+    }
+
+    fn stop_with(&self, cause: StopCause) {
         let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        f.get_or_insert_with(|| reason.to_string());
+        f.get_or_insert(cause);
         self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped_error(&self) -> HandlerError {
+        HandlerError::Stopped(
+            self.failure()
+                .unwrap_or_else(|| StopCause::Requested("stopped".into())),
+        )
     }
 
     /// True once stopped.
@@ -216,16 +423,16 @@ impl Handler {
     }
 
     /// The first failure recorded with [`Handler::fail`] or [`Handler::stop`].
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<StopCause> {
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Records a fatal error and stops.
-    pub fn fail(&self, err: &anyhow::Error) {
-        self.stop(&format!("{err:#}"));
+    /// Records a fatal error (the first one is kept, typed) and stops.
+    pub fn fail(&self, err: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
+        self.stop_with(StopCause::Failed(Arc::from(err.into())));
     }
 
     /// Maps a guest physical address to (region, page).
@@ -243,7 +450,7 @@ impl Handler {
 
     /// Maps a host address of a guest-visible mapping to a guest physical address.
     pub fn host_to_gpa(&self, addr: u64) -> Result<u64, HandlerError> {
-        for r in &self.regions {
+        for r in self.regions.iter() {
             let base = r.region.host as u64;
             if addr >= base && addr - base < r.region.size {
                 return Ok(r.region.gpa + ((addr - base) & !(PAGE_SIZE as u64 - 1)));
@@ -264,7 +471,7 @@ impl Handler {
         scratch: &mut Scratch,
     ) -> Result<(), HandlerError> {
         if self.is_stopped() {
-            return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
+            return Err(self.stopped_error());
         }
         let _span = tracing::debug_span!("fault_batch", n = gpas.len()).entered();
         Stats::add(&self.stats.faults, gpas.len() as u64);
@@ -325,7 +532,7 @@ impl Handler {
                     != Claim::Present
                 {
                     if self.is_stopped() {
-                        return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
+                        return Err(self.stopped_error());
                     }
                     // The other filler gave up on it: claim and fill it ourselves.
                     retry.push(self.regions[ri].region.gpa + (page * PAGE_SIZE) as u64);
@@ -342,7 +549,10 @@ impl Handler {
     /// were filled; 0 means every page is present or in flight.
     pub fn prefetch(&self, max: usize, scratch: &mut Scratch) -> Result<usize, HandlerError> {
         if self.is_stopped() {
-            return Err(HandlerError::Stopped(self.failure().unwrap_or_default()));
+            return Err(self.stopped_error());
+        }
+        if self.regions.len() == 0 {
+            return Ok(0);
         }
         let mut claimed = std::mem::take(&mut scratch.claimed);
         claimed.clear();
@@ -561,8 +771,8 @@ impl Handler {
     /// Runs prefetch until every page is present or the handler stops; errors stop the handler.
     pub fn prefetch_all(&self, batch: usize) {
         if let Err(e) = self.prefetch_until_done(batch) {
-            tracing::error!("prefetch failed: {e}");
-            self.fail(&e.into());
+            tracing::error!(gpa = e.gpa(), error = %e, "prefetch failed");
+            self.fail(e);
         }
     }
 
@@ -881,9 +1091,13 @@ mod tests {
     }
 
     /// Fails the first read (slowly), succeeds afterwards.
+    /// Fails its first read, once the test opens its gate: the test decides the order of
+    /// events by state, not by sleeping.
     struct FailOnce {
         inner: Arc<MemorySource>,
         failed: AtomicBool,
+        entered: Mutex<std::sync::mpsc::Sender<()>>,
+        gate: Mutex<std::sync::mpsc::Receiver<()>>,
     }
     impl PageSource for FailOnce {
         fn page_count(&self) -> u64 {
@@ -891,7 +1105,12 @@ mod tests {
         }
         fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
             if !self.failed.swap(true, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100));
+                self.entered.lock().unwrap().send(()).unwrap();
+                self.gate
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("the test never opened the gate");
                 return Err(SourceError::Remote("transient".into()));
             }
             self.inner.read_page(index, dst)
@@ -906,21 +1125,37 @@ mod tests {
         let data: Vec<u8> = (0..4 * PAGE_SIZE)
             .map(|i| (i / PAGE_SIZE) as u8 + 1)
             .collect();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (open, gate) = std::sync::mpsc::channel();
         let src = Arc::new(FailOnce {
             inner: Arc::new(MemorySource::new(data).unwrap()),
             failed: AtomicBool::new(false),
+            entered: Mutex::new(entered_tx),
+            gate: Mutex::new(gate),
         });
         let f = fixture(4, Some(src));
         let h = &f.h;
         let gpa = GPA + 2 * PAGE_SIZE as u64;
         std::thread::scope(|s| {
+            // A claims the page and is inside the source's read.
             let a =
                 s.spawn(|| h.handle_gpas(&[gpa], Instant::now(), false, &mut Scratch::default()));
-            std::thread::sleep(Duration::from_millis(20));
-            // B finds the page in flight, waits, sees A give up, and fills it itself.
-            h.handle_gpas(&[gpa], Instant::now(), true, &mut Scratch::default())
-                .unwrap();
+            entered.recv_timeout(Duration::from_secs(30)).unwrap();
+            // B finds the page in flight and waits for it.
+            let b =
+                s.spawn(|| h.handle_gpas(&[gpa], Instant::now(), true, &mut Scratch::default()));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while h.stats.duplicate_faults.load(Ordering::SeqCst) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "B never found the page in flight"
+                );
+                std::thread::yield_now();
+            }
+            // A's read fails: A gives up, B sees that and fills the page itself.
+            open.send(()).unwrap();
             assert!(a.join().unwrap().is_err());
+            b.join().unwrap().unwrap();
         });
         assert!(!h.is_missing(gpa));
         assert!(f.mem[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|&b| b == 3));
@@ -944,6 +1179,10 @@ mod tests {
         let e = unsafe { Handler::new(vec![r], img, Install::Direct(Box::new(NoopResolver))) }
             .err()
             .unwrap();
-        assert!(e.to_string().contains("needs source pages up to 2"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("needs source pages 0..0+2, but memory image (1 pages) has 1"),
+            "{e}"
+        );
     }
 }

@@ -15,11 +15,16 @@ pub mod handler;
 pub mod handoff;
 pub mod ioctls;
 pub mod memory;
+pub mod runtime;
 pub mod serve;
 pub mod source;
 pub mod state;
 pub mod stats;
 pub mod uapi;
+pub mod vcpu;
+
+pub use runtime::{DemandRegion, Runtime, RuntimeError};
+pub use vcpu::{FaultAction, VcpuFaults};
 
 /// The page size this runtime works in (x86_64 base pages).
 pub const PAGE_SIZE: usize = 4096;

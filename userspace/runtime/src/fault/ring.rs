@@ -17,18 +17,22 @@
 
 use super::records::{check_msg_size, parse_records, Record, RecordError};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
+use vmm_sys_util::eventfd::EventFd;
 
 use io_uring::{opcode, types, IoUring};
 
 const STOP_TAG: u64 = u64::MAX;
 const CANCEL_TAG: u64 = u64::MAX - 1;
 
-/// An eventfd that stops an [`AsyncReader`] (and anything else polling it).
+/// The stop signal of every service loop of a runtime: an eventfd (vmm-sys-util's
+/// [`EventFd`]) in semaphore mode, polled by each loop (an [`AsyncReader`] reads it in its own
+/// ring; the userfaultfd loop polls it).
 #[derive(Debug, Clone)]
 pub struct StopSignal {
-    fd: Arc<OwnedFd>,
+    fd: Arc<EventFd>,
 }
 
 impl StopSignal {
@@ -36,29 +40,30 @@ impl StopSignal {
     pub fn new() -> io::Result<Self> {
         // Semaphore mode: every reader's read consumes 1 of the large count `stop` adds, so
         // any number of readers (each with its own ring) see the one stop.
-        // SAFETY: eventfd takes an initial value and flags; returns a new fd or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
-        if raw < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("eventfd: {e}")));
-        }
-        // SAFETY: a fresh fd that nothing else owns.
-        Ok(Self {
-            fd: Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }),
-        })
+        let fd = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE)
+            .map_err(|e| io::Error::new(e.kind(), format!("eventfd: {e}")))?;
+        Ok(Self { fd: Arc::new(fd) })
     }
 
     /// Signals every reader waiting on it (now or later).
     pub fn stop(&self) {
-        let one = (1u64 << 32).to_ne_bytes();
-        // SAFETY: writes 8 bytes from a local array to our eventfd.
-        unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+        // The counter only fails to take the value if it would overflow, i.e. after 2^31
+        // stops, when every reader is long signalled anyway.
+        let _ = self.fd.write(1 << 32);
     }
 }
 
 impl AsRawFd for StopSignal {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for StopSignal {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd is open for as long as `self` (which holds an Arc of it) lives,
+        // which bounds the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
     }
 }
 
@@ -122,13 +127,18 @@ pub enum ReaderError {
     },
 }
 
-/// Reads userfault records from an fd through io_uring.
-pub struct AsyncReader {
+/// Reads userfault records from an fd through io_uring, either in its own loop
+/// ([`AsyncReader::run`], on a thread) or driven by the caller's event loop ([`AsyncReader::arm`],
+/// then [`AsyncReader::process_ready`] whenever [`AsyncReader::ring_fd`] polls readable).
+pub struct AsyncReader<'fd> {
     ring: IoUring,
     fd: RawFd,
+    _fd: PhantomData<BorrowedFd<'fd>>,
     msg_size: usize,
     bufs: Vec<Vec<u8>>,
-    stop: StopSignal,
+    stop: Option<StopSignal>,
+    /// Reads submitted by [`AsyncReader::arm`] (event-loop mode).
+    armed: bool,
     stop_buf: Box<[u8; 8]>,
     /// Which buffers (and the stop read) the kernel may still write into.
     in_flight: Vec<bool>,
@@ -139,16 +149,58 @@ pub struct AsyncReader {
     pub reads: u64,
 }
 
-impl AsyncReader {
+impl<'fd> AsyncReader<'fd> {
     /// A reader of `fd`, whose records are `msg_size` bytes (the size negotiated at fd
-    /// creation), with `depth` reads in flight of `records_per_read` records each. `fd` must
-    /// stay open while the reader runs.
+    /// creation), with `depth` reads in flight of `records_per_read` records each, which
+    /// [`AsyncReader::run`] runs until `stop` fires. The borrow keeps `fd` open while the
+    /// reader exists.
     pub fn new(
-        fd: RawFd,
+        fd: BorrowedFd<'fd>,
         msg_size: usize,
         depth: usize,
         records_per_read: usize,
         stop: StopSignal,
+    ) -> Result<Self, ReaderError> {
+        Self::build(
+            fd.as_raw_fd(),
+            msg_size,
+            depth,
+            records_per_read,
+            Some(stop),
+        )
+    }
+
+    /// A reader for an event loop: no stop signal of its own (the loop decides when to stop
+    /// calling [`AsyncReader::process_ready`] and then calls [`AsyncReader::disarm`]).
+    pub fn new_polled(
+        fd: BorrowedFd<'fd>,
+        msg_size: usize,
+        depth: usize,
+        records_per_read: usize,
+    ) -> Result<Self, ReaderError> {
+        Self::build(fd.as_raw_fd(), msg_size, depth, records_per_read, None)
+    }
+
+    /// A reader of a raw fd, for an owner that keeps the fd open for the reader's whole life
+    /// by other means (holds it in the same struct, dropped after the reader).
+    ///
+    /// # Safety
+    /// `fd` must stay open until the returned reader is dropped.
+    pub(crate) unsafe fn from_raw_polled(
+        fd: RawFd,
+        msg_size: usize,
+        depth: usize,
+        records_per_read: usize,
+    ) -> Result<AsyncReader<'static>, ReaderError> {
+        AsyncReader::build(fd, msg_size, depth, records_per_read, None)
+    }
+
+    fn build(
+        fd: RawFd,
+        msg_size: usize,
+        depth: usize,
+        records_per_read: usize,
+        stop: Option<StopSignal>,
     ) -> Result<Self, ReaderError> {
         if !(1..=4096).contains(&depth) || !(1..=4096).contains(&records_per_read) {
             return Err(ReaderError::Config(format!(
@@ -162,9 +214,11 @@ impl AsyncReader {
         Ok(Self {
             ring,
             fd,
+            _fd: PhantomData,
             msg_size,
             bufs: vec![vec![0u8; records_per_read * msg_size]; depth],
             stop,
+            armed: false,
             stop_buf: Box::new([0u8; 8]),
             in_flight: vec![false; depth],
             stop_in_flight: false,
@@ -259,14 +313,36 @@ impl AsyncReader {
     /// are handed to `on_batch` before `run` returns. An error from the callback, a failed
     /// read or a malformed record ends the loop with that error (the records of the other
     /// reads of that wake-up are handed over first).
-    pub fn run(
+    pub fn run<E>(
         &mut self,
-        mut on_batch: impl FnMut(&[Record]) -> anyhow::Result<()>,
-    ) -> Result<ReaderExit, ReaderError> {
+        mut on_batch: impl FnMut(&[Record]) -> Result<(), E>,
+    ) -> Result<ReaderExit, ReaderError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let res = self.run_inner(&mut on_batch);
+        let late_res = self.finish(
+            &mut on_batch,
+            matches!(res, Err(ReaderError::Handler { .. })),
+        );
+        let exit = res?;
+        late_res?;
+        Ok(exit)
+    }
+
+    /// Cancels and reaps every read, hands the records that completed meanwhile to
+    /// `on_batch` (unless the handler already failed), and reports a malformed one.
+    fn finish<E>(
+        &mut self,
+        on_batch: &mut impl FnMut(&[Record]) -> Result<(), E>,
+        handler_failed: bool,
+    ) -> Result<(), ReaderError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let mut late = Vec::new();
         let late_bad = self.cancel_all(&mut late);
-        let handler_failed = matches!(res, Err(ReaderError::Handler { .. }));
+        self.armed = false;
         if !late.is_empty() {
             if handler_failed {
                 // The handler already failed: it is not given more work. A successor handler
@@ -282,28 +358,41 @@ impl AsyncReader {
                 })?;
             }
         }
-        let exit = res?;
         late_bad.map_err(|source| ReaderError::Malformed {
             fd: self.fd,
             source,
-        })?;
-        Ok(exit)
+        })
     }
 
-    fn run_inner(
-        &mut self,
-        on_batch: &mut impl FnMut(&[Record]) -> anyhow::Result<()>,
-    ) -> Result<ReaderExit, ReaderError> {
+    fn submit_reads(&mut self) -> Result<(), ReaderError> {
         for i in 0..self.bufs.len() {
             self.push_read(i)?;
         }
-        let stop_sqe = opcode::Read::new(
-            types::Fd(self.stop.as_raw_fd()),
-            self.stop_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(STOP_TAG);
+        Ok(())
+    }
+
+    fn run_inner<E>(
+        &mut self,
+        on_batch: &mut impl FnMut(&[Record]) -> Result<(), E>,
+    ) -> Result<ReaderExit, ReaderError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Some(stop) = &self.stop else {
+            return Err(ReaderError::Config(
+                "run() needs a stop signal: this reader was made for an event loop".into(),
+            ));
+        };
+        let stop_fd = stop.as_raw_fd();
+        if self.armed {
+            return Err(ReaderError::Config(
+                "run() on a reader armed for an event loop".into(),
+            ));
+        }
+        self.submit_reads()?;
+        let stop_sqe = opcode::Read::new(types::Fd(stop_fd), self.stop_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(STOP_TAG);
         // SAFETY: stop_buf is boxed in self and outlives the ring's use of it (run() reaps the
         // stop read before returning; Drop leaks the box if it cannot).
         unsafe { self.ring.submission().push(&stop_sqe) }.map_err(|_| ReaderError::QueueFull)?;
@@ -318,58 +407,140 @@ impl AsyncReader {
                 Err(e) => return Err(ReaderError::Enter(e)),
             }
             self.wakeups += 1;
-            batch.clear();
-            done.clear();
-            // How this wake-up ends the loop, if it does. Every completion of the wake-up is
-            // still looked at, so that the records of its other reads are not lost.
-            let mut end: Option<Result<ReaderExit, ReaderError>> = None;
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (tag, res) in cqes {
-                if tag == CANCEL_TAG {
-                    continue;
-                }
-                if tag == STOP_TAG {
-                    self.mark_done(tag);
-                    end.get_or_insert(Ok(ReaderExit::Stopped));
-                    continue;
-                }
-                let i = tag as usize;
-                if i >= self.bufs.len() {
-                    continue;
-                }
-                self.mark_done(tag);
-                if res > 0 {
-                    self.reads += 1;
-                }
-                match decode_completion(res, &self.bufs[i], self.msg_size, self.fd, &mut batch) {
-                    Ok(Completion::Records | Completion::Retry) => done.push(i),
-                    Ok(Completion::EndOfFile) => {
-                        end.get_or_insert(Ok(ReaderExit::VmGone));
-                    }
-                    Err(e) => {
-                        end.get_or_insert(Err(e));
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                on_batch(&batch).map_err(|e| ReaderError::Handler {
-                    records: batch.len(),
-                    source: e.into(),
-                })?;
-            }
-            if let Some(end) = end {
-                // Do not resubmit: after a stop nothing more is read, after end of file every
-                // further read would return 0 at once, after an error the loop ends.
+            if let Some(end) = self.reap(on_batch, &mut batch, &mut done)? {
                 return end;
             }
-            for &i in &done {
-                self.push_read(i)?;
+        }
+    }
+
+    /// Hands every completion available now to `on_batch` as one batch and resubmits the
+    /// buffers read into; returns how the loop ends if one of them ended it (the stop, end of
+    /// file, a read error), in which case nothing is resubmitted.
+    #[allow(clippy::type_complexity)]
+    fn reap<E>(
+        &mut self,
+        on_batch: &mut impl FnMut(&[Record]) -> Result<(), E>,
+        batch: &mut Vec<Record>,
+        done: &mut Vec<usize>,
+    ) -> Result<Option<Result<ReaderExit, ReaderError>>, ReaderError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        batch.clear();
+        done.clear();
+        // How this wake-up ends the loop, if it does. Every completion of the wake-up is
+        // still looked at, so that the records of its other reads are not lost.
+        let mut end: Option<Result<ReaderExit, ReaderError>> = None;
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (tag, res) in cqes {
+            if tag == CANCEL_TAG {
+                continue;
+            }
+            if tag == STOP_TAG {
+                self.mark_done(tag);
+                end.get_or_insert(Ok(ReaderExit::Stopped));
+                continue;
+            }
+            let i = tag as usize;
+            if i >= self.bufs.len() {
+                continue;
+            }
+            self.mark_done(tag);
+            if res > 0 {
+                self.reads += 1;
+            }
+            match decode_completion(res, &self.bufs[i], self.msg_size, self.fd, batch) {
+                Ok(Completion::Records | Completion::Retry) => done.push(i),
+                Ok(Completion::EndOfFile) => {
+                    end.get_or_insert(Ok(ReaderExit::VmGone));
+                }
+                Err(e) => {
+                    end.get_or_insert(Err(e));
+                }
             }
         }
+        if !batch.is_empty() {
+            on_batch(batch).map_err(|e| ReaderError::Handler {
+                records: batch.len(),
+                source: e.into(),
+            })?;
+        }
+        if end.is_some() {
+            // Do not resubmit: after a stop nothing more is read, after end of file every
+            // further read would return 0 at once, after an error the loop ends.
+            return Ok(end);
+        }
+        for &i in done.iter() {
+            self.push_read(i)?;
+        }
+        Ok(None)
+    }
+
+    /// Event-loop mode: submits every read, so that [`AsyncReader::ring_fd`] polls readable
+    /// once a record arrives. Call once, then [`AsyncReader::process_ready`] on readiness.
+    pub fn arm(&mut self) -> Result<(), ReaderError> {
+        if self.armed {
+            return Ok(());
+        }
+        self.submit_reads()?;
+        self.ring.submit().map_err(ReaderError::Enter)?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// The io_uring fd to poll (readable when a read completed) in event-loop mode.
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Event-loop mode: without blocking, hands every completed read's records to `on_batch`
+    /// and resubmits the reads. `Ok(None)`: keep polling; `Ok(Some(ReaderExit::VmGone))`: the
+    /// fd reported end of file (disarm and drop the reader). On an error the caller disarms.
+    pub fn process_ready<E>(
+        &mut self,
+        mut on_batch: impl FnMut(&[Record]) -> Result<(), E>,
+    ) -> Result<Option<ReaderExit>, ReaderError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if !self.armed {
+            return Err(ReaderError::Config("process_ready() before arm()".into()));
+        }
+        let mut batch = Vec::new();
+        let mut done = Vec::new();
+        let end = self.reap(&mut on_batch, &mut batch, &mut done)?;
+        self.wakeups += 1;
+        // Resubmitted reads (and none, after an end) take effect with one non-blocking enter.
+        self.ring.submit().map_err(ReaderError::Enter)?;
+        match end {
+            None => Ok(None),
+            Some(Ok(exit)) => Ok(Some(exit)),
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    /// Event-loop mode: cancels and reaps every read; the records of reads that completed
+    /// before the cancellation took effect (consumed from the fd, so they exist nowhere else)
+    /// are handed to `on_batch`. After this the reader can be armed again (a VMM that pauses
+    /// and resumes) or dropped.
+    pub fn disarm<E>(
+        &mut self,
+        mut on_batch: impl FnMut(&[Record]) -> Result<(), E>,
+    ) -> Result<(), ReaderError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // Completions already posted are handed over first, then the cancelled rest.
+        if self.armed {
+            let mut batch = Vec::new();
+            let mut done = Vec::new();
+            self.reap(&mut on_batch, &mut batch, &mut done)?;
+        }
+        self.finish(&mut on_batch, false)
     }
 }
 
@@ -424,7 +595,7 @@ pub(crate) fn decode_completion(
         .map_err(|source| ReaderError::Malformed { fd, source })
 }
 
-impl Drop for AsyncReader {
+impl Drop for AsyncReader<'_> {
     fn drop(&mut self) {
         let mut late = Vec::new();
         // Only a run() that panicked leaves requests in flight.
@@ -449,7 +620,9 @@ mod tests {
     use super::*;
     use crate::fault::records::{encode_record, encode_record_sized};
     use crate::uapi::{KVM_USERFAULT_MSG_READ, USERFAULT_MSG_SIZE};
+    use std::convert::Infallible;
     use std::io::{Read, Write};
+    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
@@ -479,17 +652,15 @@ mod tests {
 
     /// A reader of 24-byte records (depth 2, 8 per read) on one end of a socketpair; the other
     /// end is the writer. `rx` must outlive the reader, which reads its raw fd.
-    fn reader_on_socketpair() -> (UnixStream, UnixStream, AsyncReader) {
-        let (tx, rx) = UnixStream::pair().unwrap();
-        let reader = AsyncReader::new(
-            rx.as_raw_fd(),
+    fn reader_on(rx: &UnixStream) -> AsyncReader<'_> {
+        AsyncReader::new(
+            rx.as_fd(),
             USERFAULT_MSG_SIZE,
             2,
             8,
             StopSignal::new().unwrap(),
         )
-        .unwrap();
-        (tx, rx, reader)
+        .unwrap()
     }
 
     #[test]
@@ -498,7 +669,7 @@ mod tests {
         // closing the writer is end of file, as a destroyed VM is for the real fd.
         let (mut tx, rx) = UnixStream::pair().unwrap();
         let stop = StopSignal::new().unwrap();
-        let mut reader = AsyncReader::new(rx.as_raw_fd(), USERFAULT_MSG_SIZE, 4, 32, stop).unwrap();
+        let mut reader = AsyncReader::new(rx.as_fd(), USERFAULT_MSG_SIZE, 4, 32, stop).unwrap();
         let producer = std::thread::spawn(move || {
             for chunk in 0..50u64 {
                 let mut buf = Vec::new();
@@ -512,13 +683,14 @@ mod tests {
         let exit = reader
             .run(|b| {
                 seen.extend(b.iter().map(|r| r.gfn));
-                Ok(())
+                Ok::<(), Infallible>(())
             })
             .unwrap();
         producer.join().unwrap();
         assert_eq!(exit, ReaderExit::VmGone);
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
         assert!(reader.wakeups < 1000, "one wake-up per record is too many");
+        drop(reader);
         drop(rx);
     }
 
@@ -529,7 +701,7 @@ mod tests {
         let (tx, rx) = UnixStream::pair().unwrap();
         drop(tx);
         let mut reader = AsyncReader::new(
-            rx.as_raw_fd(),
+            rx.as_fd(),
             USERFAULT_MSG_SIZE,
             8,
             4,
@@ -537,7 +709,9 @@ mod tests {
         )
         .unwrap();
         let t = Instant::now();
-        let exit = reader.run(|_| panic!("no records")).unwrap();
+        let exit = reader
+            .run(|_| -> Result<(), Infallible> { panic!("no records") })
+            .unwrap();
         assert_eq!(exit, ReaderExit::VmGone);
         assert!(reader.wakeups <= 8, "{} wake-ups", reader.wakeups);
         assert!(t.elapsed() < Duration::from_secs(5));
@@ -550,7 +724,7 @@ mod tests {
         // VMM) strides by 32.
         let (mut tx, rx) = UnixStream::pair().unwrap();
         let mut reader =
-            AsyncReader::new(rx.as_raw_fd(), 32, 2, 8, StopSignal::new().unwrap()).unwrap();
+            AsyncReader::new(rx.as_fd(), 32, 2, 8, StopSignal::new().unwrap()).unwrap();
         for g in 0..10 {
             tx.write_all(&encode_record_sized(g, KVM_USERFAULT_MSG_READ, 0, 32))
                 .unwrap();
@@ -560,13 +734,13 @@ mod tests {
         reader
             .run(|b| {
                 seen.extend(b.iter().map(|r| r.gfn));
-                Ok(())
+                Ok::<(), Infallible>(())
             })
             .unwrap();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
         // Record sizes no reader can stride by are refused up front.
         for bad in [0, 23, 1 << 20] {
-            let e = AsyncReader::new(rx.as_raw_fd(), bad, 2, 8, StopSignal::new().unwrap())
+            let e = AsyncReader::new(rx.as_fd(), bad, 2, 8, StopSignal::new().unwrap())
                 .err()
                 .unwrap();
             assert!(e.to_string().contains("record size"), "{e}");
@@ -583,12 +757,12 @@ mod tests {
                 .iter()
                 .map(|(_, rx)| {
                     let (stop, tx) = (stop.clone(), tx.clone());
-                    let fd = rx.as_raw_fd();
+                    let fd = rx.as_fd();
                     s.spawn(move || {
                         tx.send(gettid()).unwrap();
                         AsyncReader::new(fd, USERFAULT_MSG_SIZE, 2, 8, stop)
                             .unwrap()
-                            .run(|_| Ok(()))
+                            .run(|_| Ok::<(), Infallible>(()))
                     })
                 })
                 .collect();
@@ -608,7 +782,7 @@ mod tests {
         let (_tx, rx) = UnixStream::pair().unwrap();
         let stop = StopSignal::new().unwrap();
         let mut reader =
-            AsyncReader::new(rx.as_raw_fd(), USERFAULT_MSG_SIZE, 2, 8, stop.clone()).unwrap();
+            AsyncReader::new(rx.as_fd(), USERFAULT_MSG_SIZE, 2, 8, stop.clone()).unwrap();
         let (s2, tid) = (stop.clone(), gettid());
         let stopper = std::thread::spawn(move || {
             // Signal the stop once the reader sleeps in its ring, with every read in flight.
@@ -616,7 +790,10 @@ mod tests {
             s2.stop();
             asleep
         });
-        assert_eq!(reader.run(|_| Ok(())).unwrap(), ReaderExit::Stopped);
+        assert_eq!(
+            reader.run(|_| Ok::<(), Infallible>(())).unwrap(),
+            ReaderExit::Stopped
+        );
         assert!(
             stopper.join().unwrap(),
             "the reader never slept in io_uring_enter"
@@ -624,11 +801,12 @@ mod tests {
         // Every read was cancelled and reaped: no buffer can be written after run().
         assert!(!reader.stop_in_flight && reader.in_flight.iter().all(|&b| !b));
 
-        let (mut tx, _rx, mut reader) = reader_on_socketpair();
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let mut reader = reader_on(&rx);
         let mut rec = encode_record(1, KVM_USERFAULT_MSG_READ, 0);
         rec[0] = 99;
         tx.write_all(&rec).unwrap();
-        let e = reader.run(|_| Ok(())).unwrap_err();
+        let e = reader.run(|_| Ok::<(), Infallible>(())).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -643,7 +821,8 @@ mod tests {
         assert!(chain.contains("size field 99"), "{chain}");
 
         // A callback error comes back typed, with its cause.
-        let (mut tx, _rx, mut reader) = reader_on_socketpair();
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let mut reader = reader_on(&rx);
         tx.write_all(&encode_record(1, KVM_USERFAULT_MSG_READ, 0))
             .unwrap();
         let e = reader
@@ -666,12 +845,12 @@ mod tests {
         }
         tx.write_all(&buf).unwrap();
         stop.stop();
-        let mut reader = AsyncReader::new(rx.as_raw_fd(), USERFAULT_MSG_SIZE, 2, 8, stop).unwrap();
+        let mut reader = AsyncReader::new(rx.as_fd(), USERFAULT_MSG_SIZE, 2, 8, stop).unwrap();
         let mut seen = Vec::new();
         let exit = reader
             .run(|b| {
                 seen.extend(b.iter().map(|r| r.gfn));
-                Ok(())
+                Ok::<(), Infallible>(())
             })
             .unwrap();
         assert_eq!(exit, ReaderExit::Stopped);
@@ -791,7 +970,7 @@ mod tests {
         ) {
             let (mut tx, rx) = UnixStream::pair().unwrap();
             let mut reader =
-                AsyncReader::new(rx.as_raw_fd(), msg_size, depth, per_read, StopSignal::new().unwrap())
+                AsyncReader::new(rx.as_fd(), msg_size, depth, per_read, StopSignal::new().unwrap())
                     .unwrap();
             let to_send = gfns.clone();
             let writer = std::thread::spawn(move || {
@@ -817,7 +996,7 @@ mod tests {
             let mut seen = Vec::new();
             let res = reader.run(|b| {
                 seen.extend(b.iter().map(|r| r.gfn));
-                Ok(())
+                Ok::<(), Infallible>(())
             });
             writer.join().unwrap();
             let mut want = gfns.clone();
