@@ -65,7 +65,7 @@ pub fn create_fd_raw(vm: &VmFd, arg: &mut kvm_create_userfault_fd) -> Result<Own
     let r = unsafe {
         libc::ioctl(
             vm.as_raw_fd(),
-            KVM_CREATE_USERFAULT_FD as libc::c_ulong,
+            KVM_CREATE_USERFAULT_FD(),
             arg as *mut kvm_create_userfault_fd,
         )
     };
@@ -96,7 +96,7 @@ pub fn create_fd(vm: &VmFd, flags: u64) -> Result<OwnedFd, Errno> {
 /// `KVM_USERFAULT_REQUEUE`: returns how many records KVM posted again.
 pub fn requeue(fd: RawFd) -> Result<i32, Errno> {
     // SAFETY: an ioctl without an argument.
-    let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_REQUEUE as libc::c_ulong, 0) };
+    let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_REQUEUE(), 0) };
     if r < 0 {
         Err(Errno::last())
     } else {
@@ -107,13 +107,7 @@ pub fn requeue(fd: RawFd) -> Result<i32, Errno> {
 /// `KVM_USERFAULT_RESOLVE` with a full argument.
 pub fn resolve_raw(fd: RawFd, range: &kvm_userfault_range) -> Result<(), Errno> {
     // SAFETY: the ioctl reads exactly one kvm_userfault_range from `range`.
-    let r = unsafe {
-        libc::ioctl(
-            fd,
-            KVM_USERFAULT_RESOLVE as libc::c_ulong,
-            range as *const _,
-        )
-    };
+    let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_RESOLVE(), range as *const _) };
     if r < 0 {
         Err(Errno::last())
     } else {

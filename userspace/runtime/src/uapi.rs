@@ -6,6 +6,7 @@
 //! checked against the documented C layout unconditionally.
 
 use std::mem::{offset_of, size_of};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// `KVMIO`, the ioctl type of every KVM ioctl.
 pub const KVMIO: u32 = 0xAE;
@@ -121,31 +122,22 @@ pub const USERFAULT_MSG_SIZE: usize = size_of::<kvm_userfault_msg>();
 /// with this uAPI provides; a smaller `msg_size` is -EINVAL.
 pub const USERFAULT_MSG_MIN_SIZE: usize = 24;
 
-/// `_IOC(dir, type, nr, size)` as in `include/uapi/asm-generic/ioctl.h`.
-pub const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u64 {
-    ((dir as u64) << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
-}
-/// `_IOC_NONE`.
-pub const IOC_NONE: u32 = 0;
-/// `_IOC_WRITE`.
-pub const IOC_WRITE: u32 = 1;
-/// `_IOC_READ`.
-pub const IOC_READ: u32 = 2;
-
-/// `KVM_CREATE_USERFAULT_FD = _IOWR(KVMIO, 0xd6, struct kvm_create_userfault_fd)` (VM ioctl;
-/// v1 of the series had `_IOW`, so a v1 kernel answers this number with ENOTTY).
-pub const KVM_CREATE_USERFAULT_FD: u64 = ioc(
-    IOC_READ | IOC_WRITE,
+// The series' ioctl numbers, in one place (the kvm-ioctls pattern: each macro defines a
+// `fn NAME() -> c_ulong` computing `_IO`/`_IOW`/`_IOWR(KVMIO, nr, type)` from the type's size).
+//
+// KVM_CREATE_USERFAULT_FD = _IOWR(KVMIO, 0xd6, struct kvm_create_userfault_fd): a VM ioctl;
+// v1 of the series had `_IOW`, so a v1 kernel answers this number with ENOTTY.
+ioctl_iowr_nr!(
+    KVM_CREATE_USERFAULT_FD,
     KVMIO,
     0xd6,
-    size_of::<kvm_create_userfault_fd>(),
+    kvm_create_userfault_fd
 );
-/// `KVM_USERFAULT_RESOLVE = _IOW(KVMIO, 0xd7, struct kvm_userfault_range)` (userfault fd ioctl).
-pub const KVM_USERFAULT_RESOLVE: u64 =
-    ioc(IOC_WRITE, KVMIO, 0xd7, size_of::<kvm_userfault_range>());
-/// `KVM_USERFAULT_REQUEUE = _IO(KVMIO, 0xd8)` (userfault fd ioctl, no argument): posts a record
-/// again for every outstanding gfn whose record was already read; returns how many.
-pub const KVM_USERFAULT_REQUEUE: u64 = ioc(IOC_NONE, KVMIO, 0xd8, 0);
+// KVM_USERFAULT_RESOLVE = _IOW(KVMIO, 0xd7, struct kvm_userfault_range): a userfault fd ioctl.
+ioctl_iow_nr!(KVM_USERFAULT_RESOLVE, KVMIO, 0xd7, kvm_userfault_range);
+// KVM_USERFAULT_REQUEUE = _IO(KVMIO, 0xd8): a userfault fd ioctl without an argument; posts a
+// record again for every outstanding gfn whose record was already read, returns how many.
+ioctl_io_nr!(KVM_USERFAULT_REQUEUE, KVMIO, 0xd8);
 
 /// (name, size, [(field, offset)]) of one struct.
 pub type StructLayout = (&'static str, usize, Vec<(&'static str, usize)>);
@@ -227,9 +219,9 @@ pub fn constants() -> Vec<(&'static str, u64)> {
         ("KVM_USERFAULT_MSG_EXEC", KVM_USERFAULT_MSG_EXEC as u64),
         ("KVM_USERFAULT_MSG_VCPU", KVM_USERFAULT_MSG_VCPU as u64),
         ("KVM_USERFAULT_MSG_GUEST", KVM_USERFAULT_MSG_GUEST as u64),
-        ("KVM_CREATE_USERFAULT_FD", KVM_CREATE_USERFAULT_FD),
-        ("KVM_USERFAULT_RESOLVE", KVM_USERFAULT_RESOLVE),
-        ("KVM_USERFAULT_REQUEUE", KVM_USERFAULT_REQUEUE),
+        ("KVM_CREATE_USERFAULT_FD", KVM_CREATE_USERFAULT_FD()),
+        ("KVM_USERFAULT_RESOLVE", KVM_USERFAULT_RESOLVE()),
+        ("KVM_USERFAULT_REQUEUE", KVM_USERFAULT_REQUEUE()),
     ]
 }
 
@@ -364,28 +356,28 @@ pub mod header {
     /// `_IO(KVMIO, nr)` and `_IOR`/`_IOW`/`_IOWR(KVMIO, nr, struct name)` using the header's
     /// own structs.
     pub fn eval(h: &Header, expr: &str) -> Option<u64> {
-        use super::{IOC_NONE, IOC_READ, IOC_WRITE};
+        use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
         let e = expr.trim();
         for (mac, dir) in [
-            ("_IOWR(", IOC_READ | IOC_WRITE),
-            ("_IOW(", IOC_WRITE),
-            ("_IOR(", IOC_READ),
-            ("_IO(", IOC_NONE),
+            ("_IOWR(", _IOC_READ | _IOC_WRITE),
+            ("_IOW(", _IOC_WRITE),
+            ("_IOR(", _IOC_READ),
+            ("_IO(", _IOC_NONE),
         ] {
             let Some(args) = e.strip_prefix(mac).and_then(|r| r.strip_suffix(')')) else {
                 continue;
             };
             let parts: Vec<&str> = args.split(',').map(str::trim).collect();
-            let want_args = if dir == IOC_NONE { 2 } else { 3 };
+            let want_args = if dir == _IOC_NONE { 2 } else { 3 };
             if parts.len() != want_args || parts[0] != "KVMIO" {
                 return None;
             }
-            let nr = eval(h, parts[1])? as u32;
+            let nr = u32::try_from(eval(h, parts[1])?).ok()?;
             let size = match parts.get(2) {
                 None => 0,
                 Some(ty) => h.structs.get(ty.strip_prefix("struct ")?.trim())?.size,
             };
-            return Some(super::ioc(dir, super::KVMIO, nr, size));
+            return Some(ioctl_expr(dir, super::KVMIO, nr, u32::try_from(size).ok()?));
         }
         let e = strip_parens(e);
         for bit in ["_BITULL(", "_BITUL(", "BIT_ULL(", "BIT("] {
@@ -563,9 +555,9 @@ struct kvm_userfault_range {
         let problems = check_against(&h, "docs/uapi.md", true);
         assert!(problems.is_empty(), "{problems:#?}");
         // Known-good ioctl numbers, computed independently.
-        assert_eq!(KVM_CREATE_USERFAULT_FD, 0xc040_aed6);
-        assert_eq!(KVM_USERFAULT_RESOLVE, 0x4020_aed7);
-        assert_eq!(KVM_USERFAULT_REQUEUE, 0xaed8);
+        assert_eq!(KVM_CREATE_USERFAULT_FD(), 0xc040_aed6);
+        assert_eq!(KVM_USERFAULT_RESOLVE(), 0x4020_aed7);
+        assert_eq!(KVM_USERFAULT_REQUEUE(), 0xaed8);
         assert_eq!(offset_of!(kvm_create_userfault_fd, msg_size), 8);
         assert_eq!(offset_of!(kvm_create_userfault_fd, reserved), 16);
         const { assert!(USERFAULT_MSG_SIZE >= USERFAULT_MSG_MIN_SIZE) };

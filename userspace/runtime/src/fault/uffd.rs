@@ -8,6 +8,7 @@
 use anyhow::{Context, Result};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 const UFFDIO: u32 = 0xAA;
 const UFFD_API: u64 = 0xAA;
@@ -78,17 +79,21 @@ pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
 /// `UFFD_PAGEFAULT_FLAG_MINOR`.
 pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 4;
 
-const fn ioc(dir: u32, nr: u32, size: usize) -> libc::c_ulong {
-    crate::uapi::ioc(dir, UFFDIO, nr, size) as libc::c_ulong
+// The userfaultfd ioctl numbers (include/uapi/linux/userfaultfd.h), in a private module: each
+// macro defines a `fn NAME() -> c_ulong` from the argument type's size.
+mod nr {
+    use super::{UffdioApi, UffdioContinue, UffdioCopy, UffdioRange, UffdioRegister, UFFDIO};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
+    ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+    ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+    // _IOR in the kernel header, although the kernel only reads the range.
+    ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+    ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+    ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
+    // On /dev/userfaultfd: the flags are the integer argument.
+    ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 }
-const IOWR: u32 = 3;
-const IOR: u32 = 2;
-const UFFDIO_API_IOC: libc::c_ulong = ioc(IOWR, 0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: libc::c_ulong = ioc(IOWR, 0x00, size_of::<UffdioRegister>());
-const UFFDIO_WAKE: libc::c_ulong = ioc(IOR, 0x02, size_of::<UffdioRange>());
-const UFFDIO_COPY: libc::c_ulong = ioc(IOWR, 0x03, size_of::<UffdioCopy>());
-const UFFDIO_CONTINUE: libc::c_ulong = ioc(IOWR, 0x07, size_of::<UffdioContinue>());
-const USERFAULTFD_IOC_NEW: libc::c_ulong = crate::uapi::ioc(0, UFFDIO, 0x00, 0) as libc::c_ulong;
 
 /// Registration mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +136,10 @@ impl Uffd {
                 .write(true)
                 .open("/dev/userfaultfd")
                 .with_context(|| format!("userfaultfd syscall failed ({sys_err}) and /dev/userfaultfd is unavailable"))?;
-            // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
-            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+            // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument and touches
+            // no memory of ours; it returns a new fd or -1.
+            let raw =
+                unsafe { ioctl_with_val(&dev, nr::USERFAULTFD_IOC_NEW(), flags as libc::c_ulong) };
             if raw < 0 {
                 return Err(io::Error::last_os_error()).context("USERFAULTFD_IOC_NEW");
             }
@@ -143,8 +150,8 @@ impl Uffd {
             api: UFFD_API,
             ..Default::default()
         };
-        // SAFETY: UFFDIO_API reads and writes a uffdio_api we own.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API_IOC, &mut api) };
+        // SAFETY: UFFDIO_API reads and writes exactly the uffdio_api we borrow mutably.
+        let r = unsafe { ioctl_with_mut_ref(&fd, nr::UFFDIO_API(), &mut api) };
         if r < 0 {
             return Err(io::Error::last_os_error()).context("UFFDIO_API");
         }
@@ -166,7 +173,7 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the range is a
         // mapping the caller owns (the kernel validates it).
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_REGISTER(), &mut reg) };
         if r < 0 {
             return Err(io::Error::last_os_error()).with_context(|| {
                 format!("UFFDIO_REGISTER {mode:?} of {len:#x} bytes at {start:#x}")
@@ -192,7 +199,7 @@ impl Uffd {
             };
             // SAFETY: the kernel reads `len` bytes at src (the caller's contract) and writes
             // only the uffdio_copy we own.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+            let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_COPY(), &mut c) };
             if r == 0 {
                 return Ok(Installed::All);
             }
@@ -229,7 +236,7 @@ impl Uffd {
                 mapped: 0,
             };
             // SAFETY: UFFDIO_CONTINUE reads and writes a uffdio_continue we own.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) };
+            let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_CONTINUE(), &mut c) };
             if r == 0 {
                 return Ok(Installed::All);
             }
@@ -252,12 +259,12 @@ impl Uffd {
 
     /// Wakes threads waiting on `[start, start+len)`.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut r = UffdioRange {
+        let r = UffdioRange {
             start: start as u64,
             len: len as u64,
         };
-        // SAFETY: UFFDIO_WAKE reads a uffdio_range we own.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) };
+        // SAFETY: UFFDIO_WAKE reads only the uffdio_range we borrow.
+        let ret = unsafe { ioctl_with_ref(&self.fd, nr::UFFDIO_WAKE(), &r) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -304,11 +311,12 @@ mod tests {
         assert_eq!(size_of::<UffdioContinue>(), 32);
         assert_eq!(size_of::<UffdioRegister>(), 32);
         // Values from the kernel header, computed independently.
-        assert_eq!(UFFDIO_API_IOC, 0xc018aa3f);
-        assert_eq!(UFFDIO_REGISTER, 0xc020aa00);
-        assert_eq!(UFFDIO_COPY, 0xc028aa03);
-        assert_eq!(UFFDIO_WAKE, 0x8010aa02);
-        assert_eq!(UFFDIO_CONTINUE, 0xc020aa07);
+        assert_eq!(nr::UFFDIO_API(), 0xc018aa3f);
+        assert_eq!(nr::UFFDIO_REGISTER(), 0xc020aa00);
+        assert_eq!(nr::UFFDIO_COPY(), 0xc028aa03);
+        assert_eq!(nr::UFFDIO_WAKE(), 0x8010aa02);
+        assert_eq!(nr::UFFDIO_CONTINUE(), 0xc020aa07);
+        assert_eq!(nr::USERFAULTFD_IOC_NEW(), 0xaa00);
     }
 
     #[test]
