@@ -24,7 +24,7 @@ const PROT_RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 
 /// `TEST_REQUIRE(kvm_has_cap(KVM_CAP_GUEST_MEMFD))`.
 fn require_gmem(test: &str) -> bool {
-    if kvm_check_cap(KVM_CAP_GUEST_MEMFD) <= 0 {
+    if kvm_check_cap(KVM_CAP_GUEST_MEMFD.into()) <= 0 {
         skip(test, "KVM_CAP_GUEST_MEMFD not supported");
         return false;
     }

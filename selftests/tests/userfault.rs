@@ -343,7 +343,7 @@ fn capability() {
         "default VMs report USERFAULT"
     );
     assert_eq!(
-        attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE,
+        attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
         0,
         "default VMs have no private memory"
     );
@@ -376,7 +376,7 @@ fn sync_exit_fields() {
                     "{name}: flags {flags:#x}"
                 );
                 assert_eq!(
-                    flags & KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                    flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                     0,
                     "{name}: shared access flagged private"
                 );
@@ -562,7 +562,7 @@ fn delta_flags_keep_private() {
         return;
     }
     let mut vm = TestVm::with_type(SW_PROTECTED).unwrap();
-    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES.into()) as u64;
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 || vm.check_cap(KVM_CAP_USERFAULT as u64) <= 0 {
         skip(
             "userfault::delta_flags_keep_private",
@@ -571,7 +571,7 @@ fn delta_flags_keep_private() {
         return;
     }
     assert_ne!(
-        attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE,
+        attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
         0,
         "SW_PROTECTED VMs report PRIVATE | USERFAULT"
     );
@@ -591,7 +591,14 @@ fn delta_flags_keep_private() {
     .unwrap();
     let gpa = TEST_GPA + (1 << 30);
     vm.map(gpa, gpa, PAGE).unwrap();
-    set_attributes(&vm.fd, gpa, PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    set_attributes(
+        &vm.fd,
+        gpa,
+        PAGE,
+        u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+        0,
+    )
+    .unwrap();
     set_attributes(
         &vm.fd,
         gpa,
@@ -610,7 +617,7 @@ fn delta_flags_keep_private() {
                 "flags {flags:#x}"
             );
             assert_ne!(
-                flags & KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                 0,
                 "FLAG_SET USERFAULT clobbered PRIVATE: flags {flags:#x}"
             );
@@ -624,21 +631,27 @@ fn delta_flags_keep_private() {
         Ok(Exit::MemoryFault { flags, gpa: g, .. }) => {
             assert_eq!(g, gpa);
             assert_eq!(
-                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_PRIVATE),
+                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE)),
                 KVM_MEMORY_EXIT_FLAG_USERFAULT,
                 "after an exact conversion to shared: flags {flags:#x}"
             );
         }
         other => panic!("an exact conversion to shared cleared USERFAULT: got {other:?}"),
     }
-    set_attributes(&vm.fd, gpa, PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
-        .expect("exact conversion back to private");
+    set_attributes(
+        &vm.fd,
+        gpa,
+        PAGE,
+        u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+        0,
+    )
+    .expect("exact conversion back to private");
     match vcpu.run() {
         Ok(Exit::MemoryFault { flags, gpa: g, .. }) => {
             assert_eq!(g, gpa);
             assert_eq!(
-                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_PRIVATE),
-                KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE)),
+                KVM_MEMORY_EXIT_FLAG_USERFAULT | u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                 "after an exact conversion to private: flags {flags:#x}"
             );
         }
@@ -2079,7 +2092,7 @@ fn bad_input_attributes() {
             "PRIVATE on a default VM",
             TEST_GPA,
             PAGE,
-            KVM_MEMORY_ATTRIBUTE_PRIVATE,
+            u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
             set,
         ),
     ];

@@ -1,15 +1,14 @@
 //! The KVM userfault series' uAPI (docs/uapi.md) plus the upstream guest_memfd definitions that
-//! kvm-bindings 0.14 (the 6.15 uAPI) lacks.
+//! kvm-bindings 0.14 (the 6.15 uAPI) lacks. Nothing kvm-bindings has is defined again here
+//! (`KVMIO`, `KVM_MEMORY_EXIT_FLAG_PRIVATE`, the base capabilities: use kvm-bindings').
 //!
 //! Every number here is checked by `tests::matches_series_header` against the added lines of
 //! `include/uapi/linux/kvm.h` in `kernel-patches/series/*.patch`, and the struct layouts are
 //! checked against the documented C layout unconditionally.
 
+use kvm_bindings::KVMIO;
 use std::mem::{offset_of, size_of};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
-
-/// `KVMIO`, the ioctl type of every KVM ioctl.
-pub const KVMIO: u32 = 0xAE;
 
 // ---- upstream guest_memfd (7.x base), missing from kvm-bindings 0.14 ----
 
@@ -43,8 +42,6 @@ pub const KVM_MEMORY_EXIT_FLAG_READ: u64 = 1 << 0;
 pub const KVM_MEMORY_EXIT_FLAG_WRITE: u64 = 1 << 1;
 /// `run->memory_fault.flags` bit (with USERFAULT): the access was an instruction fetch.
 pub const KVM_MEMORY_EXIT_FLAG_EXEC: u64 = 1 << 2;
-/// `run->memory_fault.flags` bit: the access was private (upstream).
-pub const KVM_MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
 
 /// `KVM_USERFAULT_FD_FLAG_NONBLOCK`: O_NONBLOCK on the new fd.
 pub const KVM_USERFAULT_FD_FLAG_NONBLOCK: u64 = 1 << 0;
@@ -377,7 +374,12 @@ pub mod header {
                 None => 0,
                 Some(ty) => h.structs.get(ty.strip_prefix("struct ")?.trim())?.size,
             };
-            return Some(ioctl_expr(dir, super::KVMIO, nr, u32::try_from(size).ok()?));
+            return Some(ioctl_expr(
+                dir,
+                kvm_bindings::KVMIO,
+                nr,
+                u32::try_from(size).ok()?,
+            ));
         }
         let e = strip_parens(e);
         for bit in ["_BITULL(", "_BITUL(", "BIT_ULL(", "BIT("] {
