@@ -892,7 +892,10 @@ mod tests {
         fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
             if !self.failed.swap(true, Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
-                return Err(SourceError::Remote("transient".into()));
+                return Err(SourceError::Io {
+                    index,
+                    source: std::io::Error::other("transient"),
+                });
             }
             self.inner.read_page(index, dst)
         }

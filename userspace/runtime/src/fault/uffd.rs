@@ -5,7 +5,6 @@
 //! control of EEXIST/EAGAIN handling and of MINOR + UFFDIO_CONTINUE. The kernel ABI used here
 //! is small and stable (include/uapi/linux/userfaultfd.h).
 
-use anyhow::{Context, Result};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
@@ -95,6 +94,39 @@ mod nr {
     ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 }
 
+/// Why a userfaultfd could not be opened or registered.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// Neither the syscall nor /dev/userfaultfd gave a userfaultfd.
+    #[error("userfaultfd syscall failed ({syscall}) and /dev/userfaultfd is unavailable")]
+    Open {
+        /// Why the syscall failed.
+        syscall: io::Error,
+        /// Why /dev/userfaultfd could not be opened.
+        #[source]
+        dev: io::Error,
+    },
+    /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd failed.
+    #[error("USERFAULTFD_IOC_NEW on /dev/userfaultfd")]
+    DevNew(#[source] io::Error),
+    /// The `UFFDIO_API` handshake failed.
+    #[error("UFFDIO_API")]
+    Api(#[source] io::Error),
+    /// `UFFDIO_REGISTER` failed.
+    #[error("UFFDIO_REGISTER {mode:?} of {len:#x} bytes at {start:#x}")]
+    Register {
+        /// The mode asked for.
+        mode: UffdMode,
+        /// First byte of the range.
+        start: usize,
+        /// Bytes.
+        len: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Registration mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UffdMode {
@@ -122,7 +154,7 @@ pub struct Uffd {
 impl Uffd {
     /// Opens a non-blocking userfaultfd (syscall, falling back to /dev/userfaultfd) and does the
     /// API handshake. Kernel-mode faults (KVM's GUP) must be handled, so no USER_MODE_ONLY.
-    pub fn new() -> Result<Self> {
+    pub fn new() -> Result<Self, UffdError> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the syscall takes an int of flags and returns a new fd or -1.
         let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as RawFd;
@@ -135,13 +167,16 @@ impl Uffd {
                 .read(true)
                 .write(true)
                 .open("/dev/userfaultfd")
-                .with_context(|| format!("userfaultfd syscall failed ({sys_err}) and /dev/userfaultfd is unavailable"))?;
+                .map_err(|dev| UffdError::Open {
+                    syscall: sys_err,
+                    dev,
+                })?;
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument and touches
             // no memory of ours; it returns a new fd or -1.
             let raw =
                 unsafe { ioctl_with_val(&dev, nr::USERFAULTFD_IOC_NEW(), flags as libc::c_ulong) };
             if raw < 0 {
-                return Err(io::Error::last_os_error()).context("USERFAULTFD_IOC_NEW");
+                return Err(UffdError::DevNew(io::Error::last_os_error()));
             }
             // SAFETY: a new fd returned by the ioctl, owned by nobody else.
             unsafe { OwnedFd::from_raw_fd(raw) }
@@ -153,13 +188,13 @@ impl Uffd {
         // SAFETY: UFFDIO_API reads and writes exactly the uffdio_api we borrow mutably.
         let r = unsafe { ioctl_with_mut_ref(&fd, nr::UFFDIO_API(), &mut api) };
         if r < 0 {
-            return Err(io::Error::last_os_error()).context("UFFDIO_API");
+            return Err(UffdError::Api(io::Error::last_os_error()));
         }
         Ok(Self { fd })
     }
 
     /// Registers `[start, start+len)` in `mode`.
-    pub fn register(&self, start: usize, len: usize, mode: UffdMode) -> Result<()> {
+    pub fn register(&self, start: usize, len: usize, mode: UffdMode) -> Result<(), UffdError> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: start as u64,
@@ -175,8 +210,11 @@ impl Uffd {
         // mapping the caller owns (the kernel validates it).
         let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_REGISTER(), &mut reg) };
         if r < 0 {
-            return Err(io::Error::last_os_error()).with_context(|| {
-                format!("UFFDIO_REGISTER {mode:?} of {len:#x} bytes at {start:#x}")
+            return Err(UffdError::Register {
+                mode,
+                start,
+                len,
+                source: io::Error::last_os_error(),
             });
         }
         Ok(())

@@ -18,11 +18,10 @@
 
 use super::{check_args, page_checksum, PageSource, SourceError, Urgency};
 use crate::PAGE_SIZE;
-use anyhow::{Context, Result};
 use bitvec::prelude::*;
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -58,46 +57,69 @@ fn le64(b: &[u8]) -> u64 {
 // Frames: pure encoders and parsers (the I/O is in the server and client below)
 // ------------------------------------------------------------------------------------------
 
-/// A frame the peer sent that this side rejects.
+/// A frame the peer sent that this side rejects (the peer is named by the error around it:
+/// [`ServeError::Frame`], [`RemoteError::Hello`], [`RemoteError::Frame`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum FrameError {
+pub enum FrameError {
+    /// Client hello: bad magic.
     #[error("client hello has bad magic")]
     ClientHelloMagic,
+    /// Client hello: a version this side does not speak.
     #[error(
         "client speaks protocol version {0}, we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
     )]
     ClientVersion(u16),
+    /// Request: bad magic.
     #[error("request has bad magic")]
     RequestMagic,
+    /// Request: unknown urgency.
     #[error("request has unknown urgency {0}")]
     RequestUrgency(u8),
+    /// Request: page count out of range.
     #[error("request for {0} pages (1..={MAX_REQUEST_PAGES} allowed)")]
     RequestCount(u32),
+    /// Server hello: bad magic.
     #[error("server hello has bad magic (not a kvm-userfault server?)")]
     ServerHelloMagic,
+    /// Server hello: a version this side does not speak.
     #[error(
         "server speaks protocol version {0}, we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
     )]
     ServerVersion(u16),
+    /// Server hello: another page size.
     #[error("server page size {0} is not {PAGE_SIZE}")]
     PageSize(u32),
+    /// Server hello: page count out of range.
     #[error("server announces {0} pages (out of range)")]
     PageCount(u64),
-    /// The client prefixes "server <peer>".
+    /// Page frame: bad magic.
     #[error("sent a frame with bad magic")]
     PageMagic,
+    /// Page frame: a page the client did not ask for (or already received).
     #[error("server sent page {0}, which was never requested")]
     Unrequested(u64),
+    /// Page frame: the server has no such page.
     #[error("server has no page {0}")]
     NoPage(u64),
+    /// Page frame: the server could not read the page from its source.
     #[error("server failed to read page {0}")]
     ReadFailed(u64),
+    /// Page frame: unknown status.
     #[error("server sent unknown status {status} for page {index}")]
-    Status { status: u32, index: u64 },
+    Status {
+        /// The status.
+        status: u32,
+        /// The page.
+        index: u64,
+    },
+    /// Page frame: the payload does not match its checksum.
     #[error("page {index} is corrupt: checksum {found:#018x}, expected {expected:#018x}")]
     Corrupt {
+        /// The page.
         index: u64,
+        /// The frame's checksum.
         expected: u64,
+        /// The payload's.
         found: u64,
     },
 }
@@ -266,23 +288,68 @@ pub(crate) fn check_page(
 // Server
 // ------------------------------------------------------------------------------------------
 
+/// Why the serve side stopped serving a client, or stopped accepting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `accept` failed.
+    #[error("accepting a connection")]
+    Accept(#[source] io::Error),
+    /// A socket operation on a client's connection failed.
+    #[error("client {peer}: {op}")]
+    Io {
+        /// The client's address.
+        peer: String,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The client sent a frame the server rejects.
+    #[error("client {peer} sent a bad frame")]
+    Frame {
+        /// The client's address.
+        peer: String,
+        /// What was wrong.
+        #[source]
+        source: FrameError,
+    },
+    /// The thread reading the client's requests panicked.
+    #[error("client {peer}: the request reader panicked")]
+    ReaderPanicked {
+        /// The client's address.
+        peer: String,
+    },
+}
+
 /// Accepts connections forever, serving each on its own thread.
-pub fn serve(listener: TcpListener, source: Arc<dyn PageSource>) -> Result<()> {
+pub fn serve(listener: TcpListener, source: Arc<dyn PageSource>) -> Result<(), ServeError> {
     for conn in listener.incoming() {
-        let stream = conn.context("accepting a connection")?;
+        let stream = conn.map_err(ServeError::Accept)?;
         let source = source.clone();
         std::thread::spawn(move || {
-            let peer = stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let peer = peer_name(&stream);
             match serve_connection(stream, source) {
                 Ok(pages) => tracing::info!(%peer, pages, "client done"),
-                Err(e) => tracing::warn!(%peer, "client dropped: {e:#}"),
+                Err(e) => tracing::warn!(%peer, "client dropped: {}", error_chain(&e)),
             }
         });
     }
     Ok(())
+}
+
+/// `e` and its causes on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn peer_name(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map_or_else(|_| "(unknown peer)".to_string(), |a| a.to_string())
 }
 
 #[derive(Default)]
@@ -293,36 +360,58 @@ struct Queues {
 }
 
 /// Serves one client until it disconnects; returns the number of pages sent.
-pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Result<u64> {
+pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Result<u64, ServeError> {
+    let peer = peer_name(&stream);
+    let io = |op: &'static str| {
+        let peer = peer.clone();
+        move |source| ServeError::Io { peer, op, source }
+    };
+    let frame = |source| ServeError::Frame {
+        peer: peer.clone(),
+        source,
+    };
     stream.set_nodelay(true).ok();
-    let mut reader = BufReader::new(stream.try_clone().context("cloning socket")?);
-    let mut writer = BufWriter::with_capacity(64 << 10, stream.try_clone()?);
+    let mut reader = BufReader::new(stream.try_clone().map_err(io("cloning socket"))?);
+    let mut writer =
+        BufWriter::with_capacity(64 << 10, stream.try_clone().map_err(io("cloning socket"))?);
     let mut hello = [0u8; 8];
     reader
         .read_exact(&mut hello)
-        .context("reading client hello")?;
-    let version = parse_client_hello(&hello)?;
+        .map_err(io("reading client hello"))?;
+    let version = parse_client_hello(&hello).map_err(frame)?;
     let pages = source.page_count();
-    writer.write_all(&encode_server_hello(version, pages))?;
-    writer.flush()?;
+    writer
+        .write_all(&encode_server_hello(version, pages))
+        .and_then(|()| writer.flush())
+        .map_err(io("sending server hello"))?;
 
     // A reader thread queues requests so that the writer can always pick demand pages first.
     let queues = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
     let q2 = queues.clone();
-    let reader_thread = std::thread::spawn(move || -> Result<()> {
-        let res = (|| -> Result<()> {
+    let reader_peer = peer.clone();
+    let reader_thread = std::thread::spawn(move || -> Result<(), ServeError> {
+        let res = (|| -> Result<(), ServeError> {
             loop {
                 let mut req = [0u8; 20];
                 match reader.read_exact(&mut req) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e).context("reading request"),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(source) => {
+                        return Err(ServeError::Io {
+                            peer: reader_peer.clone(),
+                            op: "reading request",
+                            source,
+                        })
+                    }
                 }
                 let Request {
                     urgency,
                     count,
                     first,
-                } = parse_request(&req)?;
+                } = parse_request(&req).map_err(|source| ServeError::Frame {
+                    peer: reader_peer.clone(),
+                    source,
+                })?;
                 let (lock, cv) = &*q2;
                 let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
                 let list = if urgency == Urgency::Demand {
@@ -343,7 +432,7 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
 
     let mut sent = 0u64;
     let mut page = vec![0u8; PAGE_SIZE];
-    let write_result = (|| -> Result<()> {
+    let write_result = (|| -> io::Result<()> {
         loop {
             let next = {
                 let (lock, cv) = &*queues;
@@ -367,7 +456,7 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
                 match source.read_page(index, &mut page) {
                     Ok(()) => STATUS_OK,
                     Err(e) => {
-                        tracing::error!("serving page {index}: {e}");
+                        tracing::error!(index, "serving page {index}: {e}");
                         STATUS_READ_ERROR
                     }
                 }
@@ -388,8 +477,8 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
     stream.shutdown(Shutdown::Both).ok();
     let read_result = reader_thread
         .join()
-        .map_err(|_| anyhow::anyhow!("request reader panicked"))?;
-    write_result.context("sending pages")?;
+        .map_err(|_| ServeError::ReaderPanicked { peer: peer.clone() })?;
+    write_result.map_err(io("sending pages"))?;
     read_result?;
     Ok(sent)
 }
@@ -417,6 +506,108 @@ impl Default for RemoteOptions {
     }
 }
 
+/// Why the fetch side failed: one line naming the server and the cause. Clone-able, so that
+/// the first failure, stored, is what every later read of the source returns. The cause is
+/// part of the message, not a separate `source()` (this error travels inside
+/// [`SourceError::Remote`] into one-line handler errors).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RemoteError {
+    /// The server address could not be resolved.
+    #[error("resolving server address {addr}: {source}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// The server address resolves to no socket address.
+    #[error("server address {addr} resolves to nothing")]
+    NoAddress {
+        /// The address as given.
+        addr: String,
+    },
+    /// The TCP connection could not be made.
+    #[error("connecting to {peer}: {source}")]
+    Connect {
+        /// The server.
+        peer: SocketAddr,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// A socket operation of the handshake failed.
+    #[error("remote source {peer}: {op}: {source}")]
+    Handshake {
+        /// The server.
+        peer: String,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// The server's hello is not acceptable.
+    #[error("remote source {peer}: {frame}")]
+    Hello {
+        /// The server.
+        peer: String,
+        /// What was wrong.
+        frame: FrameError,
+    },
+    /// The server closed the connection between frames.
+    #[error("server {peer} closed the connection")]
+    Closed {
+        /// The server.
+        peer: String,
+    },
+    /// Reading a frame header failed.
+    #[error("reading from server {peer}: {source}")]
+    Read {
+        /// The server.
+        peer: String,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// A page's payload did not arrive whole (`source` None: the server closed the
+    /// connection inside the page).
+    #[error("page {index} cut short: {}", match .source {
+        None => format!("server {peer} closed the connection inside the page"),
+        Some(e) => format!("reading from server {peer}: {e}"),
+    })]
+    CutShort {
+        /// The server.
+        peer: String,
+        /// The page.
+        index: u64,
+        /// The read error, if any.
+        source: Option<Arc<io::Error>>,
+    },
+    /// The server sent a frame the client rejects.
+    #[error("server {peer}: {frame}")]
+    Frame {
+        /// The server.
+        peer: String,
+        /// What was wrong.
+        frame: FrameError,
+    },
+    /// Sending requests failed (or timed out: the server stopped reading).
+    #[error("sending requests to {peer}: {source}")]
+    Send {
+        /// The server.
+        peer: String,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// A page did not arrive within [`RemoteOptions::page_timeout`].
+    #[error("timed out after {timeout:?} waiting for page {index} from {peer}")]
+    Timeout {
+        /// The server.
+        peer: String,
+        /// The page.
+        index: u64,
+        /// The timeout.
+        timeout: Duration,
+    },
+}
+
 struct ClientState {
     /// Pages received and not yet handed out.
     ready: HashMap<u64, Box<[u8]>>,
@@ -425,7 +616,7 @@ struct ClientState {
     /// Pages already handed out by `read_page`: a late prefetch hint must not fetch them again.
     delivered: BitVec<u64, Lsb0>,
     /// The first fatal error; every later read fails with it.
-    error: Option<String>,
+    error: Option<RemoteError>,
 }
 
 struct Shared {
@@ -448,36 +639,65 @@ pub struct RemoteSource {
 
 impl RemoteSource {
     /// Connects to a `serve` side and performs the handshake.
-    pub fn connect(addr: impl ToSocketAddrs, opts: RemoteOptions) -> Result<Self> {
-        let addr = addr
+    pub fn connect(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        opts: RemoteOptions,
+    ) -> Result<Self, RemoteError> {
+        let resolved = addr
             .to_socket_addrs()
-            .context("resolving server address")?
+            .map_err(|e| RemoteError::Resolve {
+                addr: format!("{addr:?}"),
+                source: Arc::new(e),
+            })?
             .next()
-            .context("server address resolves to nothing")?;
-        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout)
-            .with_context(|| format!("connecting to {addr}"))?;
-        Self::handshake(stream, opts).with_context(|| format!("remote source {addr}"))
+            .ok_or_else(|| RemoteError::NoAddress {
+                addr: format!("{addr:?}"),
+            })?;
+        let stream = TcpStream::connect_timeout(&resolved, opts.connect_timeout).map_err(|e| {
+            RemoteError::Connect {
+                peer: resolved,
+                source: Arc::new(e),
+            }
+        })?;
+        Self::handshake(stream, resolved.to_string(), opts)
     }
 
-    fn handshake(stream: TcpStream, opts: RemoteOptions) -> Result<Self> {
+    fn handshake(
+        stream: TcpStream,
+        peer: String,
+        opts: RemoteOptions,
+    ) -> Result<Self, RemoteError> {
+        let io = |op: &'static str| {
+            let peer = peer.clone();
+            move |e| RemoteError::Handshake {
+                peer,
+                op,
+                source: Arc::new(e),
+            }
+        };
         stream.set_nodelay(true).ok();
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
         // A peer that stops reading must not block a request forever (the writer is shared
         // by every faulting thread): writes fail after the page timeout, failing the source.
-        stream.set_write_timeout(Some(opts.page_timeout))?;
+        stream
+            .set_write_timeout(Some(opts.page_timeout))
+            .map_err(io("setting the write timeout"))?;
         (&stream)
             .write_all(&encode_client_hello())
-            .context("sending hello")?;
-        stream.set_read_timeout(Some(opts.page_timeout))?;
+            .map_err(io("sending hello"))?;
+        stream
+            .set_read_timeout(Some(opts.page_timeout))
+            .map_err(io("setting the read timeout"))?;
         let mut reply = [0u8; 24];
         (&stream)
             .read_exact(&mut reply)
-            .context("reading server hello")?;
-        stream.set_read_timeout(None)?;
-        let (version, pages) = parse_server_hello(&reply)?;
+            .map_err(io("reading server hello"))?;
+        stream
+            .set_read_timeout(None)
+            .map_err(io("clearing the read timeout"))?;
+        let (version, pages) = parse_server_hello(&reply).map_err(|frame| RemoteError::Hello {
+            peer: peer.clone(),
+            frame,
+        })?;
         let shared = Arc::new(Shared {
             pages,
             version,
@@ -488,15 +708,21 @@ impl RemoteSource {
                 error: None,
             }),
             arrived: Condvar::new(),
-            writer: Mutex::new(BufWriter::new(stream.try_clone()?)),
+            writer: Mutex::new(BufWriter::new(
+                stream.try_clone().map_err(io("cloning the socket"))?,
+            )),
             opts,
-            peer,
+            peer: peer.clone(),
         });
-        let rx = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+        let rx = BufReader::with_capacity(
+            256 << 10,
+            stream.try_clone().map_err(io("cloning the socket"))?,
+        );
         let s2 = shared.clone();
         let receiver = std::thread::Builder::new()
             .name("kuf-remote-rx".into())
-            .spawn(move || receive_loop(rx, s2))?;
+            .spawn(move || receive_loop(rx, s2))
+            .map_err(io("spawning the receiver thread"))?;
         Ok(Self {
             shared,
             stream,
@@ -540,8 +766,10 @@ impl RemoteSource {
             w.flush()
         })();
         res.map_err(|e| {
-            self.shared
-                .fail(format!("sending requests to {}: {e}", self.shared.peer))
+            self.shared.fail(RemoteError::Send {
+                peer: self.shared.peer.clone(),
+                source: Arc::new(e),
+            })
         })
     }
 }
@@ -551,43 +779,48 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
     /// Records the first fatal error and wakes every reader.
-    fn fail(&self, msg: String) -> SourceError {
+    fn fail(&self, e: RemoteError) -> SourceError {
         let mut st = self.lock();
-        let msg = st.error.get_or_insert(msg).clone();
+        let first = st.error.get_or_insert(e).clone();
         drop(st);
         self.arrived.notify_all();
-        SourceError::Remote(msg)
+        SourceError::Remote(first)
     }
 }
 
 fn receive_loop(mut rx: BufReader<TcpStream>, shared: Arc<Shared>) {
-    let res = (|| -> Result<(), String> {
+    let peer = || shared.peer.clone();
+    let res = (|| -> Result<(), RemoteError> {
         loop {
             let mut hdr = [0u8; 24];
             match rx.read_exact(&mut hdr) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Err(format!("server {} closed the connection", shared.peer))
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(RemoteError::Closed { peer: peer() })
                 }
-                Err(e) => return Err(format!("reading from server {}: {e}", shared.peer)),
+                Err(e) => {
+                    return Err(RemoteError::Read {
+                        peer: peer(),
+                        source: Arc::new(e),
+                    })
+                }
             }
-            let frame_err = |e: FrameError| match e {
-                FrameError::PageMagic => format!("server {} {e}", shared.peer),
-                e => e.to_string(),
+            let frame = |frame| RemoteError::Frame {
+                peer: peer(),
+                frame,
             };
             let (index, checksum) = parse_page_header(&hdr, |index| {
                 index < shared.pages && shared.lock().requested[index as usize]
             })
-            .map_err(frame_err)?;
+            .map_err(frame)?;
             let mut page = vec![0u8; PAGE_SIZE].into_boxed_slice();
-            rx.read_exact(&mut page).map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => format!(
-                    "page {index} cut short: server {} closed the connection inside the page",
-                    shared.peer
-                ),
-                _ => format!("page {index} cut short: {e}"),
-            })?;
-            check_page(shared.version, index, checksum, &page).map_err(frame_err)?;
+            rx.read_exact(&mut page)
+                .map_err(|e| RemoteError::CutShort {
+                    peer: peer(),
+                    index,
+                    source: (e.kind() != io::ErrorKind::UnexpectedEof).then(|| Arc::new(e)),
+                })?;
+            check_page(shared.version, index, checksum, &page).map_err(frame)?;
             let mut st = shared.lock();
             st.requested.set(index as usize, false);
             st.ready.insert(index, page);
@@ -595,8 +828,8 @@ fn receive_loop(mut rx: BufReader<TcpStream>, shared: Arc<Shared>) {
             shared.arrived.notify_all();
         }
     })();
-    if let Err(msg) = res {
-        shared.fail(msg);
+    if let Err(e) = res {
+        shared.fail(e);
     }
 }
 
@@ -629,10 +862,11 @@ impl PageSource for RemoteSource {
             let now = Instant::now();
             if now >= deadline {
                 drop(st);
-                return Err(self.shared.fail(format!(
-                    "timed out after {:?} waiting for page {index} from {}",
-                    self.shared.opts.page_timeout, self.shared.peer
-                )));
+                return Err(self.shared.fail(RemoteError::Timeout {
+                    peer: self.shared.peer.clone(),
+                    index,
+                    timeout: self.shared.opts.page_timeout,
+                }));
             }
             st = self
                 .shared
@@ -822,7 +1056,7 @@ mod tests {
     fn connect_err(addr: std::net::SocketAddr) -> String {
         match RemoteSource::connect(addr, quick()) {
             Ok(_) => panic!("connect should fail"),
-            Err(e) => format!("{e:#}"),
+            Err(e) => e.to_string(),
         }
     }
 
@@ -936,7 +1170,10 @@ mod tests {
                 4
             }
             fn read_page(&self, index: u64, _: &mut [u8]) -> Result<(), SourceError> {
-                Err(SourceError::Remote(format!("disk on fire at {index}")))
+                Err(SourceError::Io {
+                    index,
+                    source: io::Error::other("disk on fire"),
+                })
             }
             fn describe(&self) -> String {
                 "failing".into()
@@ -954,7 +1191,13 @@ mod tests {
         let srv = std::thread::spawn(move || serve_connection(b, image(2)));
         (&a).write_all(b"HELLO!!!").unwrap();
         let e = srv.join().unwrap().unwrap_err();
-        assert!(format!("{e:#}").contains("bad magic"));
+        assert!(matches!(
+            e,
+            ServeError::Frame {
+                source: FrameError::ClientHelloMagic,
+                ..
+            }
+        ));
 
         let (a, b) = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -971,7 +1214,16 @@ mod tests {
         req[8..12].copy_from_slice(&100_000u32.to_le_bytes());
         (&a).write_all(&req).unwrap();
         let e = srv.join().unwrap().unwrap_err();
-        assert!(format!("{e:#}").contains("100000 pages"), "{e:#}");
+        assert!(
+            matches!(
+                e,
+                ServeError::Frame {
+                    source: FrameError::RequestCount(100_000),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     // ---- Property tests of the frame parsers -------------------------------------------------

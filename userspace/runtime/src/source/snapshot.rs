@@ -11,7 +11,6 @@
 
 use super::{check_args, page_checksum, PageSource, SourceError};
 use crate::PAGE_SIZE;
-use anyhow::{ensure, Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -51,28 +50,86 @@ fn encode_header(pages: u64) -> [u8; HEADER_LEN] {
     header
 }
 
-/// Why a header was rejected (what [`SnapshotSource::open`] reports).
+/// Why a snapshot header was rejected (inside [`SnapshotError::Header`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum HeaderError {
+pub enum HeaderError {
+    /// The file is shorter than the header page.
     #[error("file of {0} bytes is too short for a {PAGE_SIZE}-byte header")]
     TooShort(u64),
+    /// The file does not start with [`SNAPSHOT_MAGIC`].
     #[error("not a snapshot file (bad magic {0:02x?})")]
     BadMagic([u8; 8]),
+    /// Another format version.
     #[error("unsupported snapshot version {0} (this build reads version {SNAPSHOT_VERSION})")]
     Version(u32),
+    /// Another page size.
     #[error("page size {0} is not {PAGE_SIZE}")]
     PageSize(u32),
+    /// The header's checksum does not match its fields.
     #[error("header checksum mismatch (corrupt header)")]
     Checksum,
+    /// The page count is 0 or above the limit.
     #[error("page count {0} out of range 1..={MAX_PAGES}")]
     PageCount(u64),
+    /// The layout the page count implies overflows.
     #[error("page count overflows")]
     Overflow,
+    /// The file's length is not the one the header implies.
     #[error(
         "file is {len} bytes but a {pages}-page snapshot is {expected} bytes ({})",
         if len < expected { "truncated" } else { "trailing data" }
     )]
-    Length { len: u64, pages: u64, expected: u64 },
+    Length {
+        /// The file's length.
+        len: u64,
+        /// The header's page count.
+        pages: u64,
+        /// The length it implies.
+        expected: u64,
+    },
+}
+
+/// Why a snapshot file could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// An I/O step on the file failed.
+    #[error("snapshot {}: {op}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done ("cannot open", "reading header", "writing pages", ...).
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The header is not valid.
+    #[error("snapshot {}", .path.display())]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: HeaderError,
+    },
+    /// A snapshot of this many pages cannot be written.
+    #[error("snapshot {}: {pages} pages is out of range 1..={MAX_PAGES}", .path.display())]
+    PageCount {
+        /// The file.
+        path: PathBuf,
+        /// Pages asked for.
+        pages: u64,
+    },
+}
+
+impl SnapshotError {
+    fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        }
+    }
 }
 
 /// What a valid header says: the page count and where the pages start.
@@ -123,12 +180,18 @@ pub(crate) fn parse_header(header: &[u8; HEADER_LEN], len: u64) -> Result<Layout
 }
 
 /// Writes a snapshot of `pages` pages, page `i` produced by `fill(i, buf)`.
-pub fn write_snapshot(path: &Path, pages: u64, mut fill: impl FnMut(u64, &mut [u8])) -> Result<()> {
-    ensure!(
-        pages > 0 && pages <= MAX_PAGES,
-        "snapshot of {pages} pages is out of range"
-    );
-    let mut write = || -> Result<()> {
+pub fn write_snapshot(
+    path: &Path,
+    pages: u64,
+    mut fill: impl FnMut(u64, &mut [u8]),
+) -> Result<(), SnapshotError> {
+    if pages == 0 || pages > MAX_PAGES {
+        return Err(SnapshotError::PageCount {
+            path: path.to_owned(),
+            pages,
+        });
+    }
+    let mut write = || -> std::io::Result<()> {
         let f = File::create(path)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         let mut header = vec![0u8; PAGE_SIZE];
@@ -149,7 +212,7 @@ pub fn write_snapshot(path: &Path, pages: u64, mut fill: impl FnMut(u64, &mut [u
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(())
     };
-    write().with_context(|| format!("writing snapshot {}", path.display()))
+    write().map_err(SnapshotError::io(path, "writing"))
 }
 
 /// A validated snapshot file.
@@ -165,22 +228,23 @@ pub struct SnapshotSource {
 impl SnapshotSource {
     /// Opens and validates a snapshot: magic, version, page size, header checksum, and that the
     /// file length is exactly what the header implies.
-    pub fn open(path: &Path) -> Result<Self> {
-        Self::open_inner(path).with_context(|| format!("snapshot {}", path.display()))
-    }
-
-    fn open_inner(path: &Path) -> Result<Self> {
-        let file = File::open(path).context("cannot open")?;
-        let len = file.metadata().context("cannot stat")?.len();
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let io = |op| SnapshotError::io(path, op);
+        let file = File::open(path).map_err(io("cannot open"))?;
+        let len = file.metadata().map_err(io("cannot stat"))?.len();
         let mut header = [0u8; HEADER_LEN];
         if len >= PAGE_SIZE as u64 {
             file.read_exact_at(&mut header, 0)
-                .context("reading header")?;
+                .map_err(io("reading header"))?;
         }
-        let Layout { pages, data_offset } = parse_header(&header, len)?;
+        let Layout { pages, data_offset } =
+            parse_header(&header, len).map_err(|source| SnapshotError::Header {
+                path: path.to_owned(),
+                source,
+            })?;
         let mut raw = vec![0u8; pages as usize * 8];
         file.read_exact_at(&mut raw, PAGE_SIZE as u64)
-            .context("reading checksum table")?;
+            .map_err(io("reading checksum table"))?;
         let checksums = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
@@ -306,7 +370,7 @@ mod tests {
     }
 
     fn err(p: &Path) -> String {
-        format!("{:#}", SnapshotSource::open(p).unwrap_err())
+        crate::source::error_chain(&SnapshotSource::open(p).unwrap_err())
     }
 
     #[test]
@@ -453,10 +517,9 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let r = SnapshotSource::open(&p);
         std::fs::remove_file(&p).unwrap();
-        let s = r.map_err(|e| {
-            e.downcast_ref::<HeaderError>()
-                .unwrap_or_else(|| panic!("untyped error: {e:#}"))
-                .clone()
+        let s = r.map_err(|e| match e {
+            SnapshotError::Header { source, .. } => source,
+            e => panic!("not a header error: {e:?}"),
         })?;
         // Every page, one at a time and as one run: Ok, or the error as text.
         let mut page = vec![0u8; PAGE_SIZE];
