@@ -12,7 +12,8 @@ pub use remote::{
     PROTOCOL_VERSION,
 };
 pub use snapshot::{
-    write_snapshot, HeaderError, SnapshotError, SnapshotSource, SNAPSHOT_MAGIC, SNAPSHOT_VERSION,
+    write_snapshot, HeaderError, SnapshotError, SnapshotSource, SnapshotWriter, SNAPSHOT_MAGIC,
+    SNAPSHOT_VERSION,
 };
 
 use crate::PAGE_SIZE;
