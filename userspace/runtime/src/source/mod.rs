@@ -9,7 +9,7 @@ mod snapshot;
 
 pub use remote::{
     serve, serve_connection, FrameError, RemoteError, RemoteOptions, RemoteSource, ServeError,
-    PROTOCOL_VERSION,
+    MAX_QUEUED_PAGES, PROTOCOL_VERSION,
 };
 pub use snapshot::{
     write_snapshot, HeaderError, SnapshotError, SnapshotSource, SnapshotWriter, SNAPSHOT_MAGIC,

@@ -7,6 +7,9 @@
 //! server hello   magic "KUFR" u32 | version u16 | 0 u16 | page_size u32 | 0 u32 | pages u64  24 B
 //! request        magic "KUFQ" u32 | urgency u8 (0 demand, 1 prefetch) | 0 u8×3 | count u32 | first u64   20 B
 //! page           magic "KUFP" u32 | status u32 (0 ok, else error) | index u64 | checksum u64 | 4096 B if ok
+//!                status 1: no such page; 2: the server could not read it; 3: the client has
+//!                more than MAX_QUEUED_PAGES pages queued (index: the first page of the request
+//!                refused), and the server closes the connection
 //!
 //! checksum = page_checksum(payload) ^ mix(index): a frame whose index or payload changed
 //! fails the client's check.
@@ -45,6 +48,17 @@ pub const MAX_REQUEST_PAGES: u32 = 256;
 const STATUS_OK: u32 = 0;
 const STATUS_OUT_OF_RANGE: u32 = 1;
 const STATUS_READ_ERROR: u32 = 2;
+const STATUS_OVERLOADED: u32 = 3;
+
+/// Most pages one client may have queued at the server (requested, not yet sent), demand and
+/// prefetch together: 256 MiB of page data, far more than this crate's client keeps in flight
+/// (the handler's batches and lookahead). A request that would queue more is refused with a
+/// status-3 frame naming its first page, and the connection is closed: the client's own
+/// error says why ([`FrameError::Overloaded`]), and the server's memory stays bounded (8
+/// bytes a queued page). Refused, not back-pressured: a server that stopped reading requests
+/// would leave a demand request behind every prefetch request in the socket, and the client
+/// would only see a write timeout.
+pub const MAX_QUEUED_PAGES: usize = 1 << 16;
 
 fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
@@ -104,6 +118,10 @@ pub enum FrameError {
     /// Page frame: the server could not read the page from its source.
     #[error("server failed to read page {0}")]
     ReadFailed(u64),
+    /// Page frame: the server refused the request starting at this page (more than
+    /// [`MAX_QUEUED_PAGES`] queued) and closes the connection.
+    #[error("server refused the request at page {0}: more than {MAX_QUEUED_PAGES} pages queued")]
+    Overloaded(u64),
     /// Page frame: unknown status.
     #[error("server sent unknown status {status} for page {index}")]
     Status {
@@ -262,6 +280,7 @@ pub(crate) fn parse_page_header(
         STATUS_OK => Ok((index, le64(&hdr[16..]))),
         STATUS_OUT_OF_RANGE => Err(FrameError::NoPage(index)),
         STATUS_READ_ERROR => Err(FrameError::ReadFailed(index)),
+        STATUS_OVERLOADED => Err(FrameError::Overloaded(index)),
         status => Err(FrameError::Status { status, index }),
     }
 }
@@ -314,6 +333,16 @@ pub enum ServeError {
         #[source]
         source: FrameError,
     },
+    /// The client had more pages queued than the limit allows (it was told so, and dropped).
+    #[error("client {peer} queued more than {limit} pages (request at page {first} refused)")]
+    QueueFull {
+        /// The client's address.
+        peer: String,
+        /// The limit.
+        limit: usize,
+        /// The first page of the request refused.
+        first: u64,
+    },
     /// The thread reading the client's requests panicked.
     #[error("client {peer}: the request reader panicked")]
     ReaderPanicked {
@@ -352,6 +381,11 @@ fn peer_name(stream: &TcpStream) -> String {
         .map_or_else(|_| "(unknown peer)".to_string(), |a| a.to_string())
 }
 
+/// Poisoned only by a panic during a write of this connection; the buffer is still sound.
+fn lock_writer(w: &Mutex<BufWriter<TcpStream>>) -> std::sync::MutexGuard<'_, BufWriter<TcpStream>> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Default)]
 struct Queues {
     demand: VecDeque<u64>,
@@ -359,8 +393,18 @@ struct Queues {
     closed: bool,
 }
 
-/// Serves one client until it disconnects; returns the number of pages sent.
+/// Serves one client until it disconnects; returns the number of pages sent. A client that
+/// queues more than [`MAX_QUEUED_PAGES`] pages is refused and dropped
+/// ([`ServeError::QueueFull`]).
 pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Result<u64, ServeError> {
+    serve_limited(stream, source, MAX_QUEUED_PAGES)
+}
+
+fn serve_limited(
+    stream: TcpStream,
+    source: Arc<dyn PageSource>,
+    limit: usize,
+) -> Result<u64, ServeError> {
     let peer = peer_name(&stream);
     let io = |op: &'static str| {
         let peer = peer.clone();
@@ -372,23 +416,29 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
     };
     stream.set_nodelay(true).ok();
     let mut reader = BufReader::new(stream.try_clone().map_err(io("cloning socket"))?);
-    let mut writer =
-        BufWriter::with_capacity(64 << 10, stream.try_clone().map_err(io("cloning socket"))?);
+    // Shared with the request reader, which writes the one frame refusing a request.
+    let writer = Arc::new(Mutex::new(BufWriter::with_capacity(
+        64 << 10,
+        stream.try_clone().map_err(io("cloning socket"))?,
+    )));
     let mut hello = [0u8; 8];
     reader
         .read_exact(&mut hello)
         .map_err(io("reading client hello"))?;
     let version = parse_client_hello(&hello).map_err(frame)?;
     let pages = source.page_count();
-    writer
-        .write_all(&encode_server_hello(version, pages))
-        .and_then(|()| writer.flush())
-        .map_err(io("sending server hello"))?;
+    {
+        let mut w = lock_writer(&writer);
+        w.write_all(&encode_server_hello(version, pages))
+            .and_then(|()| w.flush())
+            .map_err(io("sending server hello"))?;
+    }
 
     // A reader thread queues requests so that the writer can always pick demand pages first.
     let queues = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
     let q2 = queues.clone();
     let reader_peer = peer.clone();
+    let reader_writer = writer.clone();
     let reader_thread = std::thread::spawn(move || -> Result<(), ServeError> {
         let res = (|| -> Result<(), ServeError> {
             loop {
@@ -414,6 +464,22 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
                 })?;
                 let (lock, cv) = &*q2;
                 let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+                if q.demand.len() + q.prefetch.len() + count as usize > limit {
+                    // Nothing more is sent after the refusal (the queues are dropped); the
+                    // page in progress, if any, may still follow it.
+                    q.demand.clear();
+                    q.prefetch.clear();
+                    drop(q);
+                    let mut w = lock_writer(&reader_writer);
+                    w.write_all(&encode_page_header(version, STATUS_OVERLOADED, first, None))
+                        .and_then(|()| w.flush())
+                        .ok();
+                    return Err(ServeError::QueueFull {
+                        peer: reader_peer.clone(),
+                        limit,
+                        first,
+                    });
+                }
                 let list = if urgency == Urgency::Demand {
                     &mut q.demand
                 } else {
@@ -462,22 +528,27 @@ pub fn serve_connection(stream: TcpStream, source: Arc<dyn PageSource>) -> Resul
                 }
             };
             let payload = (status == STATUS_OK).then_some(&page[..]);
-            writer.write_all(&encode_page_header(version, status, index, payload))?;
+            let mut w = lock_writer(&writer);
+            w.write_all(&encode_page_header(version, status, index, payload))?;
             if status == STATUS_OK {
-                writer.write_all(&page)?;
+                w.write_all(&page)?;
                 sent += 1;
             }
             // Flush when nothing else is queued, so pipelined pages share segments.
             if idle {
-                writer.flush()?;
+                w.flush()?;
             }
         }
     })();
-    writer.flush().ok();
+    lock_writer(&writer).flush().ok();
     stream.shutdown(Shutdown::Both).ok();
     let read_result = reader_thread
         .join()
         .map_err(|_| ServeError::ReaderPanicked { peer: peer.clone() })?;
+    // A refused client is the cause of whatever the writer then hit.
+    if let Err(e @ ServeError::QueueFull { .. }) = read_result {
+        return Err(e);
+    }
     write_result.map_err(io("sending pages"))?;
     read_result?;
     Ok(sent)
@@ -1161,6 +1232,93 @@ mod tests {
         assert!(first_read_err(addr).contains("timed out"));
     }
 
+    /// Serves from `inner`, but every read waits for a release, after saying which page.
+    struct Gated {
+        inner: Arc<MemorySource>,
+        entered: std::sync::mpsc::SyncSender<u64>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+    impl PageSource for Gated {
+        fn page_count(&self) -> u64 {
+            self.inner.page_count()
+        }
+        fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+            self.entered.send(index).ok();
+            self.release.lock().unwrap().recv().ok();
+            self.inner.read_page(index, dst)
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    #[test]
+    fn a_client_queueing_too_many_pages_is_refused_with_a_clear_error() {
+        use std::sync::mpsc;
+        let (entered_tx, entered) = mpsc::sync_channel(8);
+        let (release, release_rx) = mpsc::channel();
+        let src = Arc::new(Gated {
+            inner: image(16),
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        });
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // A server without the limit would send nothing while page 0 is held: fail, not hang.
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let s = l.accept().unwrap().0;
+        let srv = std::thread::spawn(move || serve_limited(s, src, 4));
+        c.write_all(&encode_client_hello()).unwrap();
+        let mut reply = [0u8; 24];
+        c.read_exact(&mut reply).unwrap();
+        assert_eq!(parse_server_hello(&reply), Ok((PROTOCOL_VERSION, 16)));
+        // The writer takes page 0 and is held in its read: nothing leaves the queue now.
+        c.write_all(&encode_request(Urgency::Demand, 1, 0)).unwrap();
+        assert_eq!(entered.recv_timeout(Duration::from_secs(10)), Ok(0));
+        // 3 queued pages are within the limit of 4; 2 more are not.
+        c.write_all(&encode_request(Urgency::Prefetch, 3, 1))
+            .unwrap();
+        c.write_all(&encode_request(Urgency::Prefetch, 2, 4))
+            .unwrap();
+        let mut hdr = [0u8; 24];
+        c.read_exact(&mut hdr).unwrap();
+        assert_eq!(
+            parse_page_header(&hdr, |_| true),
+            Err(FrameError::Overloaded(4))
+        );
+        release.send(()).unwrap();
+        let e = srv.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ServeError::QueueFull {
+                    limit: 4,
+                    first: 4,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // Nothing queued is sent after the refusal (at most the page in progress).
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).ok();
+        assert!(rest.len() <= 24 + PAGE_SIZE, "{} more bytes", rest.len());
+
+        // The client names the refusal.
+        let addr = fake_server(|mut s| {
+            greet(&mut s);
+            s.write_all(&encode_page_header(
+                PROTOCOL_VERSION,
+                STATUS_OVERLOADED,
+                0,
+                None,
+            ))
+            .unwrap();
+        });
+        let e = first_read_err(addr);
+        assert!(e.contains("refused the request at page 0"), "{e}");
+    }
+
     #[test]
     fn server_reports_source_failures_and_rejects_bad_clients() {
         // The server's own source is shorter than a request: error status -> clear client error.
@@ -1386,7 +1544,8 @@ mod tests {
                 }
                 Err(FrameError::Unrequested(i)) => prop_assert!(!requested(i)),
                 Err(e) => prop_assert!(matches!(e, FrameError::PageMagic | FrameError::NoPage(_)
-                    | FrameError::ReadFailed(_) | FrameError::Status { .. }), "{e:?}"),
+                    | FrameError::ReadFailed(_) | FrameError::Overloaded(_)
+                    | FrameError::Status { .. }), "{e:?}"),
             }
         }
 
@@ -1421,6 +1580,7 @@ mod tests {
                 4..8 => got == Err(match new_status {
                     STATUS_OUT_OF_RANGE => FrameError::NoPage(index),
                     STATUS_READ_ERROR => FrameError::ReadFailed(index),
+                    STATUS_OVERLOADED => FrameError::Overloaded(index),
                     status => FrameError::Status { status, index },
                 }),
                 8..16 if !requested(new_index) => got == Err(FrameError::Unrequested(new_index)),
