@@ -405,6 +405,20 @@ fn serve_limited(
     source: Arc<dyn PageSource>,
     limit: usize,
 ) -> Result<u64, ServeError> {
+    serve_queues(stream, source, limit, Arc::default())
+}
+
+/// The queues of one connection (fed by its request reader, drained by its writer) and the
+/// condvar signalled on every change.
+type SharedQueues = Arc<(Mutex<Queues>, Condvar)>;
+
+/// [`serve_limited`] on queues the caller may watch (tests synchronise on them).
+fn serve_queues(
+    stream: TcpStream,
+    source: Arc<dyn PageSource>,
+    limit: usize,
+    queues: SharedQueues,
+) -> Result<u64, ServeError> {
     let peer = peer_name(&stream);
     let io = |op: &'static str| {
         let peer = peer.clone();
@@ -435,7 +449,6 @@ fn serve_limited(
     }
 
     // A reader thread queues requests so that the writer can always pick demand pages first.
-    let queues = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
     let q2 = queues.clone();
     let reader_peer = peer.clone();
     let reader_writer = writer.clone();
@@ -487,12 +500,13 @@ fn serve_limited(
                 };
                 // Indices past the end are answered with an error status, not dropped.
                 list.extend((0..count as u64).map(|i| first.saturating_add(i)));
-                cv.notify_one();
+                // All: the writer, and any watcher of the queues.
+                cv.notify_all();
             }
         })();
         let (lock, cv) = &*q2;
         lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        cv.notify_one();
+        cv.notify_all();
         res
     });
 
@@ -504,8 +518,14 @@ fn serve_limited(
                 let (lock, cv) = &*queues;
                 let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
-                    if let Some(i) = q.demand.pop_front().or_else(|| q.prefetch.pop_front()) {
-                        break Some((i, q.demand.is_empty() && q.prefetch.is_empty()));
+                    let popped = match q.demand.pop_front() {
+                        Some(i) => Some((i, true)),
+                        None => q.prefetch.pop_front().map(|i| (i, false)),
+                    };
+                    if let Some((i, demand)) = popped {
+                        // Flushed at once: a demand page, or the last page queued.
+                        let flush = demand || (q.demand.is_empty() && q.prefetch.is_empty());
+                        break Some((i, flush));
                     }
                     if q.closed {
                         break None;
@@ -513,7 +533,7 @@ fn serve_limited(
                     q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let Some((index, idle)) = next else {
+            let Some((index, flush)) = next else {
                 return Ok(());
             };
             let status = if index >= pages {
@@ -534,8 +554,9 @@ fn serve_limited(
                 w.write_all(&page)?;
                 sent += 1;
             }
-            // Flush when nothing else is queued, so pipelined pages share segments.
-            if idle {
+            // Prefetch pages share segments while more are queued; a demand page must not
+            // wait in the buffer behind the prefetch pages read after it.
+            if flush {
                 w.flush()?;
             }
         }
@@ -1057,46 +1078,69 @@ mod tests {
         ));
     }
 
-    /// A source that takes a while per page, like a disk or a far-away host.
-    struct Slow(Arc<MemorySource>);
-    impl PageSource for Slow {
-        fn page_count(&self) -> u64 {
-            self.0.page_count()
-        }
-        fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
-            std::thread::sleep(Duration::from_millis(5));
-            self.0.read_page(index, dst)
-        }
-        fn describe(&self) -> String {
-            "slow".into()
-        }
-    }
-
     #[test]
     fn demand_requests_overtake_queued_prefetch() {
+        use std::sync::mpsc;
         let img = image(300);
-        let r = RemoteSource::connect(start_server(Arc::new(Slow(img.clone()))), quick()).unwrap();
-        // 200 prefetch pages queue up at the server (~1 s of work)...
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let src = Arc::new(Gated {
+            inner: img.clone(),
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        });
+        let queues: SharedQueues = Arc::default();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let q = queues.clone();
+        let srv = std::thread::spawn(move || {
+            serve_queues(l.accept().unwrap().0, src, MAX_QUEUED_PAGES, q)
+        });
+        let r = Arc::new(RemoteSource::connect(addr, quick()).unwrap());
+        let next = || entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        // 200 prefetch pages queue up at the server, its writer held in the read of page 0...
         r.request(&(0..200).collect::<Vec<u64>>(), Urgency::Prefetch);
-        std::thread::sleep(Duration::from_millis(20));
-        // ...yet a demand page is served after at most the page in progress.
-        let t = Instant::now();
+        assert_eq!(next(), 0);
+        // ...when a demand request comes (synchronised on the server's queue, not on time).
+        let r2 = r.clone();
+        let demand = std::thread::spawn(move || {
+            let mut buf = vec![0u8; PAGE_SIZE];
+            r2.read_page(250, &mut buf).map(|()| buf)
+        });
+        {
+            let (lock, cv) = &*queues;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut q = lock.lock().unwrap();
+            while !q.demand.contains(&250) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                assert!(
+                    !left.is_zero(),
+                    "the demand request never reached the server"
+                );
+                q = cv.wait_timeout(q, left).unwrap().0;
+            }
+            assert_eq!(q.prefetch.len(), 199, "prefetch pages still queued");
+        }
+        // The server's next send, after the page in progress, is the demand page...
+        release.send(()).unwrap();
+        assert_eq!(next(), 250);
+        release.send(()).unwrap();
+        let got = demand.join().unwrap().unwrap();
+        assert_eq!(&got[..], &img.bytes()[250 * PAGE_SIZE..][..PAGE_SIZE]);
+        // ...and then the prefetch pages, in order.
+        release.send(()).unwrap();
+        assert_eq!(next(), 1);
+        drop(release); // every later read goes through at once
         let mut buf = vec![0u8; PAGE_SIZE];
-        r.read_page(250, &mut buf).unwrap();
-        let waited = t.elapsed();
-        assert_eq!(&buf[..], &img.bytes()[250 * PAGE_SIZE..][..PAGE_SIZE]);
-        assert!(
-            waited < Duration::from_millis(300),
-            "demand page waited {waited:?}"
-        );
-        // The prefetched pages still all arrive, intact.
-        for i in [0u64, 100, 199] {
+        for i in [0u64, 1, 100, 199] {
             r.read_page(i, &mut buf).unwrap();
             assert_eq!(
                 &buf[..],
                 &img.bytes()[i as usize * PAGE_SIZE..][..PAGE_SIZE]
             );
         }
+        drop(r);
+        srv.join().unwrap().unwrap();
     }
 
     #[test]
@@ -1235,7 +1279,7 @@ mod tests {
     /// Serves from `inner`, but every read waits for a release, after saying which page.
     struct Gated {
         inner: Arc<MemorySource>,
-        entered: std::sync::mpsc::SyncSender<u64>,
+        entered: std::sync::mpsc::Sender<u64>,
         release: Mutex<std::sync::mpsc::Receiver<()>>,
     }
     impl PageSource for Gated {
@@ -1255,7 +1299,7 @@ mod tests {
     #[test]
     fn a_client_queueing_too_many_pages_is_refused_with_a_clear_error() {
         use std::sync::mpsc;
-        let (entered_tx, entered) = mpsc::sync_channel(8);
+        let (entered_tx, entered) = mpsc::channel();
         let (release, release_rx) = mpsc::channel();
         let src = Arc::new(Gated {
             inner: image(16),
