@@ -116,12 +116,8 @@ fn fstat(fd: RawFd) -> libc::stat {
     // SAFETY: an all-zero stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fd is open and `st` is a valid out-parameter.
-    assert_eq!(
-        unsafe { libc::fstat(fd, &mut st) },
-        0,
-        "fstat: {}",
-        Errno::last()
-    );
+    let r = unsafe { libc::fstat(fd, &mut st) };
+    assert_eq!(r, 0, "fstat: {}", Errno::last());
     st
 }
 

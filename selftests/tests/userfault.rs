@@ -962,12 +962,8 @@ fn async_poll_epoll_and_blocking() {
         u64: 7,
     };
     // SAFETY: valid epoll fd, target fd and event.
-    assert_eq!(
-        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, &mut ev) },
-        0,
-        "epoll_ctl: {}",
-        Errno::last()
-    );
+    let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, &mut ev) };
+    assert_eq!(r, 0, "epoll_ctl: {}", Errno::last());
     let epoll_wait = |ms: i32| {
         let mut out = [libc::epoll_event { events: 0, u64: 0 }; 2];
         // SAFETY: `out` has room for 2 events.
@@ -1372,10 +1368,8 @@ fn signal_interrupts_sleeping_vcpu() {
     read_one(fd.as_raw_fd(), "signal");
     assert_sleeping(&h, "before the signal");
     // SAFETY: the thread is alive (asserted above) and SIGUSR1 has a handler.
-    assert_eq!(
-        unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) },
-        0
-    );
+    let r = unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) };
+    assert_eq!(r, 0);
     let (vcpu, r, _) = join(h, "signalled vCPU");
     assert!(
         matches!(r, Err(Errno::EINTR) | Ok(Exit::Intr)),
@@ -1841,10 +1835,8 @@ fn resolve_from_second_process() {
     let gfd = vm.region(1).fd.clone().unwrap();
     let mut pair = [0; 2];
     // SAFETY: `pair` has room for two descriptors. Only pair[1] is inheritable (no CLOEXEC).
-    assert_eq!(
-        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
-        0
-    );
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) };
+    assert_eq!(r, 0);
     // SAFETY: fresh descriptors we own.
     let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
     // SAFETY: fcntl on our own descriptor.
@@ -1875,11 +1867,8 @@ fn resolve_from_second_process() {
     );
     let mut reply = [0u8; 8];
     // SAFETY: reads 8 bytes into a live array.
-    assert_eq!(
-        unsafe { libc::read(mine.as_raw_fd(), reply.as_mut_ptr().cast(), 8) },
-        8,
-        "helper reply"
-    );
+    let n = unsafe { libc::read(mine.as_raw_fd(), reply.as_mut_ptr().cast(), 8) };
+    assert_eq!(n, 8, "helper reply");
     assert_eq!(
         u64::from_le_bytes(reply),
         TEST_GPA / PAGE,

@@ -376,11 +376,9 @@ mod tests {
         assert!(fd >= 0);
         // SAFETY: fresh fd owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our memfd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-            0
-        );
+        // SAFETY: ftruncate of the memfd we own; no memory of ours is passed.
+        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+        assert_eq!(r, 0);
         fd
     }
 

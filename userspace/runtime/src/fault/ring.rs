@@ -43,9 +43,8 @@ impl StopSignal {
             return Err(io::Error::new(e.kind(), format!("eventfd: {e}")));
         }
         // SAFETY: a fresh fd that nothing else owns.
-        Ok(Self {
-            fd: Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }),
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Self { fd: Arc::new(fd) })
     }
 
     /// Signals every reader waiting on it (now or later).

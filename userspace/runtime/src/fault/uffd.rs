@@ -480,7 +480,7 @@ mod tests {
         assert_eq!(r.unwrap(), Installed::All);
         assert_eq!(reader.join().unwrap(), 0x4242_4242_4242_4242);
         // A second copy of the same page reports it as already mapped.
-        // SAFETY: as above.
+        // SAFETY: `page` is still a readable local array of PAGE_SIZE bytes.
         let r = unsafe { uffd.copy(base + 2 * crate::PAGE_SIZE, page.as_ptr(), crate::PAGE_SIZE) };
         assert_eq!(r.unwrap(), Installed::AlreadyMapped);
         // SAFETY: unmapping the mapping made above; no references into it remain.
@@ -540,7 +540,7 @@ mod tests {
         assert_eq!(uffd.read_msgs(&mut msgs).unwrap(), 1);
         assert_eq!(msgs[0].event, UFFD_EVENT_REMOVE);
         assert_eq!(dropper.join().unwrap(), 0, "madvise failed");
-        // SAFETY: as above.
+        // SAFETY: `page` is still a readable local array of PAGE_SIZE bytes.
         let r = unsafe { uffd.copy(base, page.as_ptr(), ps) };
         assert_eq!(r.unwrap(), Installed::All);
         let mut out = [0u8; 8];
