@@ -1,21 +1,20 @@
 //! Thin, errno-preserving wrappers of the KVM userfault uAPI (docs/uapi.md) for tests.
 //!
 //! Tests need the raw errno of every call (bad-input cases assert EINVAL/EBUSY/EOPNOTSUPP),
-//! and must be able to pass malformed arguments, so these wrap the ioctls one to one instead of
-//! going through the runtime's higher-level VM type.
+//! and must be able to pass malformed arguments: these call the runtime's errno-exact ioctls
+//! (`kvm_userfault::ioctls::{create_raw, resolve_raw, requeue_raw}`, one definition of each
+//! ioctl) and return nix's `Errno`, instead of the runtime's typed `UserfaultFd` layer.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_memory_attributes;
 use kvm_ioctls::VmFd;
+use kvm_userfault::ioctls;
 use nix::errno::Errno;
 
 use crate::uapi::{
-    kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, KVM_CREATE_USERFAULT_FD,
-    KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR, KVM_MEMORY_ATTRIBUTES_FLAG_SET,
-    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_USERFAULT_REQUEUE, KVM_USERFAULT_RESOLVE,
-    USERFAULT_MSG_SIZE,
+    kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, USERFAULT_MSG_SIZE,
 };
 
 /// `KVM_SET_MEMORY_ATTRIBUTES` with explicit `flags` (0 = exact value, or FLAG_SET/FLAG_CLEAR).
@@ -38,42 +37,18 @@ pub fn set_attributes(
 
 /// Sets USERFAULT on a range without touching other attributes (delta semantics).
 pub fn set_userfault(vm: &VmFd, gpa: u64, size: u64) -> Result<(), Errno> {
-    set_attributes(
-        vm,
-        gpa,
-        size,
-        KVM_MEMORY_ATTRIBUTE_USERFAULT,
-        KVM_MEMORY_ATTRIBUTES_FLAG_SET,
-    )
+    ioctls::set_userfault(vm, gpa, size, true).map_err(io_errno)
 }
 
 /// Clears USERFAULT on a range through the VM (the generic attribute path).
 pub fn clear_userfault(vm: &VmFd, gpa: u64, size: u64) -> Result<(), Errno> {
-    set_attributes(
-        vm,
-        gpa,
-        size,
-        KVM_MEMORY_ATTRIBUTE_USERFAULT,
-        KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR,
-    )
+    ioctls::set_userfault(vm, gpa, size, false).map_err(io_errno)
 }
 
 /// `KVM_CREATE_USERFAULT_FD` with a full argument (tests pass bad sizes and non-zero
 /// reserved words); KVM writes the negotiated record size back into `arg.msg_size`.
 pub fn create_fd_raw(vm: &VmFd, arg: &mut kvm_create_userfault_fd) -> Result<OwnedFd, Errno> {
-    // SAFETY: the ioctl reads and writes back exactly one kvm_create_userfault_fd at `arg`.
-    let r = unsafe {
-        libc::ioctl(
-            vm.as_raw_fd(),
-            KVM_CREATE_USERFAULT_FD as libc::c_ulong,
-            arg as *mut kvm_create_userfault_fd,
-        )
-    };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: on success KVM returns a new descriptor that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    ioctls::create_raw(vm, arg).map_err(errno)
 }
 
 /// `KVM_CREATE_USERFAULT_FD` with `flags`, asking for the record size the tests decode
@@ -95,43 +70,32 @@ pub fn create_fd(vm: &VmFd, flags: u64) -> Result<OwnedFd, Errno> {
 
 /// `KVM_USERFAULT_REQUEUE`: returns how many records KVM posted again.
 pub fn requeue(fd: RawFd) -> Result<i32, Errno> {
-    // SAFETY: an ioctl without an argument.
-    let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_REQUEUE as libc::c_ulong, 0) };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(r)
-    }
+    let n = ioctls::requeue_raw(&fd).map_err(errno)?;
+    Ok(i32::try_from(n).expect("the ioctl returned a c_int"))
 }
 
 /// `KVM_USERFAULT_RESOLVE` with a full argument.
 pub fn resolve_raw(fd: RawFd, range: &kvm_userfault_range) -> Result<(), Errno> {
-    // SAFETY: the ioctl reads exactly one kvm_userfault_range from `range`.
-    let r = unsafe {
-        libc::ioctl(
-            fd,
-            KVM_USERFAULT_RESOLVE as libc::c_ulong,
-            range as *const _,
-        )
-    };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(())
-    }
+    ioctls::resolve_raw(&fd, range).map_err(errno)
 }
 
 /// Clears USERFAULT on `[gpa, gpa + size)` through the userfault fd and wakes its waiters.
 pub fn resolve(fd: RawFd, gpa: u64, size: u64) -> Result<(), Errno> {
-    resolve_raw(
-        fd,
-        &kvm_userfault_range {
-            gpa,
-            size,
-            flags: 0,
-            reserved: 0,
-        },
-    )
+    let range = kvm_userfault_range {
+        gpa,
+        size,
+        ..Default::default()
+    };
+    resolve_raw(fd, &range)
+}
+
+fn errno(e: vmm_sys_util::errno::Error) -> Errno {
+    Errno::from_raw(e.errno())
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    // The runtime's io::Error always carries KVM's errno (from_raw_os_error).
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// `read(2)` into a buffer of `buf_len` bytes; returns the bytes read.

@@ -24,7 +24,7 @@ const PROT_RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 
 /// `TEST_REQUIRE(kvm_has_cap(KVM_CAP_GUEST_MEMFD))`.
 fn require_gmem(test: &str) -> bool {
-    if kvm_check_cap(KVM_CAP_GUEST_MEMFD) <= 0 {
+    if kvm_check_cap(KVM_CAP_GUEST_MEMFD.into()) <= 0 {
         skip(test, "KVM_CAP_GUEST_MEMFD not supported");
         return false;
     }
@@ -116,12 +116,8 @@ fn fstat(fd: RawFd) -> libc::stat {
     // SAFETY: an all-zero stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fd is open and `st` is a valid out-parameter.
-    assert_eq!(
-        unsafe { libc::fstat(fd, &mut st) },
-        0,
-        "fstat: {}",
-        Errno::last()
-    );
+    let r = unsafe { libc::fstat(fd, &mut st) };
+    assert_eq!(r, 0, "fstat: {}", Errno::last());
     st
 }
 

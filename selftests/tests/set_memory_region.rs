@@ -66,7 +66,7 @@ fn region2(
 }
 
 fn has_sw_protected() -> bool {
-    kvm_check_cap(KVM_CAP_VM_TYPES) as u64 & (1 << SW_PROTECTED) != 0
+    kvm_check_cap(KVM_CAP_VM_TYPES.into()) as u64 & (1 << SW_PROTECTED) != 0
 }
 
 /// `test_invalid_memory_region_flags()`.
@@ -82,7 +82,7 @@ fn invalid_memory_region_flags() {
     let mut supported = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY;
     let v2_only = KVM_MEM_GUEST_MEMFD;
     if kvm.check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES as libc::c_ulong) as u64
-        & KVM_MEMORY_ATTRIBUTE_PRIVATE
+        & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
         != 0
     {
         supported |= KVM_MEM_GUEST_MEMFD;
@@ -203,7 +203,7 @@ fn add_max_memory_regions() {
 /// `test_add_private_memory_region()`.
 #[test]
 fn add_private_memory_region() {
-    if kvm_check_cap(KVM_CAP_GUEST_MEMFD) <= 0 || !has_sw_protected() {
+    if kvm_check_cap(KVM_CAP_GUEST_MEMFD.into()) <= 0 || !has_sw_protected() {
         skip(
             "add_private_memory_region",
             "needs guest_memfd and KVM_X86_SW_PROTECTED_VM",
@@ -267,7 +267,7 @@ fn add_private_memory_region() {
 /// EEXIST, whether or not the GPA ranges overlap.
 #[test]
 fn add_overlapping_private_memory_regions() {
-    if kvm_check_cap(KVM_CAP_GUEST_MEMFD) <= 0 || !has_sw_protected() {
+    if kvm_check_cap(KVM_CAP_GUEST_MEMFD.into()) <= 0 || !has_sw_protected() {
         skip(
             "add_overlapping_private_memory_regions",
             "needs guest_memfd and KVM_X86_SW_PROTECTED_VM",
@@ -316,7 +316,7 @@ fn memory_attributes_probe_matches_ioctl() {
     let mut vm = TestVm::new().unwrap();
     vm.add_region(1, TEST_GPA, 4096, Backing::Anonymous)
         .unwrap();
-    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES.into()) as u64;
     let uf = KVM_MEMORY_ATTRIBUTE_USERFAULT;
     let r = set_attributes(&vm.fd, TEST_GPA, 4096, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET);
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 {
@@ -390,7 +390,7 @@ fn userfault_attribute_accepted() {
         1,
         "KVM_CAP_USERFAULT is a yes/no"
     );
-    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES.into()) as u64;
     assert_ne!(
         attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT,
         0,

@@ -344,7 +344,7 @@ fn capability() {
         "default VMs report USERFAULT"
     );
     assert_eq!(
-        attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE,
+        attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
         0,
         "default VMs have no private memory"
     );
@@ -377,7 +377,7 @@ fn sync_exit_fields() {
                     "{name}: flags {flags:#x}"
                 );
                 assert_eq!(
-                    flags & KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                    flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                     0,
                     "{name}: shared access flagged private"
                 );
@@ -563,7 +563,7 @@ fn delta_flags_keep_private() {
         return;
     }
     let mut vm = TestVm::with_type(SW_PROTECTED).unwrap();
-    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+    let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES.into()) as u64;
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 || vm.check_cap(KVM_CAP_USERFAULT as u64) <= 0 {
         // The series supports USERFAULT on SW_PROTECTED VMs (kvm_arch_has_userfault()).
         kvm_selftests::caps::series_missing(
@@ -573,7 +573,7 @@ fn delta_flags_keep_private() {
         return;
     }
     assert_ne!(
-        attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE,
+        attrs & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
         0,
         "SW_PROTECTED VMs report PRIVATE | USERFAULT"
     );
@@ -593,7 +593,14 @@ fn delta_flags_keep_private() {
     .unwrap();
     let gpa = TEST_GPA + (1 << 30);
     vm.map(gpa, gpa, PAGE).unwrap();
-    set_attributes(&vm.fd, gpa, PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0).unwrap();
+    set_attributes(
+        &vm.fd,
+        gpa,
+        PAGE,
+        u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+        0,
+    )
+    .unwrap();
     set_attributes(
         &vm.fd,
         gpa,
@@ -612,7 +619,7 @@ fn delta_flags_keep_private() {
                 "flags {flags:#x}"
             );
             assert_ne!(
-                flags & KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                 0,
                 "FLAG_SET USERFAULT clobbered PRIVATE: flags {flags:#x}"
             );
@@ -626,21 +633,27 @@ fn delta_flags_keep_private() {
         Ok(Exit::MemoryFault { flags, gpa: g, .. }) => {
             assert_eq!(g, gpa);
             assert_eq!(
-                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_PRIVATE),
+                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE)),
                 KVM_MEMORY_EXIT_FLAG_USERFAULT,
                 "after an exact conversion to shared: flags {flags:#x}"
             );
         }
         other => panic!("an exact conversion to shared cleared USERFAULT: got {other:?}"),
     }
-    set_attributes(&vm.fd, gpa, PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
-        .expect("exact conversion back to private");
+    set_attributes(
+        &vm.fd,
+        gpa,
+        PAGE,
+        u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+        0,
+    )
+    .expect("exact conversion back to private");
     match vcpu.run() {
         Ok(Exit::MemoryFault { flags, gpa: g, .. }) => {
             assert_eq!(g, gpa);
             assert_eq!(
-                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_PRIVATE),
-                KVM_MEMORY_EXIT_FLAG_USERFAULT | KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                flags & (KVM_MEMORY_EXIT_FLAG_USERFAULT | u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE)),
+                KVM_MEMORY_EXIT_FLAG_USERFAULT | u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
                 "after an exact conversion to private: flags {flags:#x}"
             );
         }
@@ -951,12 +964,8 @@ fn async_poll_epoll_and_blocking() {
         u64: 7,
     };
     // SAFETY: valid epoll fd, target fd and event.
-    assert_eq!(
-        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, &mut ev) },
-        0,
-        "epoll_ctl: {}",
-        Errno::last()
-    );
+    let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, &mut ev) };
+    assert_eq!(r, 0, "epoll_ctl: {}", Errno::last());
     let epoll_wait = |ms: i32| {
         let mut out = [libc::epoll_event { events: 0, u64: 0 }; 2];
         // SAFETY: `out` has room for 2 events.
@@ -1361,10 +1370,8 @@ fn signal_interrupts_sleeping_vcpu() {
     read_one(fd.as_raw_fd(), "signal");
     assert_sleeping(&h, "before the signal");
     // SAFETY: the thread is alive (asserted above) and SIGUSR1 has a handler.
-    assert_eq!(
-        unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) },
-        0
-    );
+    let r = unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) };
+    assert_eq!(r, 0);
     let (vcpu, r, _) = join(h, "signalled vCPU");
     assert!(
         matches!(r, Err(Errno::EINTR) | Ok(Exit::Intr)),
@@ -1830,10 +1837,8 @@ fn resolve_from_second_process() {
     let gfd = vm.region(1).fd.clone().unwrap();
     let mut pair = [0; 2];
     // SAFETY: `pair` has room for two descriptors. Only pair[1] is inheritable (no CLOEXEC).
-    assert_eq!(
-        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) },
-        0
-    );
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) };
+    assert_eq!(r, 0);
     // SAFETY: fresh descriptors we own.
     let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
     // SAFETY: fcntl on our own descriptor.
@@ -1864,11 +1869,8 @@ fn resolve_from_second_process() {
     );
     let mut reply = [0u8; 8];
     // SAFETY: reads 8 bytes into a live array.
-    assert_eq!(
-        unsafe { libc::read(mine.as_raw_fd(), reply.as_mut_ptr().cast(), 8) },
-        8,
-        "helper reply"
-    );
+    let n = unsafe { libc::read(mine.as_raw_fd(), reply.as_mut_ptr().cast(), 8) };
+    assert_eq!(n, 8, "helper reply");
     assert_eq!(
         u64::from_le_bytes(reply),
         TEST_GPA / PAGE,
@@ -2081,7 +2083,7 @@ fn bad_input_attributes() {
             "PRIVATE on a default VM",
             TEST_GPA,
             PAGE,
-            KVM_MEMORY_ATTRIBUTE_PRIVATE,
+            u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
             set,
         ),
     ];

@@ -80,14 +80,13 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use kvm_selftests::caps::env_u64;
 use kvm_selftests::guest::{self, read_u64, write_u64};
 use kvm_selftests::uapi::{
-    ioc, kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, IOC_NONE, IOC_READ,
-    IOC_WRITE, KVMIO, KVM_CAP_USERFAULT_FD_FLAGS, KVM_CREATE_USERFAULT_FD,
-    KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR, KVM_MEMORY_ATTRIBUTES_FLAG_SET,
-    KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_MEMORY_EXIT_FLAG_EXEC, KVM_MEMORY_EXIT_FLAG_READ,
-    KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_MEMORY_EXIT_FLAG_WRITE, KVM_USERFAULT_FD_FLAG_NONBLOCK,
-    KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, KVM_USERFAULT_MSG_ALL, KVM_USERFAULT_MSG_EXEC,
-    KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ, KVM_USERFAULT_MSG_VCPU,
-    KVM_USERFAULT_MSG_WRITE, KVM_USERFAULT_RESOLVE, USERFAULT_MSG_SIZE,
+    kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, KVMIO,
+    KVM_CAP_USERFAULT_FD_FLAGS, KVM_CREATE_USERFAULT_FD, KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR,
+    KVM_MEMORY_ATTRIBUTES_FLAG_SET, KVM_MEMORY_ATTRIBUTE_USERFAULT, KVM_MEMORY_EXIT_FLAG_EXEC,
+    KVM_MEMORY_EXIT_FLAG_READ, KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_MEMORY_EXIT_FLAG_WRITE,
+    KVM_USERFAULT_FD_FLAG_NONBLOCK, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, KVM_USERFAULT_MSG_ALL,
+    KVM_USERFAULT_MSG_EXEC, KVM_USERFAULT_MSG_GUEST, KVM_USERFAULT_MSG_READ,
+    KVM_USERFAULT_MSG_VCPU, KVM_USERFAULT_MSG_WRITE, KVM_USERFAULT_RESOLVE, USERFAULT_MSG_SIZE,
 };
 use kvm_selftests::userfault::{
     self as uf, clear_userfault, create_fd_raw, read_raw, requeue, resolve, resolve_raw,
@@ -96,6 +95,7 @@ use kvm_selftests::userfault::{
 use kvm_selftests::vm::{SYS_GVA, TEST_GPA};
 use kvm_selftests::{guest_assert_eq, Backing, Exit, HostMapping, TestVm, Ucall, Vcpu};
 use nix::errno::Errno;
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 const TEST: &str = "userfault_fuzz::fuzz_userfault_uapi";
 const TEST_FAILSLAB: &str = "userfault_fuzz::fuzz_userfault_uapi_failslab";
@@ -143,7 +143,7 @@ const MSG_ACCESS: u32 = KVM_USERFAULT_MSG_READ | KVM_USERFAULT_MSG_WRITE | KVM_U
 
 /// `KVM_SET_MEMORY_ATTRIBUTES = _IOW(KVMIO, 0xd2, struct kvm_memory_attributes)`: a VM ioctl,
 /// which the userfault fd must not know.
-const KVM_SET_MEMORY_ATTRIBUTES: u64 = ioc(IOC_WRITE, KVMIO, 0xd2, 32);
+const KVM_SET_MEMORY_ATTRIBUTES: libc::c_ulong = ioctl_expr(_IOC_WRITE, KVMIO, 0xd2, 32);
 
 /// The word at guest physical address `gpa` (8-byte aligned) of a populated page: a bijection
 /// of the gpa (an odd multiplier times a multiple of 8, plus 1), so never 0 (what an unpopulated
@@ -1653,17 +1653,17 @@ impl Chaos {
                 // Numbers the fd does not implement: neighbours of its own, its own numbers with
                 // another direction or size, and VM ioctls.
                 let nr = rng.pick(&[
-                    ioc(IOC_NONE, KVMIO, 0xd9, 0),
-                    ioc(IOC_NONE, KVMIO, 0xd5, 0),
-                    ioc(IOC_WRITE, KVMIO, 0xd8, 32),
-                    ioc(IOC_READ, KVMIO, 0xd7, 32),
-                    KVM_CREATE_USERFAULT_FD,
+                    ioctl_expr(_IOC_NONE, KVMIO, 0xd9, 0),
+                    ioctl_expr(_IOC_NONE, KVMIO, 0xd5, 0),
+                    ioctl_expr(_IOC_WRITE, KVMIO, 0xd8, 32),
+                    ioctl_expr(_IOC_READ, KVMIO, 0xd7, 32),
+                    KVM_CREATE_USERFAULT_FD(),
                     KVM_SET_MEMORY_ATTRIBUTES,
                 ]);
                 let mut arg = [0u64; 8];
                 // SAFETY: an ioctl the fd rejects; `arg` is a valid 64-byte buffer in case
                 // anything looked at it.
-                let r = unsafe { libc::ioctl(raw, nr as libc::c_ulong, arg.as_mut_ptr()) };
+                let r = unsafe { libc::ioctl(raw, nr, arg.as_mut_ptr()) };
                 let got = if r < 0 { Err(Errno::last()) } else { Ok(r) };
                 sh.expect_errno("fd_unknown_ioctl", got, Errno::ENOTTY)
             }
@@ -1939,7 +1939,7 @@ impl Chaos {
             unsafe {
                 let r = libc::ioctl(
                     raw,
-                    KVM_USERFAULT_RESOLVE as libc::c_ulong,
+                    KVM_USERFAULT_RESOLVE(),
                     &range as *const kvm_userfault_range,
                 );
                 let code = if r == 0 {

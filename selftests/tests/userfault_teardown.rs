@@ -1470,11 +1470,8 @@ fn orderly_close(
                 // SAFETY: the TestVm is never dropped (ManuallyDrop), and after `serve` no
                 // thread uses this descriptor (the chaos thread has its own): no double close,
                 // no use of a reused number.
-                ensure!(
-                    unsafe { libc::close(sh.vm_fd) } == 0,
-                    "close(VM fd): {}",
-                    Errno::last()
-                );
+                let r = unsafe { libc::close(sh.vm_fd) };
+                ensure!(r == 0, "close(VM fd): {}", Errno::last());
             }
             Step::Vcpus => close_vcpus(sh)?,
             Step::Mem => others.extend(unmap_memory(sh)?),
@@ -1889,11 +1886,8 @@ fn describe_status(st: i32) -> String {
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut p = [0; 2];
     // SAFETY: pipe2 writes two descriptors into `p`.
-    ensure!(
-        unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } == 0,
-        "pipe2: {}",
-        Errno::last()
-    );
+    let r = unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) };
+    ensure!(r == 0, "pipe2: {}", Errno::last());
     // SAFETY: fresh descriptors that we own.
     Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
 }

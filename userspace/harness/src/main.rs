@@ -1,9 +1,10 @@
 //! `kvm-userfault`: run a demand-paged guest, serve an image over TCP, fetch one, make one.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kvm_userfault::source::{
-    serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource, Urgency,
+    serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource, SnapshotWriter,
+    Urgency,
 };
 use kvm_userfault::PAGE_SIZE;
 use kvm_userfault_harness::guest::fill_pattern_page;
@@ -200,22 +201,24 @@ fn real_main(cli: Cli) -> Result<()> {
             let src = RemoteSource::connect(remote.as_str(), RemoteOptions::default())?;
             let pages = src.page_count();
             let t = Instant::now();
-            // Pipeline the whole image as prefetch, in windows so memory stays bounded.
+            // Pipeline the image as prefetch, one window ahead of the one being read, and
+            // write each window to the file as it completes: memory stays bounded by one
+            // window (4 MiB) and the checksum table (8 bytes a page), whatever the image size.
             const WINDOW: u64 = 1024;
-            let mut buf = vec![0u8; PAGE_SIZE];
-            let mut data = Vec::new();
+            let window = |w: u64| (w..(w + WINDOW).min(pages)).collect::<Vec<u64>>();
+            let mut file = SnapshotWriter::create(&out, pages)?;
+            let mut batch = vec![0u8; WINDOW as usize * PAGE_SIZE];
+            src.request(&window(0), Urgency::Prefetch);
             for w in (0..pages).step_by(WINDOW as usize) {
-                let idx: Vec<u64> = (w..(w + WINDOW).min(pages)).collect();
-                src.request(&idx, Urgency::Prefetch);
-                for &i in &idx {
-                    src.read_page(i, &mut buf)?;
-                    data.extend_from_slice(&buf);
+                src.request(&window(w + WINDOW), Urgency::Prefetch);
+                let idx = window(w);
+                let batch = &mut batch[..idx.len() * PAGE_SIZE];
+                for (&i, page) in idx.iter().zip(batch.chunks_exact_mut(PAGE_SIZE)) {
+                    src.read_page(i, page)?;
                 }
+                file.write_pages(batch)?;
             }
-            ensure!(data.len() as u64 == pages * PAGE_SIZE as u64, "short fetch");
-            write_snapshot(&out, pages, |i, b| {
-                b.copy_from_slice(&data[i as usize * PAGE_SIZE..][..PAGE_SIZE])
-            })?;
+            file.finish()?;
             let secs = t.elapsed().as_secs_f64();
             println!(
                 "fetched {pages} pages in {secs:.3}s ({:.0} pages/s) into {}",

@@ -49,7 +49,9 @@ impl MemSlot {
     /// A second shared mapping of a shmem slot (to fill pages for UFFDIO_CONTINUE).
     pub fn alias(&self) -> Result<Mapping> {
         match (&self.fd, self.backing) {
-            (Some(fd), Backing::Shmem) => Mapping::new(self.size as usize, Some(fd.as_raw_fd())),
+            (Some(fd), Backing::Shmem) => {
+                Ok(Mapping::new(self.size as usize, Some(fd.as_raw_fd()))?)
+            }
             _ => bail!("only shmem slots can have an alias mapping"),
         }
     }

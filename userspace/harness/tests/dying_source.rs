@@ -418,7 +418,7 @@ fn remote_connection_dropped(mode: Mode) {
         &e,
         Some(K),
         &addr.to_string(),
-        |c| matches!(c, SourceError::Remote(m) if m.contains(&addr.to_string())),
+        |c| matches!(c, SourceError::Remote(m) if m.to_string().contains(&addr.to_string())),
     );
 }
 
@@ -724,7 +724,7 @@ fn corrupt_frame(mode: Mode, bad: BadFrame) {
         &e,
         Some(K),
         &addr.to_string(),
-        |c| matches!(c, SourceError::Remote(m) if m.contains(&want)),
+        |c| matches!(c, SourceError::Remote(m) if m.to_string().contains(&want)),
     );
     if bad == BadFrame::CutShortThenSilent {
         assert!(

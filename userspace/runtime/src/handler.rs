@@ -1111,7 +1111,10 @@ mod tests {
                     .unwrap()
                     .recv_timeout(Duration::from_secs(30))
                     .expect("the test never opened the gate");
-                return Err(SourceError::Remote("transient".into()));
+                return Err(SourceError::Io {
+                    index,
+                    source: std::io::Error::other("transient"),
+                });
             }
             self.inner.read_page(index, dst)
         }

@@ -14,10 +14,10 @@
 //! [`recv_handoff`] asks KVM to post again the records that a previous handler read but never
 //! resolved (`KVM_USERFAULT_REQUEUE`), so that a handler crash loses no fault.
 
-use crate::ioctls::UserfaultFd;
-use crate::memory::Mapping;
+use crate::ioctls::{UserfaultError, UserfaultFd};
+use crate::memory::{Mapping, MappingError};
 use crate::PAGE_SIZE;
-use anyhow::{bail, ensure, Context, Result};
+use nix::errno::Errno;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,6 +28,125 @@ const HEADER: usize = 16;
 const REGION: usize = 32;
 /// Most regions (and memory fds) one handoff carries.
 pub const MAX_REGIONS: usize = 32;
+
+/// Why a handoff could not be sent, received or used. A received message that is malformed
+/// is one of these, never a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// What the sender was asked to send does not fit the message.
+    #[error(
+        "a handoff carries 1..={MAX_REGIONS} regions and at most {MAX_REGIONS} memory fds, \
+         not {regions} regions and {fds} fds"
+    )]
+    Limits {
+        /// Regions asked for.
+        regions: usize,
+        /// Memory fds asked for.
+        fds: usize,
+    },
+    /// A region to send refers to a memory fd that is not sent.
+    #[error("region {index} refers to memory fd {fd_index} of {fds}")]
+    SendFdIndex {
+        /// The region.
+        index: usize,
+        /// The fd it names.
+        fd_index: u32,
+        /// Memory fds sent.
+        fds: usize,
+    },
+    /// `sendmsg` failed.
+    #[error("sendmsg of the handoff")]
+    Send(#[source] Errno),
+    /// `sendmsg` sent part of the message.
+    #[error("handoff sent short ({sent} of {len} bytes)")]
+    ShortSend {
+        /// Bytes sent.
+        sent: usize,
+        /// Bytes of the message.
+        len: usize,
+    },
+    /// `recvmsg` failed.
+    #[error("recvmsg of the handoff")]
+    Recv(#[source] Errno),
+    /// More fds came than the control buffer holds (the kernel closed the rest).
+    #[error("control messages truncated (too many fds)")]
+    FdsTruncated(#[source] Errno),
+    /// The message is shorter than its header.
+    #[error("handoff of {0} bytes is shorter than its header")]
+    Short(usize),
+    /// The message does not start with the handoff magic.
+    #[error("handoff has bad magic")]
+    BadMagic,
+    /// Another version of the message.
+    #[error("handoff version {0}, expected {VERSION}")]
+    Version(u16),
+    /// The header's reserved field is not zero.
+    #[error("handoff header's reserved field is not zero")]
+    HeaderReserved,
+    /// The region count is out of range.
+    #[error("handoff announces {0} regions")]
+    RegionCount(usize),
+    /// The message length does not match its region count.
+    #[error("handoff of {len} bytes, {regions} regions need {need}")]
+    Length {
+        /// Bytes received.
+        len: usize,
+        /// Regions announced.
+        regions: usize,
+        /// Bytes those regions need.
+        need: usize,
+    },
+    /// No fd came with the message.
+    #[error("handoff carried no fds")]
+    NoFds,
+    /// The userfault fd's record size cannot be used.
+    #[error("handoff of the userfault fd")]
+    UserfaultFd(#[source] UserfaultError),
+    /// A region's reserved field is not zero.
+    #[error("handoff region {0}'s reserved field is not zero")]
+    RegionReserved(usize),
+    /// A region is empty or not page aligned.
+    #[error("handoff region {index} is not page aligned: {region:?}")]
+    Unaligned {
+        /// The region.
+        index: usize,
+        /// What it says.
+        region: RegionDesc,
+    },
+    /// A region's end overflows.
+    #[error("handoff region {0} overflows")]
+    Overflow(usize),
+    /// A region names a memory fd that did not come.
+    #[error("handoff region {index} uses memory fd {fd_index} of {fds}")]
+    FdIndex {
+        /// The region.
+        index: usize,
+        /// The fd it names.
+        fd_index: u32,
+        /// Memory fds received.
+        fds: usize,
+    },
+    /// `KVM_USERFAULT_REQUEUE` on receipt failed.
+    #[error("re-posting the records of a previous handler")]
+    Requeue(#[source] UserfaultError),
+    /// [`Handoff::map`] of a region that does not exist.
+    #[error("no region {index} (the handoff has {regions})")]
+    NoSuchRegion {
+        /// The region asked for.
+        index: usize,
+        /// Regions there are.
+        regions: usize,
+    },
+    /// Mapping a region failed.
+    #[error("mapping handoff region {index}")]
+    Map {
+        /// The region.
+        index: usize,
+        /// Why.
+        #[source]
+        source: MappingError,
+    },
+}
 
 /// One region of guest memory backed by a memory fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,13 +177,22 @@ pub struct Handoff {
 
 impl Handoff {
     /// Maps region `i` shared, for the handler to write pages into.
-    pub fn map(&self, i: usize) -> Result<Mapping> {
-        let r = self.regions.get(i).context("no such region")?;
+    pub fn map(&self, i: usize) -> Result<Mapping, HandoffError> {
+        let r = self.regions.get(i).ok_or(HandoffError::NoSuchRegion {
+            index: i,
+            regions: self.regions.len(),
+        })?;
+        // `parse` checked every region's fd index against the fds received.
         let fd = self
             .memory_fds
             .get(r.fd_index as usize)
-            .with_context(|| format!("region {i} refers to memory fd {}", r.fd_index))?;
+            .ok_or(HandoffError::FdIndex {
+                index: i,
+                fd_index: r.fd_index,
+                fds: self.memory_fds.len(),
+            })?;
         Mapping::with_offset(r.size as usize, fd.as_raw_fd(), r.offset as i64)
+            .map_err(|source| HandoffError::Map { index: i, source })
     }
 }
 
@@ -75,23 +203,27 @@ pub fn send_handoff(
     userfault_fd: &UserfaultFd,
     memory_fds: &[RawFd],
     regions: &[RegionDesc],
-) -> Result<()> {
-    ensure!(
-        !regions.is_empty() && regions.len() <= MAX_REGIONS && memory_fds.len() <= MAX_REGIONS,
-        "1..={MAX_REGIONS} regions and at most {MAX_REGIONS} memory fds"
-    );
+) -> Result<(), HandoffError> {
+    if regions.is_empty() || regions.len() > MAX_REGIONS || memory_fds.len() > MAX_REGIONS {
+        return Err(HandoffError::Limits {
+            regions: regions.len(),
+            fds: memory_fds.len(),
+        });
+    }
     let mut msg = Vec::with_capacity(HEADER + REGION * regions.len());
     msg.extend_from_slice(&MAGIC.to_le_bytes());
     msg.extend_from_slice(&VERSION.to_le_bytes());
     msg.extend_from_slice(&0u16.to_le_bytes());
     msg.extend_from_slice(&(regions.len() as u32).to_le_bytes());
     msg.extend_from_slice(&(userfault_fd.msg_size() as u32).to_le_bytes());
-    for r in regions {
-        ensure!(
-            (r.fd_index as usize) < memory_fds.len(),
-            "region refers to memory fd {}",
-            r.fd_index
-        );
+    for (index, r) in regions.iter().enumerate() {
+        if r.fd_index as usize >= memory_fds.len() {
+            return Err(HandoffError::SendFdIndex {
+                index,
+                fd_index: r.fd_index,
+                fds: memory_fds.len(),
+            });
+        }
         msg.extend_from_slice(&r.gpa.to_le_bytes());
         msg.extend_from_slice(&r.size.to_le_bytes());
         msg.extend_from_slice(&r.offset.to_le_bytes());
@@ -102,12 +234,13 @@ pub fn send_handoff(
     fds.extend_from_slice(memory_fds);
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let n = sendmsg::<()>(sock, &[IoSlice::new(&msg)], &cmsg, MsgFlags::empty(), None)
-        .context("sendmsg of the handoff")?;
-    ensure!(
-        n == msg.len(),
-        "handoff sent short ({n} of {} bytes)",
-        msg.len()
-    );
+        .map_err(HandoffError::Send)?;
+    if n != msg.len() {
+        return Err(HandoffError::ShortSend {
+            sent: n,
+            len: msg.len(),
+        });
+    }
     Ok(())
 }
 
@@ -115,12 +248,9 @@ pub fn send_handoff(
 /// resolved ([`UserfaultFd::requeue`], counted in [`Handoff::requeued`]): the caller is the
 /// fd's only handler from now on. Every malformed message is an error, and every fd received
 /// is closed unless returned.
-pub fn recv_handoff(sock: RawFd) -> Result<Handoff> {
+pub fn recv_handoff(sock: RawFd) -> Result<Handoff, HandoffError> {
     let mut h = receive(sock)?;
-    h.requeued = h
-        .userfault_fd
-        .requeue()
-        .context("re-posting the records of a previous handler")?;
+    h.requeued = h.userfault_fd.requeue().map_err(HandoffError::Requeue)?;
     if h.requeued > 0 {
         tracing::info!(
             records = h.requeued,
@@ -131,7 +261,7 @@ pub fn recv_handoff(sock: RawFd) -> Result<Handoff> {
 }
 
 /// Receives and validates a handoff, without touching the userfault fd.
-fn receive(sock: RawFd) -> Result<Handoff> {
+fn receive(sock: RawFd) -> Result<Handoff, HandoffError> {
     let mut buf = vec![0u8; HEADER + REGION * MAX_REGIONS + 1];
     let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_REGIONS + 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -141,13 +271,10 @@ fn receive(sock: RawFd) -> Result<Handoff> {
         Some(&mut cmsg_buf),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .context("recvmsg of the handoff")?;
+    .map_err(HandoffError::Recv)?;
     let bytes = msg.bytes;
     let mut fds: Vec<OwnedFd> = Vec::new();
-    for c in msg
-        .cmsgs()
-        .context("control messages truncated (too many fds)")?
-    {
+    for c in msg.cmsgs().map_err(HandoffError::FdsTruncated)? {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: the kernel just installed these fds in our table for us; nothing else
             // owns them.
@@ -161,41 +288,40 @@ fn receive(sock: RawFd) -> Result<Handoff> {
     parse(data, fds)
 }
 
-fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
+fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff, HandoffError> {
+    // Bounds are checked before every read below (the header first, then the exact length).
     let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().expect("8 bytes"));
-    ensure!(
-        data.len() >= HEADER,
-        "handoff of {} bytes is shorter than its header",
-        data.len()
-    );
-    ensure!(u32_at(0) == MAGIC, "handoff has bad magic");
+    if data.len() < HEADER {
+        return Err(HandoffError::Short(data.len()));
+    }
+    if u32_at(0) != MAGIC {
+        return Err(HandoffError::BadMagic);
+    }
     let version = u16::from_le_bytes([data[4], data[5]]);
-    ensure!(
-        version == VERSION,
-        "handoff version {version}, expected {VERSION}"
-    );
-    ensure!(
-        data[6..8] == [0, 0],
-        "handoff header's reserved field is not zero"
-    );
+    if version != VERSION {
+        return Err(HandoffError::Version(version));
+    }
+    if data[6..8] != [0, 0] {
+        return Err(HandoffError::HeaderReserved);
+    }
     let n = u32_at(8) as usize;
-    ensure!(
-        (1..=MAX_REGIONS).contains(&n),
-        "handoff announces {n} regions"
-    );
+    if !(1..=MAX_REGIONS).contains(&n) {
+        return Err(HandoffError::RegionCount(n));
+    }
     let msg_size = u32_at(12) as usize;
-    ensure!(
-        data.len() == HEADER + n * REGION,
-        "handoff of {} bytes, {n} regions need {}",
-        data.len(),
-        HEADER + n * REGION
-    );
+    if data.len() != HEADER + n * REGION {
+        return Err(HandoffError::Length {
+            len: data.len(),
+            regions: n,
+            need: HEADER + n * REGION,
+        });
+    }
     if fds.is_empty() {
-        bail!("handoff carried no fds");
+        return Err(HandoffError::NoFds);
     }
     let userfault_fd =
-        UserfaultFd::from_parts(fds.remove(0), msg_size).context("handoff of the userfault fd")?;
+        UserfaultFd::from_parts(fds.remove(0), msg_size).map_err(HandoffError::UserfaultFd)?;
     let mut regions = Vec::with_capacity(n);
     for i in 0..n {
         let o = HEADER + i * REGION;
@@ -205,28 +331,30 @@ fn parse(data: &[u8], mut fds: Vec<OwnedFd>) -> Result<Handoff> {
             offset: u64_at(o + 16),
             fd_index: u32_at(o + 24),
         };
-        ensure!(
-            u32_at(o + 28) == 0,
-            "handoff region {i}'s reserved field is not zero"
-        );
+        if u32_at(o + 28) != 0 {
+            return Err(HandoffError::RegionReserved(i));
+        }
         let ps = PAGE_SIZE as u64;
-        ensure!(
-            r.size > 0
-                && r.gpa.is_multiple_of(ps)
-                && r.size.is_multiple_of(ps)
-                && r.offset.is_multiple_of(ps),
-            "handoff region {i} is not page aligned: {r:?}"
-        );
-        ensure!(
-            r.gpa.checked_add(r.size).is_some(),
-            "handoff region {i} overflows"
-        );
-        ensure!(
-            (r.fd_index as usize) < fds.len(),
-            "handoff region {i} uses memory fd {} of {}",
-            r.fd_index,
-            fds.len()
-        );
+        if r.size == 0
+            || !r.gpa.is_multiple_of(ps)
+            || !r.size.is_multiple_of(ps)
+            || !r.offset.is_multiple_of(ps)
+        {
+            return Err(HandoffError::Unaligned {
+                index: i,
+                region: r,
+            });
+        }
+        if r.gpa.checked_add(r.size).is_none() {
+            return Err(HandoffError::Overflow(i));
+        }
+        if r.fd_index as usize >= fds.len() {
+            return Err(HandoffError::FdIndex {
+                index: i,
+                fd_index: r.fd_index,
+                fds: fds.len(),
+            });
+        }
         regions.push(r);
     }
     Ok(Handoff {
@@ -248,11 +376,9 @@ mod tests {
         assert!(fd >= 0);
         // SAFETY: fresh fd owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our memfd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-            0
-        );
+        // SAFETY: ftruncate of the memfd we own; no memory of ours is passed.
+        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+        assert_eq!(r, 0);
         fd
     }
 
@@ -283,8 +409,17 @@ mod tests {
         assert_eq!(h.userfault_fd.msg_size(), 32);
         // The public receiver re-posts unresolved records; a socket is no userfault fd.
         send_handoff(a.as_raw_fd(), &ufd, &[mem.as_raw_fd()], &regions).unwrap();
-        let e = format!("{:#}", recv_handoff(b.as_raw_fd()).unwrap_err());
-        assert!(e.contains("KVM_USERFAULT_REQUEUE"), "{e}");
+        let e = recv_handoff(b.as_raw_fd()).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                HandoffError::Requeue(UserfaultError::Io {
+                    op: "KVM_USERFAULT_REQUEUE",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
         assert_eq!(h.memory_fds.len(), 1);
         // The receiver writes through its own mapping; the sender's mapping sees it.
         h.map(1).unwrap().write(8, b"from the handler").unwrap();
@@ -311,7 +446,7 @@ mod tests {
             v
         };
         let two_fds = || vec![memfd(PAGE_SIZE), memfd(PAGE_SIZE)];
-        let err = |d: &[u8], fds| format!("{:#}", parse(d, fds).unwrap_err());
+        let err = |d: &[u8], fds| parse(d, fds).unwrap_err().to_string();
         assert!(parse(&region(4096, 0), two_fds()).is_ok());
         assert!(err(&region(4096, 0)[..10], two_fds()).contains("shorter than its header"));
         assert!(err(&region(4096, 0)[..40], two_fds()).contains("need 48"));
@@ -339,7 +474,19 @@ mod tests {
         assert!(err(&bad, two_fds()).contains("region 0's reserved field"));
         let mut bad = region(4096, 0);
         bad[12] = 16;
-        let e = err(&bad, two_fds());
-        assert!(e.contains("record size 16"), "{e}");
+        let e = parse(&bad, two_fds()).unwrap_err();
+        assert!(
+            matches!(e, HandoffError::UserfaultFd(UserfaultError::MsgSize(_))),
+            "{e:?}"
+        );
+        // The cause, down the source chain: the record size refused.
+        let chain: Vec<String> =
+            std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .map(|e| e.to_string())
+                .collect();
+        assert!(
+            chain.iter().any(|m| m.contains("record size 16")),
+            "{chain:?}"
+        );
     }
 }

@@ -9,6 +9,8 @@ use kvm_ioctls::{Cap, VmFd};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use vmm_sys_util::errno;
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
 
 /// The one-line message for kernels without the series.
 pub const NO_USERFAULT_MSG: &str =
@@ -142,6 +144,42 @@ pub fn check_userfault_caps(caps: &Capabilities) -> Result<u64, UserfaultError> 
     Ok(caps.userfault_fd_flags)
 }
 
+/// `KVM_CREATE_USERFAULT_FD` with the caller's argument as is (no check of it, no
+/// negotiation): KVM writes the record size it uses back into `arg.msg_size`. The errno is
+/// KVM's, unchanged, for callers that assert it (the selftests); a VMM calls
+/// [`create_userfault_fd`].
+pub fn create_raw(vm: &VmFd, arg: &mut kvm_create_userfault_fd) -> Result<OwnedFd, errno::Error> {
+    // SAFETY: the number is _IOWR of exactly one kvm_create_userfault_fd, so KVM reads and
+    // writes back only `arg`, which we borrow mutably for the call; `vm` is a VM fd.
+    let ret = unsafe { ioctl_with_mut_ref(vm, KVM_CREATE_USERFAULT_FD(), arg) };
+    if ret < 0 {
+        return Err(errno::Error::last());
+    }
+    // SAFETY: on success KVM returns a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// `KVM_USERFAULT_RESOLVE` on the userfault fd `fd` with the caller's range as is; the errno
+/// is KVM's, unchanged (EINVAL for a bad range, ENODEV once the VM is gone).
+pub fn resolve_raw(fd: &impl AsRawFd, range: &kvm_userfault_range) -> Result<(), errno::Error> {
+    // SAFETY: the number is _IOW of exactly one kvm_userfault_range: the kernel reads only
+    // `range`, which we borrow for the call, and writes no memory of ours.
+    let ret = unsafe { ioctl_with_ref(fd, KVM_USERFAULT_RESOLVE(), range) };
+    if ret < 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(())
+}
+
+/// `KVM_USERFAULT_REQUEUE` on the userfault fd `fd`: how many records KVM posted again, or
+/// KVM's errno, unchanged.
+pub fn requeue_raw(fd: &impl AsRawFd) -> Result<usize, errno::Error> {
+    // SAFETY: the number is _IO (no argument): the kernel reads and writes no memory of ours.
+    let ret = unsafe { ioctl(fd, KVM_USERFAULT_REQUEUE()) };
+    // A count is never negative; anything else is an errno.
+    usize::try_from(ret).map_err(|_| errno::Error::last())
+}
+
 /// Creates the VM's userfault fd (`KVM_CREATE_USERFAULT_FD`), negotiating the record size:
 /// it asks for the size of the record this crate knows ([`USERFAULT_MSG_SIZE`]) and every
 /// read of the fd strides by the size KVM returns ([`UserfaultFd::msg_size`]).
@@ -152,34 +190,23 @@ pub fn create_userfault_fd(vm: &VmFd, flags: u64) -> Result<UserfaultFd, Userfau
         msg_size: asked,
         ..Default::default()
     };
-    // SAFETY: the ioctl reads and writes back the kvm_create_userfault_fd we own (exactly its
-    // size, encoded in the ioctl number) and returns a new fd.
-    let raw = unsafe {
-        libc::ioctl(
-            vm.as_raw_fd(),
-            KVM_CREATE_USERFAULT_FD as libc::c_ulong,
-            &mut arg as *mut kvm_create_userfault_fd,
-        )
-    };
-    if raw < 0 {
-        let e = io::Error::last_os_error();
+    let fd = create_raw(vm, &mut arg).map_err(|e| {
         // A kernel with the v1 uAPI (an _IOW ioctl of another number) or none at all.
-        if e.raw_os_error() == Some(libc::ENOTTY) {
+        if e.errno() == libc::ENOTTY {
             let has_series = vm.check_extension_raw(KVM_CAP_USERFAULT as libc::c_ulong) > 0;
-            return Err(if has_series {
+            return if has_series {
                 UserfaultError::OldUapi
             } else {
                 UserfaultError::Unsupported
-            });
+            };
         }
-        return Err(UserfaultError::Create {
+        UserfaultError::Create {
             flags,
             msg_size: asked,
-            source: e,
-        });
-    }
-    // SAFETY: a fresh fd returned by KVM, owned by nobody else (closed if we reject it below).
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            source: e.into(),
+        }
+    })?;
+    // The fd is closed on the error paths below (`fd` owns it).
     if arg.msg_size > asked {
         return Err(UserfaultError::MsgSizeGrew {
             asked,
@@ -312,23 +339,20 @@ impl UserfaultFd {
     /// and the second fill could overwrite what the guest wrote after the first resolve.
     pub fn requeue(&self) -> Result<usize, UserfaultError> {
         let fd = self.fd.as_raw_fd();
-        // SAFETY: an ioctl without an argument on a fd we own.
-        let r = unsafe { libc::ioctl(fd, KVM_USERFAULT_REQUEUE as libc::c_ulong, 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENODEV) {
-                return Err(UserfaultError::VmGone {
+        requeue_raw(&self.fd).map_err(|e| {
+            if e.errno() == libc::ENODEV {
+                UserfaultError::VmGone {
                     op: "KVM_USERFAULT_REQUEUE",
                     fd,
-                });
+                }
+            } else {
+                UserfaultError::Io {
+                    op: "KVM_USERFAULT_REQUEUE",
+                    fd,
+                    source: e.into(),
+                }
             }
-            return Err(UserfaultError::Io {
-                op: "KVM_USERFAULT_REQUEUE",
-                fd,
-                source: e,
-            });
-        }
-        Ok(r as usize)
+        })
     }
 
     /// `KVM_USERFAULT_RESOLVE`: clears USERFAULT on the range and wakes its waiters (ENODEV
@@ -340,18 +364,7 @@ impl UserfaultFd {
             flags: 0,
             reserved: 0,
         };
-        // SAFETY: the ioctl reads a kvm_userfault_range we own.
-        let ret = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                KVM_USERFAULT_RESOLVE as libc::c_ulong,
-                &r,
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        resolve_raw(&self.fd, &r).map_err(io::Error::from)
     }
 }
 

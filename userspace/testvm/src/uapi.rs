@@ -1,15 +1,13 @@
-//! uAPI definitions the selftests use.
+//! uAPI definitions the selftests use, under one path.
 //!
 //! The series' definitions (docs/uapi.md) come from the runtime's `kvm_userfault::uapi`, so
-//! that there is one definition, checked there against the series' header. This module adds
-//! only base (7.x) constants that kvm-bindings 0.14 lacks and the runtime does not need.
+//! that there is one definition, checked there against the series' header; the base uAPI
+//! comes from kvm-bindings (re-exported here, never redefined).
 
 pub use kvm_userfault::uapi::*;
 
-pub const KVM_CAP_MEMORY_ATTRIBUTES: u64 = 233;
-pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
-pub const KVM_CAP_VM_TYPES: u64 = 235;
-pub const KVM_CAP_USER_MEMORY2: u64 = 231;
-pub const KVM_CAP_MEMORY_FAULT_INFO: u64 = 232;
-pub const KVM_MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
-pub const KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
+pub use kvm_bindings::{
+    KVMIO, KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD,
+};

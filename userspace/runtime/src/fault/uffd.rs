@@ -5,9 +5,10 @@
 //! control of EEXIST/EAGAIN handling and of MINOR + UFFDIO_CONTINUE. The kernel ABI used here
 //! is small and stable (include/uapi/linux/userfaultfd.h).
 
-use anyhow::{Context, Result};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 const UFFDIO: u32 = 0xAA;
 const UFFD_API: u64 = 0xAA;
@@ -78,17 +79,72 @@ pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
 /// `UFFD_PAGEFAULT_FLAG_MINOR`.
 pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 4;
 
-const fn ioc(dir: u32, nr: u32, size: usize) -> libc::c_ulong {
-    crate::uapi::ioc(dir, UFFDIO, nr, size) as libc::c_ulong
+// The userfaultfd ioctl numbers (include/uapi/linux/userfaultfd.h), in a private module: each
+// macro defines a `fn NAME() -> c_ulong` from the argument type's size.
+mod nr {
+    use super::{UffdioApi, UffdioContinue, UffdioCopy, UffdioRange, UffdioRegister, UFFDIO};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
+    ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+    ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+    // _IOR in the kernel header, although the kernel only reads the range.
+    ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+    ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+    ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
+    // On /dev/userfaultfd: the flags are the integer argument.
+    ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 }
-const IOWR: u32 = 3;
-const IOR: u32 = 2;
-const UFFDIO_API_IOC: libc::c_ulong = ioc(IOWR, 0x3F, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: libc::c_ulong = ioc(IOWR, 0x00, size_of::<UffdioRegister>());
-const UFFDIO_WAKE: libc::c_ulong = ioc(IOR, 0x02, size_of::<UffdioRange>());
-const UFFDIO_COPY: libc::c_ulong = ioc(IOWR, 0x03, size_of::<UffdioCopy>());
-const UFFDIO_CONTINUE: libc::c_ulong = ioc(IOWR, 0x07, size_of::<UffdioContinue>());
-const USERFAULTFD_IOC_NEW: libc::c_ulong = crate::uapi::ioc(0, UFFDIO, 0x00, 0) as libc::c_ulong;
+
+/// Why a userfaultfd could not be opened or registered.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// Neither the syscall nor /dev/userfaultfd gave a userfaultfd.
+    #[error("userfaultfd syscall failed ({syscall}) and /dev/userfaultfd is unavailable")]
+    Open {
+        /// Why the syscall failed.
+        syscall: io::Error,
+        /// Why /dev/userfaultfd could not be opened.
+        #[source]
+        dev: io::Error,
+    },
+    /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd failed.
+    #[error("USERFAULTFD_IOC_NEW on /dev/userfaultfd")]
+    DevNew(#[source] io::Error),
+    /// The `UFFDIO_API` handshake failed.
+    #[error("UFFDIO_API")]
+    Api(#[source] io::Error),
+    /// `UFFDIO_REGISTER` failed.
+    #[error("UFFDIO_REGISTER {mode:?} of {len:#x} bytes at {start:#x}")]
+    Register {
+        /// The mode asked for.
+        mode: UffdMode,
+        /// First byte of the range.
+        start: usize,
+        /// Bytes.
+        len: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// An install kept failing with EAGAIN, without progress, for longer than the stall limit
+    /// (returned inside an `io::Error` of kind `TimedOut`).
+    #[error(
+        "{op} of {len:#x} bytes at {addr:#x}: EAGAIN without progress for {waited:?} after \
+         {done:#x} bytes (the address space kept changing)"
+    )]
+    Stalled {
+        /// `UFFDIO_COPY` or `UFFDIO_CONTINUE`.
+        op: &'static str,
+        /// First byte of the range.
+        addr: usize,
+        /// Bytes of the range.
+        len: usize,
+        /// Bytes installed before the stall.
+        done: usize,
+        /// How long it got EAGAIN without progress.
+        waited: Duration,
+    },
+}
 
 /// Registration mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,16 +164,45 @@ pub enum Installed {
     AlreadyMapped,
 }
 
+/// How long [`Uffd::copy`] and [`Uffd::cont`] retry EAGAIN without any progress before they
+/// fail (the default of [`Uffd::stall_limit`]).
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(2);
+
 /// An open userfaultfd.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
+    stall_limit: Duration,
+}
+
+fn errno_result(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 impl Uffd {
     /// Opens a non-blocking userfaultfd (syscall, falling back to /dev/userfaultfd) and does the
     /// API handshake. Kernel-mode faults (KVM's GUP) must be handled, so no USER_MODE_ONLY.
-    pub fn new() -> Result<Self> {
+    pub fn new() -> Result<Self, UffdError> {
+        Self::with_features(0)
+    }
+
+    /// How long an install retries EAGAIN without progress ([`DEFAULT_STALL_LIMIT`] unless
+    /// changed with [`Uffd::set_stall_limit`]).
+    pub fn stall_limit(&self) -> Duration {
+        self.stall_limit
+    }
+
+    /// Sets [`Uffd::stall_limit`].
+    pub fn set_stall_limit(&mut self, limit: Duration) {
+        self.stall_limit = limit;
+    }
+
+    /// [`Uffd::new`] asking for the `UFFD_FEATURE_*` bits `features` in the handshake.
+    fn with_features(features: u64) -> Result<Self, UffdError> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the syscall takes an int of flags and returns a new fd or -1.
         let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as RawFd;
@@ -130,29 +215,38 @@ impl Uffd {
                 .read(true)
                 .write(true)
                 .open("/dev/userfaultfd")
-                .with_context(|| format!("userfaultfd syscall failed ({sys_err}) and /dev/userfaultfd is unavailable"))?;
-            // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
-            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+                .map_err(|dev| UffdError::Open {
+                    syscall: sys_err,
+                    dev,
+                })?;
+            // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument and touches
+            // no memory of ours; it returns a new fd or -1.
+            let raw =
+                unsafe { ioctl_with_val(&dev, nr::USERFAULTFD_IOC_NEW(), flags as libc::c_ulong) };
             if raw < 0 {
-                return Err(io::Error::last_os_error()).context("USERFAULTFD_IOC_NEW");
+                return Err(UffdError::DevNew(io::Error::last_os_error()));
             }
             // SAFETY: a new fd returned by the ioctl, owned by nobody else.
             unsafe { OwnedFd::from_raw_fd(raw) }
         };
         let mut api = UffdioApi {
             api: UFFD_API,
+            features,
             ..Default::default()
         };
-        // SAFETY: UFFDIO_API reads and writes a uffdio_api we own.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API_IOC, &mut api) };
+        // SAFETY: UFFDIO_API reads and writes exactly the uffdio_api we borrow mutably.
+        let r = unsafe { ioctl_with_mut_ref(&fd, nr::UFFDIO_API(), &mut api) };
         if r < 0 {
-            return Err(io::Error::last_os_error()).context("UFFDIO_API");
+            return Err(UffdError::Api(io::Error::last_os_error()));
         }
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            stall_limit: DEFAULT_STALL_LIMIT,
+        })
     }
 
     /// Registers `[start, start+len)` in `mode`.
-    pub fn register(&self, start: usize, len: usize, mode: UffdMode) -> Result<()> {
+    pub fn register(&self, start: usize, len: usize, mode: UffdMode) -> Result<(), UffdError> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: start as u64,
@@ -166,23 +260,27 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the range is a
         // mapping the caller owns (the kernel validates it).
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_REGISTER(), &mut reg) };
         if r < 0 {
-            return Err(io::Error::last_os_error()).with_context(|| {
-                format!("UFFDIO_REGISTER {mode:?} of {len:#x} bytes at {start:#x}")
+            return Err(UffdError::Register {
+                mode,
+                start,
+                len,
+                source: io::Error::last_os_error(),
             });
         }
         Ok(())
     }
 
     /// Atomically copies `len` bytes from `src` into the registered range at `dst` and wakes
-    /// the faulting threads.
+    /// the faulting threads. EAGAIN (the address space is changing, or a partial copy) is
+    /// retried, but not forever: after [`Uffd::stall_limit`] without progress the copy fails
+    /// with an error of kind `TimedOut` carrying [`UffdError::Stalled`].
     ///
     /// # Safety
     /// `src` must be readable for `len` bytes.
     pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize) -> io::Result<Installed> {
-        let mut done = 0usize;
-        while done < len {
+        self.install("UFFDIO_COPY", dst, len, |done| {
             let mut c = UffdioCopy {
                 dst: (dst + done) as u64,
                 src: src as u64 + done as u64,
@@ -190,36 +288,17 @@ impl Uffd {
                 mode: 0,
                 copy: 0,
             };
-            // SAFETY: the kernel reads `len` bytes at src (the caller's contract) and writes
-            // only the uffdio_copy we own.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
-            if r == 0 {
-                return Ok(Installed::All);
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EEXIST) => {
-                    // Someone mapped (part of) the range; make sure waiters run.
-                    self.wake(dst, len)?;
-                    return Ok(Installed::AlreadyMapped);
-                }
-                // The mm is changing (or a partial copy): retry the rest.
-                Some(libc::EAGAIN) => {
-                    if c.copy > 0 {
-                        done += c.copy as usize;
-                    }
-                }
-                _ => return Err(err),
-            }
-        }
-        Ok(Installed::All)
+            // SAFETY: the kernel reads `len - done` bytes at `src + done` (inside what the
+            // caller promised readable) and writes only the uffdio_copy we borrow mutably.
+            let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_COPY(), &mut c) };
+            (errno_result(r), c.copy)
+        })
     }
 
     /// Maps the page-cache pages of `[start, start+len)` into the registered range and wakes
-    /// the faulting threads.
+    /// the faulting threads; EAGAIN is retried as for [`Uffd::copy`], within the same bound.
     pub fn cont(&self, start: usize, len: usize) -> io::Result<Installed> {
-        let mut done = 0usize;
-        while done < len {
+        self.install("UFFDIO_CONTINUE", start, len, |done| {
             let mut c = UffdioContinue {
                 range: UffdioRange {
                     start: (start + done) as u64,
@@ -228,20 +307,64 @@ impl Uffd {
                 mode: 0,
                 mapped: 0,
             };
-            // SAFETY: UFFDIO_CONTINUE reads and writes a uffdio_continue we own.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) };
-            if r == 0 {
+            // SAFETY: UFFDIO_CONTINUE reads and writes only the uffdio_continue we borrow
+            // mutably; the range is validated by the kernel against our registration.
+            let r = unsafe { ioctl_with_mut_ref(&self.fd, nr::UFFDIO_CONTINUE(), &mut c) };
+            (errno_result(r), c.mapped)
+        })
+    }
+
+    /// The install loop of [`Uffd::copy`] and [`Uffd::cont`]: `attempt(done)` installs
+    /// `[addr + done, addr + len)` and returns the ioctl's result and the bytes it reports
+    /// installed (the `copy`/`mapped` field: > 0 on a partial install, else 0 or -errno).
+    fn install(
+        &self,
+        op: &'static str,
+        addr: usize,
+        len: usize,
+        mut attempt: impl FnMut(usize) -> (io::Result<()>, i64),
+    ) -> io::Result<Installed> {
+        let mut done = 0usize;
+        let mut stalled_since: Option<Instant> = None;
+        while done < len {
+            let (res, installed) = attempt(done);
+            let Err(err) = res else {
                 return Ok(Installed::All);
-            }
-            let err = io::Error::last_os_error();
+            };
             match err.raw_os_error() {
                 Some(libc::EEXIST) => {
-                    self.wake(start, len)?;
+                    // Someone mapped (part of) the range; make sure waiters run.
+                    self.wake(addr, len)?;
                     return Ok(Installed::AlreadyMapped);
                 }
+                // A partial install: go on with the rest.
+                Some(libc::EAGAIN) if installed > 0 => {
+                    done = done.saturating_add(installed as usize).min(len);
+                    stalled_since = None;
+                }
+                // The address space is changing (mmap_changing: an mremap, fork, or a
+                // MADV_DONTNEED whose event the handler has not read yet). That ends unless the
+                // changing task waits for us, so a bounded wait turns a livelock into an error.
                 Some(libc::EAGAIN) => {
-                    if c.mapped > 0 {
-                        done += c.mapped as usize;
+                    let since = *stalled_since.get_or_insert_with(Instant::now);
+                    let waited = since.elapsed();
+                    if waited >= self.stall_limit {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            UffdError::Stalled {
+                                op,
+                                addr,
+                                len,
+                                done,
+                                waited,
+                            },
+                        ));
+                    }
+                    // Give the task changing the address space the CPU, then back off.
+                    if waited < Duration::from_millis(1) {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(100));
                     }
                 }
                 _ => return Err(err),
@@ -252,12 +375,12 @@ impl Uffd {
 
     /// Wakes threads waiting on `[start, start+len)`.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut r = UffdioRange {
+        let r = UffdioRange {
             start: start as u64,
             len: len as u64,
         };
-        // SAFETY: UFFDIO_WAKE reads a uffdio_range we own.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) };
+        // SAFETY: UFFDIO_WAKE reads only the uffdio_range we borrow.
+        let ret = unsafe { ioctl_with_ref(&self.fd, nr::UFFDIO_WAKE(), &r) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -304,11 +427,12 @@ mod tests {
         assert_eq!(size_of::<UffdioContinue>(), 32);
         assert_eq!(size_of::<UffdioRegister>(), 32);
         // Values from the kernel header, computed independently.
-        assert_eq!(UFFDIO_API_IOC, 0xc018aa3f);
-        assert_eq!(UFFDIO_REGISTER, 0xc020aa00);
-        assert_eq!(UFFDIO_COPY, 0xc028aa03);
-        assert_eq!(UFFDIO_WAKE, 0x8010aa02);
-        assert_eq!(UFFDIO_CONTINUE, 0xc020aa07);
+        assert_eq!(nr::UFFDIO_API(), 0xc018aa3f);
+        assert_eq!(nr::UFFDIO_REGISTER(), 0xc020aa00);
+        assert_eq!(nr::UFFDIO_COPY(), 0xc028aa03);
+        assert_eq!(nr::UFFDIO_WAKE(), 0x8010aa02);
+        assert_eq!(nr::UFFDIO_CONTINUE(), 0xc020aa07);
+        assert_eq!(nr::USERFAULTFD_IOC_NEW(), 0xaa00);
     }
 
     #[test]
@@ -356,10 +480,71 @@ mod tests {
         assert_eq!(r.unwrap(), Installed::All);
         assert_eq!(reader.join().unwrap(), 0x4242_4242_4242_4242);
         // A second copy of the same page reports it as already mapped.
-        // SAFETY: as above.
+        // SAFETY: `page` is still a readable local array of PAGE_SIZE bytes.
         let r = unsafe { uffd.copy(base + 2 * crate::PAGE_SIZE, page.as_ptr(), crate::PAGE_SIZE) };
         assert_eq!(r.unwrap(), Installed::AlreadyMapped);
         // SAFETY: unmapping the mapping made above; no references into it remain.
         unsafe { libc::munmap(p, len) };
+    }
+
+    /// `UFFD_FEATURE_EVENT_REMOVE`: MADV_DONTNEED on a registered range posts an event and
+    /// waits until it is read, with the address space marked as changing meanwhile.
+    const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+    /// `UFFD_EVENT_REMOVE`.
+    const UFFD_EVENT_REMOVE: u8 = 0x15;
+
+    #[test]
+    fn eagain_while_the_address_space_changes_is_bounded() {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Ok(mut uffd) = Uffd::with_features(UFFD_FEATURE_EVENT_REMOVE) else {
+            eprintln!("SKIP: userfaultfd with EVENT_REMOVE unavailable here");
+            return;
+        };
+        assert_eq!(uffd.stall_limit(), DEFAULT_STALL_LIMIT);
+        uffd.set_stall_limit(Duration::from_millis(50));
+        let ps = crate::PAGE_SIZE;
+        let mem = crate::memory::Mapping::new(2 * ps, None).unwrap();
+        let base = mem.addr();
+        uffd.register(base, 2 * ps, UffdMode::Missing).unwrap();
+        // A thread drops page 1: the kernel marks the address space as changing and the
+        // thread sleeps until the REMOVE event is read.
+        let dropper = std::thread::spawn(move || {
+            // SAFETY: MADV_DONTNEED on a page of a private anonymous mapping that outlives
+            // this thread (joined below) and that nothing else references.
+            unsafe { libc::madvise((base + ps) as *mut libc::c_void, ps, libc::MADV_DONTNEED) }
+        });
+        // Synchronise on the event being queued (after the kernel marked the change).
+        let mut fds = [PollFd::new(uffd.fd.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::try_from(10_000).unwrap()).unwrap();
+        assert_eq!(ready, 1, "no REMOVE event within 10 s");
+        let page = [0x42u8; crate::PAGE_SIZE];
+        // SAFETY: page is a readable local array of PAGE_SIZE bytes.
+        let e = unsafe { uffd.copy(base, page.as_ptr(), ps) }.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        match e.get_ref().and_then(|e| e.downcast_ref::<UffdError>()) {
+            Some(UffdError::Stalled {
+                op: "UFFDIO_COPY",
+                addr,
+                len,
+                done: 0,
+                waited,
+            }) => {
+                assert_eq!((*addr, *len), (base, ps));
+                assert!(*waited >= Duration::from_millis(50), "{waited:?}");
+            }
+            other => panic!("not a stall: {other:?} ({e})"),
+        }
+        // Reading the event lets the change finish; the same copy then succeeds.
+        let mut msgs = [UffdMsg::default(); 4];
+        assert_eq!(uffd.read_msgs(&mut msgs).unwrap(), 1);
+        assert_eq!(msgs[0].event, UFFD_EVENT_REMOVE);
+        assert_eq!(dropper.join().unwrap(), 0, "madvise failed");
+        // SAFETY: `page` is still a readable local array of PAGE_SIZE bytes.
+        let r = unsafe { uffd.copy(base, page.as_ptr(), ps) };
+        assert_eq!(r.unwrap(), Installed::All);
+        let mut out = [0u8; 8];
+        mem.read(0, &mut out).unwrap();
+        assert_eq!(out, [0x42; 8]);
     }
 }

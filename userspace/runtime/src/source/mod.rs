@@ -7,8 +7,14 @@
 mod remote;
 mod snapshot;
 
-pub use remote::{serve, serve_connection, RemoteOptions, RemoteSource, PROTOCOL_VERSION};
-pub use snapshot::{write_snapshot, SnapshotSource, SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
+pub use remote::{
+    serve, serve_connection, FrameError, RemoteError, RemoteOptions, RemoteSource, ServeError,
+    MAX_QUEUED_PAGES, PROTOCOL_VERSION,
+};
+pub use snapshot::{
+    write_snapshot, HeaderError, SnapshotError, SnapshotSource, SnapshotWriter, SNAPSHOT_MAGIC,
+    SNAPSHOT_VERSION,
+};
 
 use crate::PAGE_SIZE;
 
@@ -54,9 +60,18 @@ pub enum SourceError {
         /// Checksum of the bytes received.
         found: u64,
     },
-    /// The remote source failed (protocol violation, disconnect, timeout, server error).
+    /// The remote source failed (protocol violation, disconnect, timeout, server error): its
+    /// first failure, which every later read of the source returns again.
     #[error("remote source: {0}")]
-    Remote(String),
+    Remote(RemoteError),
+}
+
+/// An in-memory image whose length is not a whole number of pages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("in-memory image of {len} bytes is not a whole number of {PAGE_SIZE}-byte pages")]
+pub struct NotWholePages {
+    /// The image's length.
+    pub len: usize,
 }
 
 /// A provider of guest page contents.
@@ -128,12 +143,10 @@ pub struct MemorySource {
 
 impl MemorySource {
     /// Wraps `data`, whose length must be a multiple of the page size.
-    pub fn new(data: Vec<u8>) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            data.len().is_multiple_of(PAGE_SIZE),
-            "in-memory image of {} bytes is not a whole number of pages",
-            data.len()
-        );
+    pub fn new(data: Vec<u8>) -> Result<Self, NotWholePages> {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
+            return Err(NotWholePages { len: data.len() });
+        }
         Ok(Self { data })
     }
     /// The bytes.
@@ -171,6 +184,16 @@ impl PageSource for MemorySource {
     fn describe(&self) -> String {
         format!("memory image ({} pages)", self.page_count())
     }
+}
+
+/// An error and its causes, one line (what anyhow's `{:#}` prints), for tests that look for
+/// a cause's words.
+#[cfg(test)]
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 const CK_PRIME: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -235,7 +258,10 @@ mod tests {
             z.read_page(0, &mut buf[..100]),
             Err(SourceError::BadBuffer(100))
         ));
-        assert!(MemorySource::new(vec![0; 100]).is_err());
+        assert_eq!(
+            MemorySource::new(vec![0; 100]).unwrap_err(),
+            NotWholePages { len: 100 }
+        );
         let m = MemorySource::new(
             (0..2 * PAGE_SIZE)
                 .map(|i| (i / PAGE_SIZE) as u8 + 1)

@@ -11,9 +11,8 @@
 
 use super::{check_args, page_checksum, PageSource, SourceError};
 use crate::PAGE_SIZE;
-use anyhow::{ensure, Context, Result};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -51,28 +50,112 @@ fn encode_header(pages: u64) -> [u8; HEADER_LEN] {
     header
 }
 
-/// Why a header was rejected (what [`SnapshotSource::open`] reports).
+/// Why a snapshot header was rejected (inside [`SnapshotError::Header`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum HeaderError {
+pub enum HeaderError {
+    /// The file is shorter than the header page.
     #[error("file of {0} bytes is too short for a {PAGE_SIZE}-byte header")]
     TooShort(u64),
+    /// The file does not start with [`SNAPSHOT_MAGIC`].
     #[error("not a snapshot file (bad magic {0:02x?})")]
     BadMagic([u8; 8]),
+    /// Another format version.
     #[error("unsupported snapshot version {0} (this build reads version {SNAPSHOT_VERSION})")]
     Version(u32),
+    /// Another page size.
     #[error("page size {0} is not {PAGE_SIZE}")]
     PageSize(u32),
+    /// The header's checksum does not match its fields.
     #[error("header checksum mismatch (corrupt header)")]
     Checksum,
+    /// The page count is 0 or above the limit.
     #[error("page count {0} out of range 1..={MAX_PAGES}")]
     PageCount(u64),
+    /// The layout the page count implies overflows.
     #[error("page count overflows")]
     Overflow,
+    /// The file's length is not the one the header implies.
     #[error(
         "file is {len} bytes but a {pages}-page snapshot is {expected} bytes ({})",
         if len < expected { "truncated" } else { "trailing data" }
     )]
-    Length { len: u64, pages: u64, expected: u64 },
+    Length {
+        /// The file's length.
+        len: u64,
+        /// The header's page count.
+        pages: u64,
+        /// The length it implies.
+        expected: u64,
+    },
+}
+
+/// Why a snapshot file could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// An I/O step on the file failed.
+    #[error("snapshot {}: {op}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done ("cannot open", "reading header", "writing pages", ...).
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The header is not valid.
+    #[error("snapshot {}", .path.display())]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: HeaderError,
+    },
+    /// A batch given to [`SnapshotWriter::write_pages`] is not a whole number of pages.
+    #[error("snapshot {}: a batch of {len} bytes is not a whole number of pages", .path.display())]
+    Batch {
+        /// The file.
+        path: PathBuf,
+        /// The batch's length.
+        len: usize,
+    },
+    /// More pages were written than the snapshot holds.
+    #[error("snapshot {}: more than its {pages} pages written", .path.display())]
+    TooManyPages {
+        /// The file.
+        path: PathBuf,
+        /// Pages it holds.
+        pages: u64,
+    },
+    /// [`SnapshotWriter::finish`] before every page was written.
+    #[error("snapshot {}: finished after {written} of its {pages} pages", .path.display())]
+    Unfinished {
+        /// The file.
+        path: PathBuf,
+        /// Pages written.
+        written: u64,
+        /// Pages it holds.
+        pages: u64,
+    },
+    /// A snapshot of this many pages cannot be written.
+    #[error("snapshot {}: {pages} pages is out of range 1..={MAX_PAGES}", .path.display())]
+    PageCount {
+        /// The file.
+        path: PathBuf,
+        /// Pages asked for.
+        pages: u64,
+    },
+}
+
+impl SnapshotError {
+    fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        }
+    }
 }
 
 /// What a valid header says: the page count and where the pages start.
@@ -122,34 +205,117 @@ pub(crate) fn parse_header(header: &[u8; HEADER_LEN], len: u64) -> Result<Layout
     Ok(Layout { pages, data_offset })
 }
 
-/// Writes a snapshot of `pages` pages, page `i` produced by `fill(i, buf)`.
-pub fn write_snapshot(path: &Path, pages: u64, mut fill: impl FnMut(u64, &mut [u8])) -> Result<()> {
-    ensure!(
-        pages > 0 && pages <= MAX_PAGES,
-        "snapshot of {pages} pages is out of range"
-    );
-    let mut write = || -> Result<()> {
-        let f = File::create(path)?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
-        let mut header = vec![0u8; PAGE_SIZE];
-        header[..HEADER_LEN].copy_from_slice(&encode_header(pages));
-        w.write_all(&header)?;
-        let mut page = vec![0u8; PAGE_SIZE];
-        let mut table = Vec::with_capacity((data_offset(pages).unwrap() as usize) - PAGE_SIZE);
-        for i in 0..pages {
-            fill(i, &mut page);
-            table.extend_from_slice(&page_checksum(&page).to_le_bytes());
+/// Writes a snapshot of `pages` pages, page `i` produced by `fill(i, buf)`: `fill` is called
+/// once per page, in order, and the bytes it produced are both what is written and what the
+/// page's checksum covers (a producer that changes between calls still gives a valid image).
+pub fn write_snapshot(
+    path: &Path,
+    pages: u64,
+    mut fill: impl FnMut(u64, &mut [u8]),
+) -> Result<(), SnapshotError> {
+    let mut w = SnapshotWriter::create(path, pages)?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..pages {
+        fill(i, &mut page);
+        w.write_pages(&page)?;
+    }
+    w.finish()
+}
+
+/// Writes a snapshot file as its pages come, in order, in batches of any whole number of
+/// pages: each batch goes to the file at once and only its checksums are kept (8 bytes a
+/// page), so memory stays bounded whatever the image's size. The checksum table and then the
+/// header are written by [`SnapshotWriter::finish`]: a file left unfinished (an error, a
+/// crash) has no valid header and is rejected by [`SnapshotSource::open`].
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    pages: u64,
+    written: u64,
+    /// The checksum table, padded to a page boundary.
+    table: Vec<u8>,
+}
+
+impl SnapshotWriter {
+    /// Creates (or truncates) `path` for a snapshot of `pages` pages.
+    pub fn create(path: &Path, pages: u64) -> Result<Self, SnapshotError> {
+        let data = match data_offset(pages) {
+            Some(d) if (1..=MAX_PAGES).contains(&pages) => d,
+            _ => {
+                return Err(SnapshotError::PageCount {
+                    path: path.to_owned(),
+                    pages,
+                })
+            }
+        };
+        let io = |op| SnapshotError::io(path, op);
+        let mut file = File::create(path).map_err(io("creating"))?;
+        // The header and table stay a hole (zeros) until `finish`.
+        file.seek(SeekFrom::Start(data)).map_err(io("creating"))?;
+        Ok(Self {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path: path.to_owned(),
+            pages,
+            written: 0,
+            table: Vec::with_capacity((data - PAGE_SIZE as u64) as usize),
+        })
+    }
+
+    /// Pages written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends the next `data.len() / PAGE_SIZE` pages (a whole number of them).
+    pub fn write_pages(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
+            return Err(SnapshotError::Batch {
+                path: self.path.clone(),
+                len: data.len(),
+            });
         }
-        table.resize(table.len().next_multiple_of(PAGE_SIZE), 0);
-        w.write_all(&table)?;
-        for i in 0..pages {
-            fill(i, &mut page);
-            w.write_all(&page)?;
+        let n = (data.len() / PAGE_SIZE) as u64;
+        if self.written + n > self.pages {
+            return Err(SnapshotError::TooManyPages {
+                path: self.path.clone(),
+                pages: self.pages,
+            });
         }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        for page in data.chunks_exact(PAGE_SIZE) {
+            self.table
+                .extend_from_slice(&page_checksum(page).to_le_bytes());
+        }
+        self.out
+            .write_all(data)
+            .map_err(SnapshotError::io(&self.path, "writing pages"))?;
+        self.written += n;
         Ok(())
-    };
-    write().with_context(|| format!("writing snapshot {}", path.display()))
+    }
+
+    /// Writes the checksum table, then the header, and syncs the file. Fails unless every
+    /// page was written.
+    pub fn finish(mut self) -> Result<(), SnapshotError> {
+        if self.written != self.pages {
+            return Err(SnapshotError::Unfinished {
+                path: self.path,
+                written: self.written,
+                pages: self.pages,
+            });
+        }
+        self.table
+            .resize(self.table.len().next_multiple_of(PAGE_SIZE), 0);
+        let path = &self.path;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| SnapshotError::io(path, "writing pages")(e.into_error()))?;
+        file.write_all_at(&self.table, PAGE_SIZE as u64)
+            .map_err(SnapshotError::io(path, "writing the checksum table"))?;
+        file.write_all_at(&encode_header(self.pages), 0)
+            .map_err(SnapshotError::io(path, "writing the header"))?;
+        file.sync_all().map_err(SnapshotError::io(path, "syncing"))
+    }
 }
 
 /// A validated snapshot file.
@@ -165,22 +331,23 @@ pub struct SnapshotSource {
 impl SnapshotSource {
     /// Opens and validates a snapshot: magic, version, page size, header checksum, and that the
     /// file length is exactly what the header implies.
-    pub fn open(path: &Path) -> Result<Self> {
-        Self::open_inner(path).with_context(|| format!("snapshot {}", path.display()))
-    }
-
-    fn open_inner(path: &Path) -> Result<Self> {
-        let file = File::open(path).context("cannot open")?;
-        let len = file.metadata().context("cannot stat")?.len();
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let io = |op| SnapshotError::io(path, op);
+        let file = File::open(path).map_err(io("cannot open"))?;
+        let len = file.metadata().map_err(io("cannot stat"))?.len();
         let mut header = [0u8; HEADER_LEN];
         if len >= PAGE_SIZE as u64 {
             file.read_exact_at(&mut header, 0)
-                .context("reading header")?;
+                .map_err(io("reading header"))?;
         }
-        let Layout { pages, data_offset } = parse_header(&header, len)?;
+        let Layout { pages, data_offset } =
+            parse_header(&header, len).map_err(|source| SnapshotError::Header {
+                path: path.to_owned(),
+                source,
+            })?;
         let mut raw = vec![0u8; pages as usize * 8];
         file.read_exact_at(&mut raw, PAGE_SIZE as u64)
-            .context("reading checksum table")?;
+            .map_err(io("reading checksum table"))?;
         let checksums = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
@@ -306,7 +473,7 @@ mod tests {
     }
 
     fn err(p: &Path) -> String {
-        format!("{:#}", SnapshotSource::open(p).unwrap_err())
+        crate::source::error_chain(&SnapshotSource::open(p).unwrap_err())
     }
 
     #[test]
@@ -422,6 +589,69 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_producer_that_changes_between_calls_still_writes_a_valid_image() {
+        // Every call returns other bytes (a clock, a live guest): the image must hold, and
+        // checksum, the bytes of the one call made for each page.
+        let mut calls = 0u64;
+        let mut produced: Vec<Vec<u8>> = Vec::new();
+        let p = tmp("changing");
+        write_snapshot(&p, 5, |i, b| {
+            calls += 1;
+            b.fill((calls * 37 + i) as u8);
+            produced.push(b.to_vec());
+        })
+        .unwrap();
+        assert_eq!(calls, 5, "fill is called once per page");
+        let s = SnapshotSource::open(&p).unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for (i, want) in produced.iter().enumerate() {
+            s.read_page(i as u64, &mut buf).unwrap();
+            assert_eq!(&buf, want, "page {i}");
+        }
+    }
+
+    #[test]
+    fn writer_takes_batches_and_an_unfinished_file_does_not_open() {
+        let page = |i: u64| vec![i as u8 + 1; PAGE_SIZE];
+        let p = tmp("batches");
+        let mut w = SnapshotWriter::create(&p, 5).unwrap();
+        w.write_pages(&[page(0), page(1), page(2)].concat())
+            .unwrap();
+        assert_eq!(w.written(), 3);
+        assert!(matches!(
+            w.write_pages(&[0u8; 100]),
+            Err(SnapshotError::Batch { len: 100, .. })
+        ));
+        assert!(matches!(
+            w.write_pages(&[page(3), page(4), page(5)].concat()),
+            Err(SnapshotError::TooManyPages { pages: 5, .. })
+        ));
+        // Stopped before the end: no header, so the file is refused.
+        assert!(matches!(
+            w.finish(),
+            Err(SnapshotError::Unfinished {
+                written: 3,
+                pages: 5,
+                ..
+            })
+        ));
+        assert!(err(&p).contains("bad magic"), "{}", err(&p));
+        let mut w = SnapshotWriter::create(&p, 5).unwrap();
+        w.write_pages(&page(0)).unwrap();
+        w.write_pages(&[page(1), page(2), page(3), page(4)].concat())
+            .unwrap();
+        w.finish().unwrap();
+        let s = SnapshotSource::open(&p).unwrap();
+        let mut all = vec![0u8; 5 * PAGE_SIZE];
+        s.read_pages(0, &mut all).unwrap();
+        assert_eq!(all, (0..5).flat_map(page).collect::<Vec<u8>>());
+        assert!(matches!(
+            SnapshotWriter::create(&p, 0),
+            Err(SnapshotError::PageCount { pages: 0, .. })
+        ));
+    }
+
     // ---- Property tests --------------------------------------------------------------------
     //
     // What is integrity-checked: the 32 header bytes (fixed fields, and a checksum over the
@@ -453,10 +683,9 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let r = SnapshotSource::open(&p);
         std::fs::remove_file(&p).unwrap();
-        let s = r.map_err(|e| {
-            e.downcast_ref::<HeaderError>()
-                .unwrap_or_else(|| panic!("untyped error: {e:#}"))
-                .clone()
+        let s = r.map_err(|e| match e {
+            SnapshotError::Header { source, .. } => source,
+            e => panic!("not a header error: {e:?}"),
         })?;
         // Every page, one at a time and as one run: Ok, or the error as text.
         let mut page = vec![0u8; PAGE_SIZE];
