@@ -19,8 +19,8 @@ use kvm_userfault::guest::fill_pattern_page;
 use kvm_userfault::handler::HandlerError;
 use kvm_userfault::runner::{run_workload, Mode, RunCause, RunConfig, RunError, VcpuEnd};
 use kvm_userfault::source::{
-    page_checksum, serve_connection, write_snapshot, MemorySource, PageSource, RemoteOptions,
-    RemoteSource, SnapshotSource, SourceError, Urgency,
+    frame_checksum, serve_connection, write_snapshot, MemorySource, PageSource, RemoteOptions,
+    RemoteSource, SnapshotSource, SourceError, Urgency, PROTOCOL_VERSION,
 };
 use kvm_userfault::vm::{Backing, Vm};
 use std::io::{Read, Write};
@@ -643,7 +643,7 @@ fn bad_peer(bad: BadFrame) -> (SocketAddr, Bounded<()>) {
             assert_eq!(&hello[..4], b"KUFR");
             let mut reply = [0u8; 24];
             reply[..4].copy_from_slice(b"KUFR");
-            reply[4..6].copy_from_slice(&1u16.to_le_bytes());
+            reply[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
             reply[8..12].copy_from_slice(&(PAGE as u32).to_le_bytes());
             reply[16..24].copy_from_slice(&PAGES.to_le_bytes());
             s.write_all(&reply).unwrap();
@@ -657,7 +657,7 @@ fn bad_peer(bad: BadFrame) -> (SocketAddr, Bounded<()>) {
                     let page = &img.bytes()[i as usize * PAGE..][..PAGE];
                     if sent < K {
                         sent += 1;
-                        if s.write_all(&frame(i, 0, page_checksum(page), page))
+                        if s.write_all(&frame(i, 0, frame_checksum(i, page), page))
                             .is_err()
                         {
                             return;
@@ -668,16 +668,16 @@ fn bad_peer(bad: BadFrame) -> (SocketAddr, Bounded<()>) {
                         BadFrame::Checksum => {
                             let mut p = page.to_vec();
                             p[1234] ^= 0x40;
-                            frame(i, 0, page_checksum(page), &p)
+                            frame(i, 0, frame_checksum(i, page), &p)
                         }
                         BadFrame::CutShortThenClose | BadFrame::CutShortThenSilent => {
-                            frame(i, 0, page_checksum(page), &page[..1000])
+                            frame(i, 0, frame_checksum(i, page), &page[..1000])
                         }
                         BadFrame::Garbage => vec![0xAB; 24],
                         BadFrame::Unrequested => {
                             let j = PAGES - 1;
                             let q = &img.bytes()[j as usize * PAGE..][..PAGE];
-                            frame(j, 0, page_checksum(q), q)
+                            frame(j, 0, frame_checksum(j, q), q)
                         }
                         BadFrame::Status => frame(i, 7, 0, &[]),
                     };

@@ -7,7 +7,9 @@
 mod remote;
 mod snapshot;
 
-pub use remote::{serve, serve_connection, RemoteOptions, RemoteSource, PROTOCOL_VERSION};
+pub use remote::{
+    frame_checksum, serve, serve_connection, RemoteOptions, RemoteSource, PROTOCOL_VERSION,
+};
 pub use snapshot::{write_snapshot, SnapshotSource, SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
 
 use crate::PAGE_SIZE;
