@@ -2431,42 +2431,51 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         }
     }
 
-    let mut vcpu_handles = Vec::new();
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let rng = Rng::for_thread(seed, i as u64);
-        let h = spawn_with(&sh, VCPU_NAMES[i], true, move |s| {
-            vcpu_thread(s, vcpu, i, rng)
-        })?;
-        lock(&sh.vcpu_threads).push(h.as_pthread_t());
-        vcpu_handles.push(h);
+    // Each handle goes into `workers` as soon as its thread exists: if a later spawn fails,
+    // the threads already running are torn down (here, or by the drop on any other way out),
+    // never detached.
+    let mut workers = Workers::new(&sh);
+    let spawned = (|| -> Result<()> {
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let rng = Rng::for_thread(seed, i as u64);
+            let h = spawn_with(&sh, VCPU_NAMES[i], true, move |s| {
+                vcpu_thread(s, vcpu, i, rng)
+            })?;
+            lock(&sh.vcpu_threads).push(h.as_pthread_t());
+            workers.vcpus.push(h);
+        }
+        for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
+            let rng = Rng::for_thread(seed, 10 + i as u64);
+            let h = spawn_with(&sh, name, true, move |s| resolver_thread(s, i, rng))?;
+            lock(&sh.resolver_threads).push(h.as_pthread_t());
+            workers.resolvers.push(h);
+        }
+        workers.watchdog = Some(spawn(&sh, "uf-watchdog", move |s| {
+            watchdog_thread(s, stall, seed, secs)
+        })?);
+        let scratch_rng = Rng::for_thread(seed, 21);
+        workers
+            .chaos
+            .push(spawn_with(&sh, "uf-scratch", true, move |s| {
+                scratch_thread(s, scratch_rng)
+            })?);
+        workers
+            .chaos
+            .push(spawn_with(&sh, "uf-chaos", true, move |s| {
+                chaos_thread(s, chaos_rng, first_vcpu_faults)
+            })?);
+        Ok(())
+    })();
+    if let Err(e) = spawned {
+        return Err(match workers.teardown() {
+            Some(left) => e.context(left),
+            None => e,
+        });
     }
-    let mut resolver_handles = Vec::new();
-    for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
-        let rng = Rng::for_thread(seed, 10 + i as u64);
-        let h = spawn_with(&sh, name, true, move |s| resolver_thread(s, i, rng))?;
-        lock(&sh.resolver_threads).push(h.as_pthread_t());
-        resolver_handles.push(h);
-    }
-    let watchdog = spawn(&sh, "uf-watchdog", move |s| {
-        watchdog_thread(s, stall, seed, secs)
-    })?;
-    let scratch_rng = Rng::for_thread(seed, 21);
-    let scratch = spawn_with(&sh, "uf-scratch", true, move |s| {
-        scratch_thread(s, scratch_rng)
-    })?;
-    let chaos = spawn_with(&sh, "uf-chaos", true, move |s| {
-        chaos_thread(s, chaos_rng, first_vcpu_faults)
-    })?;
     // Every worker and the VM exist: the workers may set make-it-fail and go.
     sh.injecting.store(inject.is_some(), Ordering::SeqCst);
     sh.spawned.store(true, Ordering::SeqCst);
 
-    let workers = Workers {
-        vcpus: vcpu_handles,
-        resolvers: resolver_handles,
-        chaos: vec![chaos, scratch],
-        watchdog: Some(watchdog),
-    };
     let result = run_and_finish(&sh, secs, inject, workers);
     println!("fuzz summary: {}", sh.summary(seed, secs));
     println!("fuzz invalid calls: {}", sh.invalid_detail());
@@ -2483,9 +2492,11 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     result
 }
 
-/// The worker threads' handles; each is taken out once joined, so that whatever is left after
-/// a failure is torn down by [`Workers::teardown`].
+/// The worker threads' handles, each added as soon as its thread is spawned and taken out once
+/// joined, so that whatever is left after a failure is torn down by [`Workers::teardown`] --
+/// called explicitly, or by the drop on any other way out (an early return, a panic).
 struct Workers {
+    sh: Arc<Shared>,
     vcpus: Vec<JoinHandle<()>>,
     resolvers: Vec<JoinHandle<()>>,
     /// The chaos and scratch threads.
@@ -2494,6 +2505,16 @@ struct Workers {
 }
 
 impl Workers {
+    fn new(sh: &Arc<Shared>) -> Self {
+        Self {
+            sh: sh.clone(),
+            vcpus: Vec::new(),
+            resolvers: Vec::new(),
+            chaos: Vec::new(),
+            watchdog: None,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.vcpus.is_empty()
             && self.resolvers.is_empty()
@@ -2507,7 +2528,8 @@ impl Workers {
     /// and polls; every thread returns once it sees `abort`. Returns what could not be joined
     /// (those handles are leaked, not detached, so that their pthread ids stay valid for a
     /// still-running chaos thread's signals).
-    fn teardown(&mut self, sh: &Shared) -> Option<String> {
+    fn teardown(&mut self) -> Option<String> {
+        let sh = &*self.sh.clone();
         sh.abort.store(true, Ordering::SeqCst);
         for flag in [
             &sh.stop_chaos,
@@ -2589,6 +2611,18 @@ impl Workers {
     }
 }
 
+impl Drop for Workers {
+    /// The same bounded teardown when [`Workers::teardown`] was not called (it leaves nothing):
+    /// threads still running are reported and leaked, never detached silently.
+    fn drop(&mut self) {
+        if !self.is_empty() {
+            if let Some(left) = self.teardown() {
+                eprintln!("fuzz: {left}");
+            }
+        }
+    }
+}
+
 /// Runs until the deadline, then (injection turned off) the end phase; any recorded failure
 /// wins. Whatever the outcome, no worker thread outlives the call unless the report says so.
 fn run_and_finish(
@@ -2615,7 +2649,7 @@ fn run_and_finish(
     let left = if workers.is_empty() {
         None
     } else {
-        workers.teardown(sh)
+        workers.teardown()
     };
     // Whatever the end phase says, the first failure is the one to report.
     let r = match first {
