@@ -379,6 +379,10 @@ fn armed() -> bool {
 #[derive(Default)]
 struct PageState {
     populated: bool,
+    /// The numbers (in `Shared::evictions`' sequence) of every eviction of the page, ascending,
+    /// each pushed before the contents are dropped. All of them, not only the last: a later
+    /// eviction must not hide one that happened during an earlier KVM_RUN.
+    evictions: Vec<u64>,
     /// The last few operations on the page (µs since start, thread, what), for failure reports.
     history: VecDeque<(u64, &'static str, &'static str)>,
 }
@@ -405,10 +409,9 @@ struct Shared {
     /// Bumped just before each close of a fd (so a thread that read it, then the current fd,
     /// then it again and saw no change knows that fd stayed open in between).
     fd_closes: AtomicU64,
-    /// Eviction sequence: bumped by each eviction; `evicted_at[page]` holds the number of the
-    /// page's last one (0: never), stored before its contents are dropped.
+    /// Eviction sequence: bumped by each eviction after its SET and before its contents are
+    /// dropped (the page's `PageState::evictions` gets the number).
     evictions: AtomicU64,
-    evicted_at: Vec<AtomicU64>,
     /// The fd flags `KVM_CREATE_USERFAULT_FD` accepts here.
     fd_flags_supported: u64,
     start: Instant,
@@ -949,7 +952,8 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
     // whether one fd stayed open across every KVM_RUN that produced them.
     let mut outs: Vec<u8> = Vec::new();
     let mut outs_fd_throughout = true;
-    let mut outs_evictions = 0;
+    // The eviction sequence before its first KVM_RUN and after its last (see check_kvm_read).
+    let mut outs_evictions = (0, 0);
     while !sh.aborted() {
         arm(sh);
         inc(&sh.st.vcpu_runs);
@@ -964,6 +968,9 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
         }
         sh.in_run[idx].store(true, Ordering::SeqCst);
         let exit = vcpu.run();
+        // First thing after the ioctl (for a port-I/O exit the framework only copied its bytes
+        // in between): an eviction numbered after this one dropped its page after the run.
+        let evictions_after = sh.evictions.load(Ordering::SeqCst);
         sh.runs_returned[idx].fetch_add(1, Ordering::SeqCst);
         sh.in_run[idx].store(false, Ordering::SeqCst);
         let exit = match exit {
@@ -983,8 +990,9 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
             Ok(Exit::IoOut { port, data }) if port == OUTS_PORT => {
                 if outs.is_empty() {
                     outs_fd_throughout = true;
-                    outs_evictions = evictions_before;
+                    outs_evictions.0 = evictions_before;
                 }
+                outs_evictions.1 = evictions_after;
                 outs_fd_throughout &= fd_throughout;
                 outs.extend_from_slice(&data);
                 ensure!(
@@ -1135,14 +1143,15 @@ fn recover_ucall(sh: &Shared, vcpu: &mut Vcpu) -> Result<Ucall> {
 /// populated (zeros); with one they wait for the resolve. So every byte must be the pattern's
 /// or 0, and zeros while one fd stayed open throughout are counted (they can also come from
 /// an access that passed its USERFAULT check just before an eviction's SET, which the uAPI
-/// does not order), not failed.
+/// does not order), not failed. `(before, after)`: the eviction sequence read before the
+/// first KVM_RUN that produced the bytes and right after the last one returned.
 fn check_kvm_read(
     sh: &Shared,
     idx: usize,
     gpa: u64,
     got: &[u8],
     fd_throughout: bool,
-    evictions_before: u64,
+    (before, after): (u64, u64),
 ) -> Result<()> {
     ensure!(
         gpa.is_multiple_of(8) && data_page(gpa).is_some(),
@@ -1169,13 +1178,21 @@ fn check_kvm_read(
     // follows its populate. Zeros are possible only if the page was evicted during the run: a
     // read that passed its USERFAULT check just before the eviction's SET, then read the
     // dropped copy (the uAPI does not order the two; a VMM does not take back present pages).
+    // Such an eviction is numbered after `before` (its SET followed the check, which followed
+    // the load of `before`) and at most `after` (its drop preceded the read, which preceded
+    // the return): only those excuse zeros, not one that came after the run.
     let page = data_page(gpa).unwrap();
-    let evicted = sh.evicted_at[page as usize].load(Ordering::SeqCst);
+    let (during, last) = {
+        let ps = sh.page(page);
+        let during = ps.evictions.iter().any(|&n| before < n && n <= after);
+        (during, ps.evictions.last().copied().unwrap_or(0))
+    };
     ensure!(
-        evicted > evictions_before,
+        during,
         "vCPU {idx}: KVM's emulator read {got:02x?} at gpa {gpa:#x} with one fd open throughout \
-         and no eviction of the page meanwhile (last eviction #{evicted}, #{evictions_before} \
-         before the run): a page the host did not populate reached KVM's own access; {}; {}",
+         and no eviction of the page during the run (the eviction sequence was at #{before} \
+         before it and #{after} when it returned; the page's last eviction is #{last}): a page \
+         the host did not populate reached KVM's own access; {}; {}",
         sh.page_report(page),
         sh.fd_report()
     );
@@ -1504,7 +1521,7 @@ impl Chaos {
             return Ok(());
         }
         let n = sh.evictions.fetch_add(1, Ordering::SeqCst) + 1;
-        sh.evicted_at[page as usize].store(n, Ordering::SeqCst);
+        ps.evictions.push(n);
         let off = (page * PAGE) as usize;
         if self.rng.chance(1, 2) {
             sh.data.fill(off, PAGE as usize, 0);
@@ -2385,7 +2402,6 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         fd: Mutex::new(None),
         fd_closes: AtomicU64::new(0),
         evictions: AtomicU64::new(0),
-        evicted_at: (0..DATA_PAGES).map(|_| AtomicU64::new(0)).collect(),
         fd_flags_supported,
         start: Instant::now(),
         stop_chaos: AtomicBool::new(false),
