@@ -380,6 +380,10 @@ fn armed() -> bool {
 #[derive(Default)]
 struct PageState {
     populated: bool,
+    /// The numbers (in `Shared::evictions`' sequence) of every eviction of the page, ascending,
+    /// each pushed before the contents are dropped. All of them, not only the last: a later
+    /// eviction must not hide one that happened during an earlier KVM_RUN.
+    evictions: Vec<u64>,
     /// The last few operations on the page (µs since start, thread, what), for failure reports.
     history: VecDeque<(u64, &'static str, &'static str)>,
 }
@@ -406,10 +410,9 @@ struct Shared {
     /// Bumped just before each close of a fd (so a thread that read it, then the current fd,
     /// then it again and saw no change knows that fd stayed open in between).
     fd_closes: AtomicU64,
-    /// Eviction sequence: bumped by each eviction; `evicted_at[page]` holds the number of the
-    /// page's last one (0: never), stored before its contents are dropped.
+    /// Eviction sequence: bumped by each eviction after its SET and before its contents are
+    /// dropped (the page's `PageState::evictions` gets the number).
     evictions: AtomicU64,
-    evicted_at: Vec<AtomicU64>,
     /// The fd flags `KVM_CREATE_USERFAULT_FD` accepts here.
     fd_flags_supported: u64,
     start: Instant,
@@ -950,7 +953,8 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
     // whether one fd stayed open across every KVM_RUN that produced them.
     let mut outs: Vec<u8> = Vec::new();
     let mut outs_fd_throughout = true;
-    let mut outs_evictions = 0;
+    // The eviction sequence before its first KVM_RUN and after its last (see check_kvm_read).
+    let mut outs_evictions = (0, 0);
     while !sh.aborted() {
         arm(sh);
         inc(&sh.st.vcpu_runs);
@@ -965,6 +969,9 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
         }
         sh.in_run[idx].store(true, Ordering::SeqCst);
         let exit = vcpu.run();
+        // First thing after the ioctl (for a port-I/O exit the framework only copied its bytes
+        // in between): an eviction numbered after this one dropped its page after the run.
+        let evictions_after = sh.evictions.load(Ordering::SeqCst);
         sh.runs_returned[idx].fetch_add(1, Ordering::SeqCst);
         sh.in_run[idx].store(false, Ordering::SeqCst);
         let exit = match exit {
@@ -984,8 +991,9 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
             Ok(Exit::IoOut { port, data }) if port == OUTS_PORT => {
                 if outs.is_empty() {
                     outs_fd_throughout = true;
-                    outs_evictions = evictions_before;
+                    outs_evictions.0 = evictions_before;
                 }
+                outs_evictions.1 = evictions_after;
                 outs_fd_throughout &= fd_throughout;
                 outs.extend_from_slice(&data);
                 ensure!(
@@ -1136,14 +1144,15 @@ fn recover_ucall(sh: &Shared, vcpu: &mut Vcpu) -> Result<Ucall> {
 /// populated (zeros); with one they wait for the resolve. So every byte must be the pattern's
 /// or 0, and zeros while one fd stayed open throughout are counted (they can also come from
 /// an access that passed its USERFAULT check just before an eviction's SET, which the uAPI
-/// does not order), not failed.
+/// does not order), not failed. `(before, after)`: the eviction sequence read before the
+/// first KVM_RUN that produced the bytes and right after the last one returned.
 fn check_kvm_read(
     sh: &Shared,
     idx: usize,
     gpa: u64,
     got: &[u8],
     fd_throughout: bool,
-    evictions_before: u64,
+    (before, after): (u64, u64),
 ) -> Result<()> {
     ensure!(
         gpa.is_multiple_of(8) && data_page(gpa).is_some(),
@@ -1170,13 +1179,21 @@ fn check_kvm_read(
     // follows its populate. Zeros are possible only if the page was evicted during the run: a
     // read that passed its USERFAULT check just before the eviction's SET, then read the
     // dropped copy (the uAPI does not order the two; a VMM does not take back present pages).
+    // Such an eviction is numbered after `before` (its SET followed the check, which followed
+    // the load of `before`) and at most `after` (its drop preceded the read, which preceded
+    // the return): only those excuse zeros, not one that came after the run.
     let page = data_page(gpa).unwrap();
-    let evicted = sh.evicted_at[page as usize].load(Ordering::SeqCst);
+    let (during, last) = {
+        let ps = sh.page(page);
+        let during = ps.evictions.iter().any(|&n| before < n && n <= after);
+        (during, ps.evictions.last().copied().unwrap_or(0))
+    };
     ensure!(
-        evicted > evictions_before,
+        during,
         "vCPU {idx}: KVM's emulator read {got:02x?} at gpa {gpa:#x} with one fd open throughout \
-         and no eviction of the page meanwhile (last eviction #{evicted}, #{evictions_before} \
-         before the run): a page the host did not populate reached KVM's own access; {}; {}",
+         and no eviction of the page during the run (the eviction sequence was at #{before} \
+         before it and #{after} when it returned; the page's last eviction is #{last}): a page \
+         the host did not populate reached KVM's own access; {}; {}",
         sh.page_report(page),
         sh.fd_report()
     );
@@ -1505,7 +1522,7 @@ impl Chaos {
             return Ok(());
         }
         let n = sh.evictions.fetch_add(1, Ordering::SeqCst) + 1;
-        sh.evicted_at[page as usize].store(n, Ordering::SeqCst);
+        ps.evictions.push(n);
         let off = (page * PAGE) as usize;
         if self.rng.chance(1, 2) {
             sh.data.fill(off, PAGE as usize, 0);
@@ -2386,7 +2403,6 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         fd: Mutex::new(None),
         fd_closes: AtomicU64::new(0),
         evictions: AtomicU64::new(0),
-        evicted_at: (0..DATA_PAGES).map(|_| AtomicU64::new(0)).collect(),
         fd_flags_supported,
         start: Instant::now(),
         stop_chaos: AtomicBool::new(false),
@@ -2432,42 +2448,51 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         }
     }
 
-    let mut vcpu_handles = Vec::new();
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let rng = Rng::for_thread(seed, i as u64);
-        let h = spawn_with(&sh, VCPU_NAMES[i], true, move |s| {
-            vcpu_thread(s, vcpu, i, rng)
-        })?;
-        lock(&sh.vcpu_threads).push(h.as_pthread_t());
-        vcpu_handles.push(h);
+    // Each handle goes into `workers` as soon as its thread exists: if a later spawn fails,
+    // the threads already running are torn down (here, or by the drop on any other way out),
+    // never detached.
+    let mut workers = Workers::new(&sh);
+    let spawned = (|| -> Result<()> {
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let rng = Rng::for_thread(seed, i as u64);
+            let h = spawn_with(&sh, VCPU_NAMES[i], true, move |s| {
+                vcpu_thread(s, vcpu, i, rng)
+            })?;
+            lock(&sh.vcpu_threads).push(h.as_pthread_t());
+            workers.vcpus.push(h);
+        }
+        for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
+            let rng = Rng::for_thread(seed, 10 + i as u64);
+            let h = spawn_with(&sh, name, true, move |s| resolver_thread(s, i, rng))?;
+            lock(&sh.resolver_threads).push(h.as_pthread_t());
+            workers.resolvers.push(h);
+        }
+        workers.watchdog = Some(spawn(&sh, "uf-watchdog", move |s| {
+            watchdog_thread(s, stall, seed, secs)
+        })?);
+        let scratch_rng = Rng::for_thread(seed, 21);
+        workers
+            .chaos
+            .push(spawn_with(&sh, "uf-scratch", true, move |s| {
+                scratch_thread(s, scratch_rng)
+            })?);
+        workers
+            .chaos
+            .push(spawn_with(&sh, "uf-chaos", true, move |s| {
+                chaos_thread(s, chaos_rng, first_vcpu_faults)
+            })?);
+        Ok(())
+    })();
+    if let Err(e) = spawned {
+        return Err(match workers.teardown() {
+            Some(left) => e.context(left),
+            None => e,
+        });
     }
-    let mut resolver_handles = Vec::new();
-    for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
-        let rng = Rng::for_thread(seed, 10 + i as u64);
-        let h = spawn_with(&sh, name, true, move |s| resolver_thread(s, i, rng))?;
-        lock(&sh.resolver_threads).push(h.as_pthread_t());
-        resolver_handles.push(h);
-    }
-    let watchdog = spawn(&sh, "uf-watchdog", move |s| {
-        watchdog_thread(s, stall, seed, secs)
-    })?;
-    let scratch_rng = Rng::for_thread(seed, 21);
-    let scratch = spawn_with(&sh, "uf-scratch", true, move |s| {
-        scratch_thread(s, scratch_rng)
-    })?;
-    let chaos = spawn_with(&sh, "uf-chaos", true, move |s| {
-        chaos_thread(s, chaos_rng, first_vcpu_faults)
-    })?;
     // Every worker and the VM exist: the workers may set make-it-fail and go.
     sh.injecting.store(inject.is_some(), Ordering::SeqCst);
     sh.spawned.store(true, Ordering::SeqCst);
 
-    let workers = Workers {
-        vcpus: vcpu_handles,
-        resolvers: resolver_handles,
-        chaos: vec![chaos, scratch],
-        watchdog: Some(watchdog),
-    };
     let result = run_and_finish(&sh, secs, inject, workers);
     println!("fuzz summary: {}", sh.summary(seed, secs));
     println!("fuzz invalid calls: {}", sh.invalid_detail());
@@ -2484,9 +2509,11 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     result
 }
 
-/// The worker threads' handles; each is taken out once joined, so that whatever is left after
-/// a failure is torn down by [`Workers::teardown`].
+/// The worker threads' handles, each added as soon as its thread is spawned and taken out once
+/// joined, so that whatever is left after a failure is torn down by [`Workers::teardown`] --
+/// called explicitly, or by the drop on any other way out (an early return, a panic).
 struct Workers {
+    sh: Arc<Shared>,
     vcpus: Vec<JoinHandle<()>>,
     resolvers: Vec<JoinHandle<()>>,
     /// The chaos and scratch threads.
@@ -2495,6 +2522,16 @@ struct Workers {
 }
 
 impl Workers {
+    fn new(sh: &Arc<Shared>) -> Self {
+        Self {
+            sh: sh.clone(),
+            vcpus: Vec::new(),
+            resolvers: Vec::new(),
+            chaos: Vec::new(),
+            watchdog: None,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.vcpus.is_empty()
             && self.resolvers.is_empty()
@@ -2508,7 +2545,8 @@ impl Workers {
     /// and polls; every thread returns once it sees `abort`. Returns what could not be joined
     /// (those handles are leaked, not detached, so that their pthread ids stay valid for a
     /// still-running chaos thread's signals).
-    fn teardown(&mut self, sh: &Shared) -> Option<String> {
+    fn teardown(&mut self) -> Option<String> {
+        let sh = &*self.sh.clone();
         sh.abort.store(true, Ordering::SeqCst);
         for flag in [
             &sh.stop_chaos,
@@ -2590,6 +2628,18 @@ impl Workers {
     }
 }
 
+impl Drop for Workers {
+    /// The same bounded teardown when [`Workers::teardown`] was not called (it leaves nothing):
+    /// threads still running are reported and leaked, never detached silently.
+    fn drop(&mut self) {
+        if !self.is_empty() {
+            if let Some(left) = self.teardown() {
+                eprintln!("fuzz: {left}");
+            }
+        }
+    }
+}
+
 /// Runs until the deadline, then (injection turned off) the end phase; any recorded failure
 /// wins. Whatever the outcome, no worker thread outlives the call unless the report says so.
 fn run_and_finish(
@@ -2616,7 +2666,7 @@ fn run_and_finish(
     let left = if workers.is_empty() {
         None
     } else {
-        workers.teardown(sh)
+        workers.teardown()
     };
     // Whatever the end phase says, the first failure is the one to report.
     let r = match first {

@@ -15,6 +15,7 @@ use crate::base::{self, BasePin};
 use crate::host;
 use crate::layout::Layout;
 use crate::qemu;
+use crate::series_check;
 
 /// Which kernel configuration to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -148,6 +149,9 @@ fn hash_hex(parts: &[&[u8]]) -> String {
     format!("{:016x}", h.finish())
 }
 
+/// The branch the series is applied on in the cached base tree.
+pub const SERIES_BRANCH: &str = "series";
+
 fn git(tree: &Path) -> Command {
     let mut cmd = Command::new("git");
     cmd.current_dir(tree).args([
@@ -166,6 +170,7 @@ pub fn prepare_source(layout: &Layout, choice: &SourceChoice) -> Result<PathBuf>
         None => {
             let pin = BasePin::load(layout)?;
             let tree = base::ensure_base_tree(layout, &pin)?;
+            series_check::recover_interrupted(&tree, Some(SERIES_BRANCH))?;
             apply_to_base(&tree, &series)?;
             Ok(tree)
         }
@@ -176,6 +181,7 @@ pub fn prepare_source(layout: &Layout, choice: &SourceChoice) -> Result<PathBuf>
             if !tree.join("Makefile").exists() || !tree.join("virt/kvm").exists() {
                 bail!("--kernel-src {}: not a Linux source tree", tree.display());
             }
+            series_check::recover_interrupted(&tree, None)?;
             if !choice.no_apply {
                 apply_to_external(&tree, &series)?;
             }
@@ -201,7 +207,7 @@ fn apply_to_base(tree: &Path, series: &[Patch]) -> Result<()> {
         return Ok(());
     }
     let _ = fs::remove_file(&stamp);
-    host::run_quiet(git(tree).args(["checkout", "-q", "-f", "-B", "series", "base"]))?;
+    host::run_quiet(git(tree).args(["checkout", "-q", "-f", "-B", SERIES_BRANCH, "base"]))?;
     git_am(tree, series)?;
     fs::write(&stamp, &key)?;
     if !series.is_empty() {

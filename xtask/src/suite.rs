@@ -59,7 +59,12 @@ pub fn run(layout: &Layout, opts: &TestOptions) -> Result<()> {
             let src = kernel::prepare_source(layout, &opts.source)?;
             let build =
                 kernel::build_dir_for(layout, &src, opts.source.kernel_src.is_none(), opts.flavour);
-            let counts = series_check::check(layout, &src, &build, opts.flavour, &series)?;
+            let branch = opts
+                .source
+                .kernel_src
+                .is_none()
+                .then_some(kernel::SERIES_BRANCH);
+            let counts = series_check::check(layout, &src, &build, opts.flavour, &series, branch)?;
             results.push(SuiteResult {
                 name: "series",
                 counts,

@@ -1,5 +1,5 @@
 //! The runtime under a dying page source (issue 13): the source fails mid-run — the remote
-//! peer drops the connection, the snapshot file is truncated or overwritten while in use, the
+//! peer drops the connection or its server process is SIGKILLed, the snapshot file is truncated or overwritten while in use, the
 //! source starts failing with EIO, a peer sends a corrupt frame — and the run must stop with
 //! one clear, typed error, within a bounded time, with every thread released, and without the
 //! guest ever reading a wrong or partial page.
@@ -13,21 +13,23 @@
 //!
 //! The host tests use userfaultfd (stock KVM); the kvm-sync/kvm-async variants are the same
 //! scenarios and need the KVM userfault series (`cargo xtask test` runs them in the patched
-//! guest).
+//! guest); the SIGKILLed server process has no such variant (the guest has no CLI binary).
 
 use kvm_testvm::caps;
 use kvm_userfault::handler::HandlerError;
 use kvm_userfault::source::{
-    page_checksum, serve_connection, write_snapshot, MemorySource, PageSource, RemoteOptions,
-    RemoteSource, SnapshotSource, SourceError, Urgency,
+    frame_checksum, serve_connection, write_snapshot, MemorySource, PageSource, RemoteOptions,
+    RemoteSource, SnapshotSource, SourceError, Urgency, PROTOCOL_VERSION,
 };
 use kvm_userfault_harness::guest::fill_pattern_page;
 use kvm_userfault_harness::runner::{run_workload, Mode, RunCause, RunConfig, RunError, VcpuEnd};
 use kvm_userfault_harness::vm::{Backing, Vm};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -102,8 +104,10 @@ fn available(mode: Mode) -> bool {
     }
 }
 
-/// Calls `hook` once, just before the first read that would take the source past `limit`
-/// pages, then forwards every read to `inner`; counts the pages `inner` supplied.
+/// Calls `hook` once, just before the source is asked for more than `limit` pages — before the
+/// first read that would take it past `limit`, or before a request hint made once `limit`
+/// pages were supplied (so that a remote peer is not even asked for a page past the limit) —
+/// then forwards every read to `inner`; counts the pages `inner` supplied.
 /// The counter is shared so that the test need not hold the source (the run owns it, and
 /// dropping it with the run ends its threads).
 struct Tap {
@@ -132,11 +136,14 @@ impl Tap {
         let n = self.supplied.clone();
         (Arc::new(self), n)
     }
+    fn fire(&self) {
+        if let Some(h) = self.hook.lock().unwrap().take() {
+            h();
+        }
+    }
     fn read(&self, n: u64, f: impl FnOnce() -> Result<(), SourceError>) -> Result<(), SourceError> {
         if self.asked.fetch_add(n, Ordering::SeqCst) + n > self.limit {
-            if let Some(h) = self.hook.lock().unwrap().take() {
-                h();
-            }
+            self.fire();
         }
         f()?;
         self.supplied.fetch_add(n, Ordering::SeqCst);
@@ -157,6 +164,9 @@ impl PageSource for Tap {
         })
     }
     fn request(&self, indices: &[u64], urgency: Urgency) {
+        if self.supplied.load(Ordering::SeqCst) >= self.limit {
+            self.fire();
+        }
         self.inner.request(indices, urgency)
     }
     fn describe(&self) -> String {
@@ -454,6 +464,111 @@ fn uffd_remote_connection_dropped_with_prefetch_and_two_vcpus() {
     });
 }
 
+/// The CLI's `serve` (a separate process, as a real postcopy source is) on a snapshot of the
+/// image; killed and reaped when dropped if nobody killed it before.
+struct ServerProcess {
+    child: Arc<Mutex<Option<Child>>>,
+    addr: SocketAddr,
+    /// Kept open so that the server never writes into a closed pipe.
+    _stderr: BufReader<ChildStderr>,
+}
+
+impl ServerProcess {
+    fn start(image: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvm-userfault"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--image"])
+            .arg(image)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start `kvm-userfault serve`");
+        // "serving <source> on 127.0.0.1:PORT", once it listens.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("`kvm-userfault serve` exited ({status}) before listening");
+            }
+            if line.starts_with("serving ") {
+                break line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+            }
+        };
+        Self {
+            child: Arc::new(Mutex::new(Some(child))),
+            addr,
+            _stderr: stderr,
+        }
+    }
+
+    /// A closure that SIGKILLs the server and waits until it is gone, recording how it ended.
+    fn killer(
+        &self,
+    ) -> (
+        impl FnOnce() + Send + 'static,
+        Arc<Mutex<Option<ExitStatus>>>,
+    ) {
+        let child = self.child.clone();
+        let ended = Arc::new(Mutex::new(None));
+        let e2 = ended.clone();
+        let kill = move || {
+            let mut c = child.lock().unwrap().take().expect("server killed twice");
+            c.kill().unwrap(); // SIGKILL
+            *e2.lock().unwrap() = Some(c.wait().unwrap());
+        };
+        (kill, ended)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
+/// The page server is a process of its own, SIGKILLed once the runtime got `K` pages from it,
+/// before page `K` is even requested (the handler's demand hint comes first; one vCPU, no
+/// prefetch, so nothing else is in flight): its sockets are closed by the kernel, no goodbye.
+#[test]
+fn uffd_remote_server_process_killed_after_k_pages() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = serial();
+    let path = snapshot_path("served-by-a-process");
+    let server = ServerProcess::start(&path);
+    let addr = server.addr;
+    let (kill, ended) = server.killer();
+    let remote: Arc<dyn PageSource> = Arc::new(RemoteSource::connect(addr, quick()).unwrap());
+    let (client, supplied) = Tap::new(remote, K, kill).split();
+    let (e, took) = run_until_failure(config(Mode::UffdMissing, client));
+    std::fs::remove_file(&path).ok();
+    let status = ended
+        .lock()
+        .unwrap()
+        .expect("the server was never killed: the run ended before page K");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "server ended {status}"
+    );
+    let supplied = supplied.load(Ordering::SeqCst);
+    assert_eq!(supplied, K, "pages the runtime got before the kill");
+    assert_clean_stop(&e, took, supplied, Some(K));
+    assert_fill_failure(
+        &e,
+        Some(K),
+        &addr.to_string(),
+        |c| matches!(c, SourceError::Remote(m) if m.to_string().contains(&addr.to_string())),
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 // (b) the snapshot file is truncated while in use
 // ------------------------------------------------------------------------------------------
@@ -643,7 +758,7 @@ fn bad_peer(bad: BadFrame) -> (SocketAddr, Bounded<()>) {
             assert_eq!(&hello[..4], b"KUFR");
             let mut reply = [0u8; 24];
             reply[..4].copy_from_slice(b"KUFR");
-            reply[4..6].copy_from_slice(&1u16.to_le_bytes());
+            reply[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
             reply[8..12].copy_from_slice(&(PAGE as u32).to_le_bytes());
             reply[16..24].copy_from_slice(&PAGES.to_le_bytes());
             s.write_all(&reply).unwrap();
@@ -657,7 +772,7 @@ fn bad_peer(bad: BadFrame) -> (SocketAddr, Bounded<()>) {
                     let page = &img.bytes()[i as usize * PAGE..][..PAGE];
                     if sent < K {
                         sent += 1;
-                        if s.write_all(&frame(i, 0, page_checksum(page), page))
+                        if s.write_all(&frame(i, 0, frame_checksum(i, page), page))
                             .is_err()
                         {
                             return;
@@ -668,16 +783,16 @@ fn bad_peer(bad: BadFrame) -> (SocketAddr, Bounded<()>) {
                         BadFrame::Checksum => {
                             let mut p = page.to_vec();
                             p[1234] ^= 0x40;
-                            frame(i, 0, page_checksum(page), &p)
+                            frame(i, 0, frame_checksum(i, page), &p)
                         }
                         BadFrame::CutShortThenClose | BadFrame::CutShortThenSilent => {
-                            frame(i, 0, page_checksum(page), &page[..1000])
+                            frame(i, 0, frame_checksum(i, page), &page[..1000])
                         }
                         BadFrame::Garbage => vec![0xAB; 24],
                         BadFrame::Unrequested => {
                             let j = PAGES - 1;
                             let q = &img.bytes()[j as usize * PAGE..][..PAGE];
-                            frame(j, 0, page_checksum(q), q)
+                            frame(j, 0, frame_checksum(j, q), q)
                         }
                         BadFrame::Status => frame(i, 7, 0, &[]),
                     };

@@ -8,8 +8,8 @@ mod remote;
 mod snapshot;
 
 pub use remote::{
-    serve, serve_connection, FrameError, RemoteError, RemoteOptions, RemoteSource, ServeError,
-    MAX_QUEUED_PAGES, PROTOCOL_VERSION,
+    frame_checksum, serve, serve_connection, FrameError, RemoteError, RemoteOptions, RemoteSource,
+    ServeError, MAX_QUEUED_PAGES, PROTOCOL_VERSION,
 };
 pub use snapshot::{
     write_snapshot, HeaderError, SnapshotError, SnapshotSource, SnapshotWriter, SNAPSHOT_MAGIC,

@@ -14,6 +14,9 @@
 //! checksum = page_checksum(payload) ^ mix(index): a frame whose index or payload changed
 //! fails the client's check.
 //! ```
+//! Only version 2 is spoken: version 1's checksum covered the payload alone, so a frame whose
+//! index changed could deliver another requested page's contents. A version-1 peer is refused
+//! at the hello with the version error.
 //! The server answers demand requests before queued prefetch requests (one page at a time, so
 //! a demand request waits behind at most one prefetch page), like QEMU postcopy's urgent pages.
 //! The client checks every header, that each page was requested, and each page's checksum; any
@@ -31,15 +34,22 @@ use std::time::{Duration, Instant};
 
 /// The protocol version spoken.
 ///
-///
-/// Version 2: a page frame's checksum also covers its index (in version 1 it covered only the
-/// payload, so a changed index could deliver another requested page's contents). Both sides
-/// still speak version 1 with a peer that only speaks that: the server answers in the
-/// client's version, the client accepts a version-1 server.
+/// Version 2: a page frame's checksum also covers its index. Version 1 (checksum over the
+/// payload alone, so a changed index could deliver another requested page's contents) is no
+/// longer spoken by either side; there were no deployed peers.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version spoken.
-const MIN_PROTOCOL_VERSION: u16 = 1;
+const MIN_PROTOCOL_VERSION: u16 = 2;
 const VERSIONS: std::ops::RangeInclusive<u16> = MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION;
+
+/// The versions spoken, for error messages.
+fn spoken() -> String {
+    if MIN_PROTOCOL_VERSION == PROTOCOL_VERSION {
+        format!("only version {PROTOCOL_VERSION}")
+    } else {
+        format!("versions {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}")
+    }
+}
 const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KUFR");
 const REQ_MAGIC: u32 = u32::from_le_bytes(*b"KUFQ");
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"KUFP");
@@ -79,9 +89,7 @@ pub enum FrameError {
     #[error("client hello has bad magic")]
     ClientHelloMagic,
     /// Client hello: a version this side does not speak.
-    #[error(
-        "client speaks protocol version {0}, we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
-    )]
+    #[error("client speaks protocol version {0}, we speak {spoken}", spoken = spoken())]
     ClientVersion(u16),
     /// Request: bad magic.
     #[error("request has bad magic")]
@@ -96,9 +104,7 @@ pub enum FrameError {
     #[error("server hello has bad magic (not a kvm-userfault server?)")]
     ServerHelloMagic,
     /// Server hello: a version this side does not speak.
-    #[error(
-        "server speaks protocol version {0}, we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
-    )]
+    #[error("server speaks protocol version {0}, we speak {spoken}", spoken = spoken())]
     ServerVersion(u16),
     /// Server hello: another page size.
     #[error("server page size {0} is not {PAGE_SIZE}")]
@@ -149,8 +155,8 @@ fn encode_client_hello() -> [u8; 8] {
     hello
 }
 
-/// The server's check of a client hello: the client's version, which the connection then
-/// speaks (bytes 6..8 are reserved and ignored).
+/// The server's check of a client hello: the client's version, one the server speaks, which
+/// its hello then names (bytes 6..8 are reserved and ignored).
 pub(crate) fn parse_client_hello(hello: &[u8; 8]) -> Result<u16, FrameError> {
     if le32(hello) != HELLO_MAGIC {
         return Err(FrameError::ClientHelloMagic);
@@ -235,13 +241,10 @@ pub(crate) fn parse_request(req: &[u8; 20]) -> Result<Request, FrameError> {
     })
 }
 
-/// A page frame's checksum: the page's, bound to its index (from version 2), so that a frame
-/// whose index changed in transit fails the check instead of delivering another page's
-/// contents.
-fn frame_checksum(version: u16, index: u64, page: &[u8]) -> u64 {
-    if version < 2 {
-        return page_checksum(page);
-    }
+/// A page frame's checksum: the page's, bound to its index, so that a frame whose index
+/// changed in transit fails the check instead of delivering another page's contents. (Public
+/// for peers written outside this crate, e.g. tests' hand-made servers.)
+pub fn frame_checksum(index: u64, page: &[u8]) -> u64 {
     // XOR with an injective mix of the index (xor, odd multiply, rotate: each a bijection),
     // so that for given contents two indices never share a checksum.
     let mix = (index ^ 0x6A09_E667_F3BC_C908)
@@ -251,13 +254,13 @@ fn frame_checksum(version: u16, index: u64, page: &[u8]) -> u64 {
 }
 
 /// A page frame's header; `page` is `Some` exactly when `status` is [`STATUS_OK`].
-fn encode_page_header(version: u16, status: u32, index: u64, page: Option<&[u8]>) -> [u8; 24] {
+fn encode_page_header(status: u32, index: u64, page: Option<&[u8]>) -> [u8; 24] {
     let mut hdr = [0u8; 24];
     hdr[0..4].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
     hdr[4..8].copy_from_slice(&status.to_le_bytes());
     hdr[8..16].copy_from_slice(&index.to_le_bytes());
     if let Some(page) = page {
-        hdr[16..24].copy_from_slice(&frame_checksum(version, index, page).to_le_bytes());
+        hdr[16..24].copy_from_slice(&frame_checksum(index, page).to_le_bytes());
     }
     hdr
 }
@@ -286,13 +289,8 @@ pub(crate) fn parse_page_header(
 }
 
 /// The client's check of a page frame's payload against the header's checksum.
-pub(crate) fn check_page(
-    version: u16,
-    index: u64,
-    checksum: u64,
-    page: &[u8],
-) -> Result<(), FrameError> {
-    let found = frame_checksum(version, index, page);
+pub(crate) fn check_page(index: u64, checksum: u64, page: &[u8]) -> Result<(), FrameError> {
+    let found = frame_checksum(index, page);
     if found != checksum {
         return Err(FrameError::Corrupt {
             index,
@@ -484,7 +482,7 @@ fn serve_queues(
                     q.prefetch.clear();
                     drop(q);
                     let mut w = lock_writer(&reader_writer);
-                    w.write_all(&encode_page_header(version, STATUS_OVERLOADED, first, None))
+                    w.write_all(&encode_page_header(STATUS_OVERLOADED, first, None))
                         .and_then(|()| w.flush())
                         .ok();
                     return Err(ServeError::QueueFull {
@@ -549,7 +547,7 @@ fn serve_queues(
             };
             let payload = (status == STATUS_OK).then_some(&page[..]);
             let mut w = lock_writer(&writer);
-            w.write_all(&encode_page_header(version, status, index, payload))?;
+            w.write_all(&encode_page_header(status, index, payload))?;
             if status == STATUS_OK {
                 w.write_all(&page)?;
                 sent += 1;
@@ -713,8 +711,6 @@ struct ClientState {
 
 struct Shared {
     pages: u64,
-    /// The protocol version of the connection.
-    version: u16,
     state: Mutex<ClientState>,
     arrived: Condvar,
     writer: Mutex<BufWriter<TcpStream>>,
@@ -786,13 +782,12 @@ impl RemoteSource {
         stream
             .set_read_timeout(None)
             .map_err(io("clearing the read timeout"))?;
-        let (version, pages) = parse_server_hello(&reply).map_err(|frame| RemoteError::Hello {
+        let (_, pages) = parse_server_hello(&reply).map_err(|frame| RemoteError::Hello {
             peer: peer.clone(),
             frame,
         })?;
         let shared = Arc::new(Shared {
             pages,
-            version,
             state: Mutex::new(ClientState {
                 ready: HashMap::new(),
                 requested: bitvec![u64, Lsb0; 0; pages as usize],
@@ -912,7 +907,7 @@ fn receive_loop(mut rx: BufReader<TcpStream>, shared: Arc<Shared>) {
                     index,
                     source: (e.kind() != io::ErrorKind::UnexpectedEof).then(|| Arc::new(e)),
                 })?;
-            check_page(shared.version, index, checksum, &page).map_err(frame)?;
+            check_page(index, checksum, &page).map_err(frame)?;
             let mut st = shared.lock();
             st.requested.set(index as usize, false);
             st.ready.insert(index, page);
@@ -1224,7 +1219,7 @@ mod tests {
     fn bad_pages_are_never_handed_out() {
         let page = vec![7u8; PAGE_SIZE];
         // The right checksum for page 0, so that only the changes below make frames bad.
-        let sum = frame_checksum(PROTOCOL_VERSION, 0, &page);
+        let sum = frame_checksum(0, &page);
 
         // Corrupt payload.
         let p2 = page.clone();
@@ -1351,13 +1346,8 @@ mod tests {
         // The client names the refusal.
         let addr = fake_server(|mut s| {
             greet(&mut s);
-            s.write_all(&encode_page_header(
-                PROTOCOL_VERSION,
-                STATUS_OVERLOADED,
-                0,
-                None,
-            ))
-            .unwrap();
+            s.write_all(&encode_page_header(STATUS_OVERLOADED, 0, None))
+                .unwrap();
         });
         let e = first_read_err(addr);
         assert!(e.contains("refused the request at page 0"), "{e}");
@@ -1430,15 +1420,13 @@ mod tests {
 
     // ---- Property tests of the frame parsers -------------------------------------------------
     //
-    // Integrity on the wire: TCP's own checksum, plus (from version 2) the page frame's
-    // checksum over the payload and the index. Rejected: bad magic, versions outside 1..=2,
-    // page size, page counts out of range, unknown urgency or status, request counts out of
-    // range, unrequested pages, and (version 2) any change of a page frame's index, checksum
-    // or payload -- in version 1 a changed index that names another requested page is
-    // accepted (the bug version 2 fixes; kept only for old peers). Not checked (no meaning):
-    // reserved bytes (client hello 6..8, server hello 6..8 and 12..16, request 5..8). Not
-    // checkable (in range, no checksum on those frames): the hellos' version within 1..=2
-    // (both sides then speak it), the server hello's page count -- the caller validates it
+    // Integrity on the wire: TCP's own checksum, plus the page frame's checksum over the
+    // payload and the index. Rejected: bad magic, any version but 2 (version 1, whose checksum
+    // did not cover the index, included), page size, page counts out of range, unknown urgency
+    // or status, request counts out of range, unrequested pages, and any change of a page
+    // frame's index, checksum or payload. Not checked (no meaning): reserved bytes (client
+    // hello 6..8, server hello 6..8 and 12..16, request 5..8). Not checkable (in range, no
+    // checksum on those frames): the server hello's page count -- the caller validates it
     // (`Handler::new` refuses a source too small for its regions) -- and a request's urgency
     // (only the priority changes), count and first page -- the client rejects a page it did
     // not request and times out on one that never comes.
@@ -1452,13 +1440,12 @@ mod tests {
     /// The client's whole check of one page frame (header, then the payload that follows an
     /// OK header): the index and contents it would hand out.
     fn client_accepts(
-        version: u16,
         frame: &[u8],
         requested: impl FnOnce(u64) -> bool,
     ) -> Result<(u64, Vec<u8>), FrameError> {
         let (index, checksum) = parse_page_header(frame[..24].try_into().unwrap(), requested)?;
         let page = &frame[24..24 + PAGE_SIZE];
-        check_page(version, index, checksum, page)?;
+        check_page(index, checksum, page)?;
         Ok((index, page.to_vec()))
     }
 
@@ -1486,28 +1473,28 @@ mod tests {
             } else if !VERSIONS.contains(&version_at(&h)) {
                 prop_assert_eq!(got, Err(FrameError::ClientVersion(version_at(&h))));
             } else {
-                prop_assert_eq!(got, Ok(version_at(&h)));
-                // Besides the reserved bytes, only the version can differ (to another one
-                // spoken, which the server then answers in).
-                prop_assert!(!mutate || pos >= 4);
+                prop_assert_eq!(got, Ok(PROTOCOL_VERSION));
+                // Only the reserved bytes can differ: the one version spoken is the only one
+                // accepted.
+                prop_assert!(!mutate || pos >= 6);
             }
         }
 
         #[test]
         fn server_hello_round_trips_and_mutations_are_rejected_or_in_range(
             raw in any::<[u8; 24]>(),
-            version in VERSIONS,
             pages in prop_oneof![1..=1000u64, 1..=1u64 << 28],
             pos in 0..24usize,
             change in change(),
         ) {
             // Any bytes: a version and page count, or a typed error.
             match parse_server_hello(&raw) {
-                Ok((v, p)) => prop_assert!(VERSIONS.contains(&v) && (1..=1 << 28).contains(&p)),
+                Ok((v, p)) => prop_assert!(v == PROTOCOL_VERSION && (1..=1 << 28).contains(&p)),
                 Err(e) => prop_assert!(matches!(e, FrameError::ServerHelloMagic
                     | FrameError::ServerVersion(_) | FrameError::PageSize(_)
                     | FrameError::PageCount(_)), "{e:?}"),
             }
+            let version = PROTOCOL_VERSION;
             let good = encode_server_hello(version, pages);
             prop_assert_eq!(parse_server_hello(&good), Ok((version, pages)));
             let mut h = good;
@@ -1515,7 +1502,7 @@ mod tests {
             let new_pages = le64(&h[16..]);
             let want = match pos {
                 0..4 => Err(FrameError::ServerHelloMagic),
-                4..6 if VERSIONS.contains(&version_at(&h)) => Ok((version_at(&h), pages)),
+                // One version is spoken: every change of it is refused (version 1 too).
                 4..6 => Err(FrameError::ServerVersion(version_at(&h))),
                 8..12 => Err(FrameError::PageSize(le32(&h[8..]))),
                 16..24 if new_pages == 0 || new_pages > 1 << 28 => {
@@ -1593,10 +1580,10 @@ mod tests {
             }
         }
 
-        /// A version-2 page frame round-trips; every changed byte of it (header or payload)
-        /// is rejected -- never another page's contents handed out under a requested index.
-        /// (Found the version-1 hole: pages = 683178, index 0, every page requested, fill 0,
-        /// bit 0 of byte 8 flipped: accepted as page 1.)
+        /// A page frame round-trips; every changed byte of it (header or payload) is rejected
+        /// -- never another page's contents handed out under a requested index. (Found the
+        /// hole of version 1, whose checksum did not cover the index: pages = 683178, index 0,
+        /// every page requested, fill 0, bit 0 of byte 8 flipped: accepted as page 1.)
         #[test]
         fn every_page_frame_mutation_is_rejected(
             pages in prop_oneof![1..64u64, 1..=1u64 << 28],
@@ -1606,17 +1593,16 @@ mod tests {
             pos in prop_oneof![0..24usize, 0..24 + PAGE_SIZE],
             change in change(),
         ) {
-            let v = PROTOCOL_VERSION;
             let index = index.index(pages as usize) as u64;
             let page: Vec<u8> = (0..PAGE_SIZE as u64)
                 .map(|k| (fill.wrapping_mul(k | 1) >> 24) as u8)
                 .collect();
-            let mut frame = encode_page_header(v, STATUS_OK, index, Some(&page)).to_vec();
+            let mut frame = encode_page_header(STATUS_OK, index, Some(&page)).to_vec();
             frame.extend_from_slice(&page);
             let requested = |i: u64| i < pages && (all_requested || i == index);
-            prop_assert_eq!(client_accepts(v, &frame, requested), Ok((index, page.clone())));
+            prop_assert_eq!(client_accepts(&frame, requested), Ok((index, page.clone())));
             frame[pos] ^= change;
-            let got = client_accepts(v, &frame, requested);
+            let got = client_accepts(&frame, requested);
             let new_index = le64(&frame[8..]);
             let new_status = le32(&frame[4..]);
             let ok = match pos {
@@ -1636,23 +1622,54 @@ mod tests {
     }
 
     #[test]
-    fn version_1_peers_are_still_served_and_accepted() {
-        // The checksum of version 1 is the payload's alone; both sides still speak it.
-        let page = vec![3u8; PAGE_SIZE];
-        let h = encode_page_header(1, STATUS_OK, 5, Some(&page));
-        assert_eq!(le64(&h[16..]), page_checksum(&page));
-        assert_eq!(check_page(1, 5, le64(&h[16..]), &page), Ok(()));
-        assert!(check_page(2, 5, le64(&h[16..]), &page).is_err());
+    fn version_1_peers_are_refused_with_the_version_error() {
+        // Parsers: version 1 (and any other but 2) is the version error on both sides.
         let mut hello = encode_client_hello();
-        hello[4..6].copy_from_slice(&1u16.to_le_bytes());
-        assert_eq!(parse_client_hello(&hello), Ok(1));
-        assert_eq!(parse_server_hello(&encode_server_hello(1, 9)), Ok((1, 9)));
-        for v in [0u16, 3, 9] {
+        for v in [0u16, 1, 3, 9] {
             hello[4..6].copy_from_slice(&v.to_le_bytes());
             assert_eq!(
                 parse_client_hello(&hello),
                 Err(FrameError::ClientVersion(v))
             );
+            let mut reply = encode_server_hello(PROTOCOL_VERSION, 9);
+            reply[4..6].copy_from_slice(&v.to_le_bytes());
+            assert_eq!(
+                parse_server_hello(&reply),
+                Err(FrameError::ServerVersion(v))
+            );
         }
+        assert_eq!(
+            FrameError::ClientVersion(1).to_string(),
+            "client speaks protocol version 1, we speak only version 2"
+        );
+        // A version-1 page checksum (the payload's alone) is not a valid frame checksum.
+        let page = vec![3u8; PAGE_SIZE];
+        assert!(check_page(5, page_checksum(&page), &page).is_err());
+
+        // On the wire: the server drops a version-1 client after its hello, and the client
+        // refuses a version-1 server's hello.
+        let (a, b) = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (c, l.accept().unwrap().0)
+        };
+        let srv = std::thread::spawn(move || serve_connection(b, image(2)));
+        hello[4..6].copy_from_slice(&1u16.to_le_bytes());
+        (&a).write_all(&hello).unwrap();
+        let e = anyhow::Error::from(srv.join().unwrap().unwrap_err());
+        assert!(
+            format!("{e:#}").contains("client speaks protocol version 1"),
+            "{e:#}"
+        );
+        let addr = fake_server(|mut s| {
+            let mut h = good_hello(4);
+            h[4..6].copy_from_slice(&1u16.to_le_bytes());
+            s.write_all(&h).unwrap();
+        });
+        let e = connect_err(addr);
+        assert!(
+            e.contains("server speaks protocol version 1, we speak only version 2"),
+            "{e}"
+        );
     }
 }
