@@ -4,7 +4,7 @@
 //! crate); [`userfault`] holds the errno-exact wrappers of the series' ioctls the tests assert
 //! on.
 
-pub use kvm_testvm::{caps, guest, mem, uapi, vm};
+pub use kvm_testvm::{caps, guest, mem, rng, uapi, vm};
 pub use kvm_testvm::{guest_assert, guest_assert_eq, require_userfault};
 pub use kvm_testvm::{page_size, Backing, Exit, HostMapping, TestVm, Ucall, Vcpu};
 

@@ -79,6 +79,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kvm_selftests::caps::env_u64;
 use kvm_selftests::guest::{self, read_u64, write_u64};
+use kvm_selftests::rng::Rng;
 use kvm_selftests::uapi::{
     kvm_create_userfault_fd, kvm_userfault_msg, kvm_userfault_range, KVMIO,
     KVM_CAP_USERFAULT_FD_FLAGS, KVM_CREATE_USERFAULT_FD, KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR,
@@ -173,40 +174,18 @@ fn timeout() -> Duration {
 
 // ---- random numbers ----
 
-/// splitmix64 (Steele, Lea, Flood 2014), hand-written so that the fuzzer needs no `rand`
-/// dependency: a 64-bit counter through a mixing function. Good enough to pick operations, and
-/// seeding thread `i` with `seed + i` gives unrelated streams.
-#[derive(Debug, Clone)]
-struct Rng(u64);
+/// Thread `index`'s stream of the run with `seed`.
+fn thread_rng(seed: u64, index: u64) -> Rng {
+    Rng::new(seed.wrapping_add(index))
+}
 
-impl Rng {
-    fn for_thread(seed: u64, index: u64) -> Self {
-        Rng(seed.wrapping_add(index))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform enough in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `num / den`.
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-
+/// The fuzzer's own draw on top of the shared generator.
+trait PageRange {
     /// A range of 1..=max_pages pages starting inside `[base, base + pages)`, clipped to it.
+    fn range(&mut self, base: u64, pages: u64, max_pages: u64) -> (u64, u64);
+}
+
+impl PageRange for Rng {
     fn range(&mut self, base: u64, pages: u64, max_pages: u64) -> (u64, u64) {
         let start = self.below(pages);
         let len = (1 + self.below(max_pages)).min(pages - start);
@@ -1650,11 +1629,11 @@ impl Chaos {
                         "resolve_overflow"
                     }
                     12 => {
-                        r.flags = rng.next() | 1 << rng.below(64);
+                        r.flags = rng.next_u64() | 1 << rng.below(64);
                         "resolve_flags"
                     }
                     _ => {
-                        r.reserved = rng.next() | 1 << rng.below(64);
+                        r.reserved = rng.next_u64() | 1 << rng.below(64);
                         "resolve_reserved"
                     }
                 };
@@ -2383,7 +2362,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     set_userfault(&vm.fd, DATA_GPA, DATA_SIZE).context("SET USERFAULT on the data slot")?;
     let mut vcpus = Vec::new();
     for i in 0..NR_VCPUS {
-        let guest_seed = Rng::for_thread(seed, 100 + i as u64).next();
+        let guest_seed = thread_rng(seed, 100 + i as u64).next_u64();
         vcpus.push(
             vm.add_vcpu_with(guest_fuzz, &[guest_seed, i as u64, STOP_GVA])
                 .with_context(|| format!("vCPU {i}"))?,
@@ -2392,7 +2371,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     let scratch = HostMapping::anonymous(SCRATCH_SIZE as usize).context("scratch memory")?;
 
     // Thread indices for the random streams: vCPUs 0.., resolvers 10.., chaos 20, scratch 21.
-    let mut chaos_rng = Rng::for_thread(seed, 20);
+    let mut chaos_rng = thread_rng(seed, 20);
     let first_vcpu_faults = chaos_rng.chance(1, 2);
     let sh = Arc::new(Shared {
         vm,
@@ -2454,7 +2433,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
     let mut workers = Workers::new(&sh);
     let spawned = (|| -> Result<()> {
         for (i, vcpu) in vcpus.into_iter().enumerate() {
-            let rng = Rng::for_thread(seed, i as u64);
+            let rng = thread_rng(seed, i as u64);
             let h = spawn_with(&sh, VCPU_NAMES[i], true, move |s| {
                 vcpu_thread(s, vcpu, i, rng)
             })?;
@@ -2462,7 +2441,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
             workers.vcpus.push(h);
         }
         for (i, name) in RESOLVER_NAMES.into_iter().enumerate() {
-            let rng = Rng::for_thread(seed, 10 + i as u64);
+            let rng = thread_rng(seed, 10 + i as u64);
             let h = spawn_with(&sh, name, true, move |s| resolver_thread(s, i, rng))?;
             lock(&sh.resolver_threads).push(h.as_pthread_t());
             workers.resolvers.push(h);
@@ -2470,7 +2449,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         workers.watchdog = Some(spawn(&sh, "uf-watchdog", move |s| {
             watchdog_thread(s, stall, seed, secs)
         })?);
-        let scratch_rng = Rng::for_thread(seed, 21);
+        let scratch_rng = thread_rng(seed, 21);
         workers
             .chaos
             .push(spawn_with(&sh, "uf-scratch", true, move |s| {

@@ -81,6 +81,7 @@ use kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use kvm_selftests::caps::env_u64;
 use kvm_selftests::guest::{self, read_u64, write_u64};
+use kvm_selftests::rng::Rng;
 use kvm_selftests::uapi::{
     kvm_userfault_msg, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
     KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEMORY_EXIT_FLAG_READ, KVM_MEMORY_EXIT_FLAG_USERFAULT,
@@ -130,44 +131,6 @@ fn timeout() -> Duration {
 }
 
 // ---- random numbers (splitmix64, as in userfault_fuzz.rs) ----
-
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
-}
-
-/// A stream derived from (seed, a, b): unrelated streams for rounds and threads.
-fn derive(seed: u64, a: u64, b: u64) -> Rng {
-    let mut r = Rng::new(seed ^ a.wrapping_mul(0xa076_1d64_78bd_642f));
-    let x = r.next() ^ b.wrapping_mul(0xe703_7ed1_a0b4_28db);
-    Rng::new(x)
-}
 
 // ---- guest code ----
 
@@ -294,8 +257,8 @@ impl Round {
     /// four rounds is a shuffle of the four types), so KVMUF_STRESS_ROUND replays it alone.
     fn new(seed: u64, index: u64, gmem_ok: bool) -> Round {
         let mut kinds = [0usize, 1, 2, 3];
-        derive(seed, 1, index / 4).shuffle(&mut kinds);
-        let mut r = derive(seed, 2, index);
+        Rng::stream(seed, 1, index / 4).shuffle(&mut kinds);
+        let mut r = Rng::stream(seed, 2, index);
         let mut steps = vec![Step::Uf, Step::Vm, Step::Vcpus, Step::Mem];
         r.shuffle(&mut steps);
         let teardown = match kinds[(index % 4) as usize] {
@@ -319,7 +282,7 @@ impl Round {
         let vcpu_faults = r.chance(1, 2);
         let run_ms = 40 + r.below(260);
         Round {
-            seed: r.next(),
+            seed: r.next_u64(),
             vcpus: 2 + r.below(3) as usize,
             resolvers: 1 + r.below(3) as usize,
             pages: [16, 32, 64][r.below(3) as usize],
@@ -1320,7 +1283,7 @@ fn child_run(round: Round, report: RawFd, cmd: RawFd) -> Result<i32> {
     let uf_fd = create_fd(&vm.fd, flags).map_err(|e| anyhow!("KVM_CREATE_USERFAULT_FD: {e}"))?;
     let mut vcpus = Vec::new();
     for i in 0..round.vcpus {
-        let gseed = derive(round.seed, 3, i as u64).next();
+        let gseed = Rng::stream(round.seed, 3, i as u64).next_u64();
         vcpus.push(vm.add_vcpu_with(guest_stress, &[gseed, i as u64, round.pages, round.outs])?);
     }
     // The chaos thread's own descriptor of the VM, so that closing the VM fd (the `vm` step)
@@ -1365,11 +1328,11 @@ fn child_run(round: Round, report: RawFd, cmd: RawFd) -> Result<i32> {
     }
     let mut resolver_handles = Vec::new();
     for (i, name) in RESOLVER_NAMES.iter().take(round.resolvers).enumerate() {
-        let rng = derive(round.seed, 4, i as u64);
+        let rng = Rng::stream(round.seed, 4, i as u64);
         let h = spawn(&sh, name, move |s| resolver_thread(s, rng))?;
         resolver_handles.push((h.as_pthread_t(), h));
     }
-    let crng = derive(round.seed, 5, 0);
+    let crng = Rng::stream(round.seed, 5, 0);
     let chaos = spawn(&sh, "td-chaos", move |s| chaos_thread(s, chaos_vm, crng))?;
 
     // The run: a phase of normal demand paging, then one where records get withheld.

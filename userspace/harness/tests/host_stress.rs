@@ -19,6 +19,7 @@
 //! seed is printed first; it fixes every round's parameters and access sequences, not the
 //! interleaving). Counts are printed at the end (`--nocapture` to see them on success).
 
+use kvm_testvm::rng::Rng;
 use kvm_userfault::fault::uffd::{Uffd, UffdMode};
 use kvm_userfault::fault::StopSignal;
 use kvm_userfault::handler::{Handler, Install, NoopResolver, Region, Scratch};
@@ -37,28 +38,6 @@ use std::time::{Duration, Instant};
 
 const GPA: u64 = 1 << 32;
 const FAULTING_THREADS: usize = 8;
-
-/// splitmix64: small, seedable, good enough for choosing pages.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 struct Budget {
     seed: u64,
@@ -203,7 +182,7 @@ fn uffd_backend_under_many_faulting_threads() {
         eprintln!("SKIP: userfaultfd unavailable here: {e:#}");
         return;
     }
-    let mut rng = Rng(b.seed);
+    let mut rng = Rng::new(b.seed);
     let mut t = UffdTotals::default();
     while t.rounds == 0 || Instant::now() < b.deadline {
         uffd_round(&mut rng, &mut t);
@@ -228,11 +207,11 @@ fn uffd_backend_under_many_faulting_threads() {
 }
 
 fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
-    let round_seed = rng.next();
-    let pages = rng.range(16, 1024) as usize;
-    let services = rng.range(1, 3) as usize;
-    let prefetch = rng.chance(70).then(|| rng.range(1, 64) as usize);
-    let hot: Vec<usize> = (0..rng.range(1, 4))
+    let round_seed = rng.next_u64();
+    let pages = rng.between(16, 1024) as usize;
+    let services = rng.between(1, 3) as usize;
+    let prefetch = rng.chance(70, 100).then(|| rng.between(1, 64) as usize);
+    let hot: Vec<usize> = (0..rng.between(1, 4))
         .map(|_| rng.below(pages as u64) as usize)
         .collect();
     let kind = match rng.below(3) {
@@ -297,7 +276,8 @@ fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
         });
         let workers: Vec<_> = (0..FAULTING_THREADS)
             .map(|w| {
-                let mut r = Rng(round_seed ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+                let mut r =
+                    Rng::new(round_seed ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
                 let (mem, hot, start, accesses, writes, what) =
                     (&mem, &hot, &start, &accesses, &writes, &what);
                 s.spawn(move || {
@@ -306,7 +286,8 @@ fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
                     // a second time (after the write) is caught.
                     let mut written = vec![false; pages];
                     let mut visit = |p: usize, r: &mut Rng| {
-                        let off = p * PAGE_SIZE + 8 * r.range(1, PAGE_SIZE as u64 / 8 - 1) as usize;
+                        let off =
+                            p * PAGE_SIZE + 8 * r.between(1, PAGE_SIZE as u64 / 8 - 1) as usize;
                         let want = pattern_word(round_seed, off as u64);
                         let got = read_word(mem, off);
                         assert_eq!(got, want, "{what}: thread {w}, page {p}, offset {off:#x}");
@@ -318,7 +299,7 @@ fn uffd_round(rng: &mut Rng, t: &mut UffdTotals) {
                                     marker(round_seed, p),
                                     "{what}: page {p} was filled again after thread {w} wrote it"
                                 );
-                            } else if r.chance(50) {
+                            } else if r.chance(50, 100) {
                                 mem.write(w0, &marker(round_seed, p).to_le_bytes()).unwrap();
                                 written[p] = true;
                                 writes.fetch_add(1, Relaxed);
@@ -467,7 +448,7 @@ struct RemoteTotals {
 #[test]
 fn remote_source_one_server_many_clients() {
     let b = budget("remote stress");
-    let mut rng = Rng(b.seed);
+    let mut rng = Rng::new(b.seed);
     let mut t = RemoteTotals::default();
     while t.rounds == 0 || Instant::now() < b.deadline {
         remote_round(&mut rng, &mut t);
@@ -492,9 +473,9 @@ fn remote_source_one_server_many_clients() {
 }
 
 fn remote_round(rng: &mut Rng, t: &mut RemoteTotals) {
-    let round_seed = rng.next();
-    let pages = rng.range(16, 768) as usize;
-    let clients = rng.range(2, 4) as usize;
+    let round_seed = rng.next_u64();
+    let pages = rng.between(16, 768) as usize;
+    let clients = rng.between(2, 4) as usize;
     let what = format!(
         "remote round {} (seed {round_seed}, {pages} pages, {clients} clients)",
         t.rounds
@@ -507,10 +488,10 @@ fn remote_round(rng: &mut Rng, t: &mut RemoteTotals) {
     let plans: Vec<(usize, Option<usize>, usize, u64)> = (0..clients)
         .map(|_| {
             (
-                rng.range(1, 3) as usize,
-                rng.chance(75).then(|| rng.range(1, 48) as usize),
-                rng.range(0, 32) as usize,
-                rng.next(),
+                rng.between(1, 3) as usize,
+                rng.chance(75, 100).then(|| rng.between(1, 48) as usize),
+                rng.between(0, 32) as usize,
+                rng.next_u64(),
             )
         })
         .collect();
@@ -580,12 +561,12 @@ fn remote_round(rng: &mut Rng, t: &mut RemoteTotals) {
                             s.spawn(move || h.prefetch_all(batch));
                         }
                         // Extra prefetch hints straight to the source, racing everything.
-                        let mut hr = Rng(cseed ^ 0x5555);
+                        let mut hr = Rng::new(cseed ^ 0x5555);
                         let remote2 = remote.clone();
                         s.spawn(move || {
                             for _ in 0..hints {
                                 let first = hr.below(pages as u64);
-                                let n = hr.range(1, 300).min(pages as u64 - first);
+                                let n = hr.between(1, 300).min(pages as u64 - first);
                                 let idx: Vec<u64> = (first..first + n).collect();
                                 remote2.request(&idx, Urgency::Prefetch);
                                 std::thread::yield_now();
@@ -593,7 +574,7 @@ fn remote_round(rng: &mut Rng, t: &mut RemoteTotals) {
                         });
                         for d in 0..demanders {
                             let (h, mem, demand_calls) = (&h, &mem, &demand_calls);
-                            let mut r = Rng(cseed ^ (d as u64 + 1).wrapping_mul(0x9E37_79B9));
+                            let mut r = Rng::new(cseed ^ (d as u64 + 1).wrapping_mul(0x9E37_79B9));
                             s.spawn(move || {
                                 let mut scratch = Scratch::default();
                                 let mut page = vec![0u8; PAGE_SIZE];
@@ -615,7 +596,7 @@ fn remote_round(rng: &mut Rng, t: &mut RemoteTotals) {
                                 };
                                 for _ in 0..pages / 4 {
                                     // A batch of 1..8 random pages, duplicates allowed.
-                                    let n = r.range(1, 8) as usize;
+                                    let n = r.between(1, 8) as usize;
                                     let ps: Vec<u64> =
                                         (0..n).map(|_| r.below(pages as u64)).collect();
                                     demand(&ps);

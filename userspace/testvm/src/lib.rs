@@ -8,6 +8,7 @@
 pub mod caps;
 pub mod guest;
 pub mod mem;
+pub mod rng;
 pub mod uapi;
 pub mod vm;
 
