@@ -7,9 +7,11 @@
 
 pub mod caps;
 pub mod guest;
+mod image;
 pub mod mem;
 pub mod uapi;
+mod vcpu;
 pub mod vm;
 
-pub use mem::{page_size, Backing, HostMapping};
-pub use vm::{Exit, TestVm, Ucall, Vcpu};
+pub use mem::{page_size, Backing, GuestMem, HostMapping};
+pub use vm::{Exit, Region, TestVm, Ucall, Vcpu, VmHandle, VmOptions};
