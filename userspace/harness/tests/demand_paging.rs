@@ -9,7 +9,7 @@ use kvm_userfault::source::{
 };
 use kvm_userfault_harness::guest::fill_pattern_page;
 use kvm_userfault_harness::runner::{run_workload, Mode, RunConfig};
-use kvm_userfault_harness::vm::{Backing, Vm};
+use kvm_userfault_harness::vm::{add_data_region, Backing, Vm, SHARED_GUEST_MEMFD};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -208,14 +208,13 @@ fn kvm_async_from_remote_source_over_loopback() {
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
-    use kvm_ioctls::VcpuExit;
     use kvm_userfault::fault::StopSignal;
     use kvm_userfault::handler::{Handler, Install, Region};
     use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
     use kvm_userfault::ioctls::{FdResolver, UserfaultFd};
     use kvm_userfault::serve::serve_userfault_fd;
     use kvm_userfault::uapi::KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
-    use kvm_userfault_harness::guest::{self, WorkloadPart};
+    use kvm_userfault_harness::guest::{WorkloadPart, WorkloadVcpu};
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
@@ -229,17 +228,13 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
 
     // The VMM: VM, memory, attribute, fd; then it hands the fds away and keeps none.
     let mut vm = Vm::new().unwrap();
-    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon).unwrap();
-    sys.mapping
-        .write(0, &guest::system_image(2, &guest::workload_code()).unwrap())
-        .unwrap();
-    vm.add_slot(gpa, size, Backing::GuestMemfd).unwrap();
+    let data = add_data_region(&mut vm, gpa, size, SHARED_GUEST_MEMFD).unwrap();
     vm.set_userfault(gpa, size, true).unwrap();
     let ufd = vm
         .create_userfault_fd(KVM_USERFAULT_FD_FLAG_VCPU_FAULTS)
         .unwrap();
     let (vmm_sock, handler_sock) = UnixStream::pair().unwrap();
-    let gmem = vm.slots[1].fd.as_ref().unwrap().as_raw_fd();
+    let gmem = data.fd.as_ref().unwrap().as_raw_fd();
     let region = RegionDesc {
         gpa,
         size,
@@ -279,58 +274,36 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
         handler.stats.summary()
     });
 
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    guest::setup_long_mode(&vcpu).unwrap();
     let part = WorkloadPart {
         gpa,
         pages,
         image_offset: 0,
         seed: SEED,
-        vcpu: 0,
     };
-    guest::setup_workload_regs(&vcpu, &part).unwrap();
-    loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::PORT_DONE, _)) => break,
-            Ok(VcpuExit::IoOut(guest::PORT_PROGRESS, _)) => {}
-            Ok(VcpuExit::IoOut(guest::PORT_FAIL, _)) => {
-                let m = guest::Mailbox::read(&vm.slots[0].mapping, 0).unwrap();
-                panic!("guest found wrong contents: {m:?}");
-            }
-            Err(e) if e.errno() == libc::EINTR => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
+    let mut vcpu = WorkloadVcpu::new(&mut vm, part).unwrap();
+    if let Err(e) = vcpu.run_to_end() {
+        panic!("the guest failed: {e}");
     }
+    assert_eq!(vcpu.verified_pages(), pages);
     stop.stop();
     eprintln!("handoff: {}", handler_thread.join().unwrap());
 }
 
 /// Runs the workload guest on its own thread until it reports DONE (or fails).
 fn spawn_workload_vcpu(
-    vm: &Vm,
+    vm: &mut Vm,
     gpa: u64,
     pages: u64,
 ) -> std::thread::JoinHandle<Result<(), String>> {
-    use kvm_ioctls::VcpuExit;
-    use kvm_userfault_harness::guest::{self, WorkloadPart};
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    guest::setup_long_mode(&vcpu).unwrap();
+    use kvm_userfault_harness::guest::{WorkloadPart, WorkloadVcpu};
     let part = WorkloadPart {
         gpa,
         pages,
         image_offset: 0,
         seed: SEED,
-        vcpu: 0,
     };
-    guest::setup_workload_regs(&vcpu, &part).unwrap();
-    std::thread::spawn(move || loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::PORT_DONE, _)) => return Ok(()),
-            Ok(VcpuExit::IoOut(guest::PORT_PROGRESS, _)) => {}
-            Err(e) if e.errno() == libc::EINTR => {}
-            other => return Err(format!("unexpected exit {other:?}")),
-        }
-    })
+    let mut vcpu = WorkloadVcpu::new(vm, part).unwrap();
+    std::thread::spawn(move || vcpu.run_to_end().map_err(|e| e.to_string()))
 }
 
 fn join_within<T>(h: std::thread::JoinHandle<T>, limit: Duration, what: &str) -> T {
@@ -356,7 +329,6 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
     use kvm_userfault::ioctls::{FdResolver, ReadStatus};
     use kvm_userfault::serve::serve_userfault_fd;
     use kvm_userfault::uapi::{KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, USERFAULT_MSG_SIZE};
-    use kvm_userfault_harness::guest;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
@@ -367,17 +339,13 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
     let (gpa, size) = (1u64 << 30, 64 * 4096);
     let src = image_source("restart.snap", pages);
     let mut vm = Vm::new().unwrap();
-    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon).unwrap();
-    sys.mapping
-        .write(0, &guest::system_image(2, &guest::workload_code()).unwrap())
-        .unwrap();
-    vm.add_slot(gpa, size, Backing::GuestMemfd).unwrap();
+    let data = add_data_region(&mut vm, gpa, size, SHARED_GUEST_MEMFD).unwrap();
     vm.set_userfault(gpa, size, true).unwrap();
     let ufd = vm
         .create_userfault_fd(KVM_USERFAULT_FD_FLAG_VCPU_FAULTS)
         .unwrap();
     assert_eq!(ufd.msg_size(), USERFAULT_MSG_SIZE, "negotiated record size");
-    let vcpu = spawn_workload_vcpu(&vm, gpa, pages);
+    let vcpu = spawn_workload_vcpu(&mut vm, gpa, pages);
 
     // The first handler reads the vCPU's first fault (blocking read) and dies with it.
     let mut buf = [0u8; 4 * USERFAULT_MSG_SIZE];
@@ -390,7 +358,7 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
 
     // The next handler: only what comes over the socket; the record comes back on receipt.
     let (vmm_sock, handler_sock) = UnixStream::pair().unwrap();
-    let gmem = vm.slots[1].fd.as_ref().unwrap().as_raw_fd();
+    let gmem = data.fd.as_ref().unwrap().as_raw_fd();
     let region = RegionDesc {
         gpa,
         size,
@@ -458,7 +426,8 @@ fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
         return;
     }
     let mut vm = Vm::new().unwrap();
-    vm.add_slot(1 << 30, 1 << 20, Backing::Anon).unwrap();
+    vm.add_region(1, 1 << 30, 1 << 20, Backing::Anonymous)
+        .unwrap();
     let ufd = Arc::new(vm.create_userfault_fd(0).unwrap());
     let mem = Mapping::new(1 << 20, None).unwrap();
     let region = Region {

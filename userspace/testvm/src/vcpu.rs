@@ -28,6 +28,27 @@ pub enum Ucall {
     },
 }
 
+impl Ucall {
+    /// What went wrong in the guest, for a failed assertion or an unexpected exception (with
+    /// the exception's name, and where RIP is in the test binary); `None` for SYNC and DONE.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Ucall::Assert(msg) => Some(msg.clone()),
+            Ucall::Unhandled {
+                vector,
+                rip,
+                error_code,
+                cr2,
+            } => Some(format!(
+                "unexpected guest exception {} ({vector}) at RIP {rip:#x}{}, error code {error_code:#x}, CR2 {cr2:#x}",
+                vector_name(*vector),
+                describe_code(*rip)
+            )),
+            Ucall::Sync(_) | Ucall::Done => None,
+        }
+    }
+}
+
 /// Why `KVM_RUN` returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
@@ -233,13 +254,10 @@ impl Vcpu {
     pub fn run_ucall(&mut self) -> Result<Ucall> {
         let id = self.id;
         match self.run().with_context(|| format!("vCPU {id}: KVM_RUN"))? {
-            Exit::Ucall(Ucall::Assert(msg)) => bail!("vCPU {id}: {msg}"),
-            Exit::Ucall(Ucall::Unhandled { vector, rip, error_code, cr2 }) => bail!(
-                "vCPU {id}: unexpected guest exception {} ({vector}) at RIP {rip:#x}{}, error code {error_code:#x}, CR2 {cr2:#x}",
-                vector_name(vector),
-                describe_code(rip)
-            ),
-            Exit::Ucall(u) => Ok(u),
+            Exit::Ucall(u) => match u.failure() {
+                Some(why) => bail!("vCPU {id}: {why}"),
+                None => Ok(u),
+            },
             other => bail!("vCPU {id}: unexpected exit {other:?}"),
         }
     }
