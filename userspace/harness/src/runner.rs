@@ -19,6 +19,7 @@ use kvm_userfault::source::PageSource;
 use kvm_userfault::uapi::{KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS};
 use kvm_userfault::PAGE_SIZE;
 use nix::sys::mman::{mprotect, ProtFlags};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::ptr::NonNull;
@@ -338,20 +339,23 @@ extern "C" fn noop_signal(_: libc::c_int) {}
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // SAFETY: installs an async-signal-safe no-op handler; sigaction is zeroed then filled.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = noop_signal as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = 0;
-            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        let kick = SigAction::new(
+            SigHandler::Handler(noop_signal),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, so it is async-signal-safe. It replaces the
+        // process's SIGUSR1 disposition, which run_workload documents.
+        if let Err(e) = unsafe { sigaction(Signal::SIGUSR1, &kick) } {
+            tracing::error!("installing the SIGUSR1 kick handler: {e}");
         }
     });
 }
 
 /// Runs the workload; every page is checked by the guest.
 ///
-/// On failure the run stops as a whole: the vCPUs are kicked out of KVM_RUN, waiters are
+/// On failure the run stops as a whole: the vCPUs are kicked out of KVM_RUN (with SIGUSR1,
+/// for which the first run installs a handler that does nothing), waiters are
 /// released without contents (no page is ever made visible that the source did not supply
 /// whole and verified), every thread is joined, and the error is the first cause with what
 /// each vCPU had verified until then.

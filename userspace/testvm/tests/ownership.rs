@@ -5,7 +5,7 @@
 
 use kvm_testvm::guest::{self, read_u64, write_u64};
 use kvm_testvm::vm::{TEST_GPA, VCPU_LIMIT};
-use kvm_testvm::{Backing, Exit, TestVm, Ucall, VmOptions};
+use kvm_testvm::{Backing, Exit, TestVm, VmOptions};
 
 /// Reads the word at `addr`, reports it, then writes `v` there and reports again.
 extern "C" fn guest_read_then_write(addr: u64, v: u64, _: u64, _: u64) {
