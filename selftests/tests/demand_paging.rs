@@ -324,7 +324,7 @@ fn vcpu_worker(
                 match resolve_fd {
                     Some(fd) => userfault::resolve(fd, gpa, PAGE)
                         .with_context(|| format!("KVM_USERFAULT_RESOLVE at {gpa:#x}"))?,
-                    None => userfault::clear_userfault(&vm.fd, gpa, PAGE)
+                    None => userfault::clear_userfault(vm.fd(), gpa, PAGE)
                         .with_context(|| format!("clear USERFAULT at {gpa:#x}"))?,
                 }
                 exits.fetch_add(1, Ordering::Relaxed);
@@ -375,7 +375,7 @@ fn run_test(p: &Params) -> Result<()> {
     );
     println!("guest physical test memory: [{gpa:#x}, {:#x})", gpa + total);
     vm.add_mapped_region(1, gpa, total, p.backing)?;
-    let region = Arc::new(clone_region(vm.region(1)));
+    let region = Arc::new(vm.region(1).clone());
     if p.backing == Backing::AnonymousThp {
         // Back every 2 MiB with a (zero) huge page before the guest runs, as a THP-backed
         // destination of a postcopy migration is: touching one byte of each 2 MiB range of a
@@ -459,21 +459,21 @@ fn run_test(p: &Params) -> Result<()> {
             }
         }
         Mode::KvmSync => {
-            userfault::set_userfault(&vm.fd, gpa, total)
+            userfault::set_userfault(vm.fd(), gpa, total)
                 .context("set USERFAULT on the test region")?;
             if p.sync_resolve_fd {
                 // vCPU faults still exit: no VCPU_FAULTS. (This guest makes KVM access none
                 // of the test memory itself, so no record is ever posted.)
-                let fd = userfault::create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_NONBLOCK)
+                let fd = userfault::create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_NONBLOCK)
                     .context("KVM_CREATE_USERFAULT_FD(NONBLOCK)")?;
                 ufd = Some(fd);
             }
         }
         Mode::KvmAsync => {
-            userfault::set_userfault(&vm.fd, gpa, total)
+            userfault::set_userfault(vm.fd(), gpa, total)
                 .context("set USERFAULT on the test region")?;
             let fd = userfault::create_fd(
-                &vm.fd,
+                vm.fd(),
                 KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
             )
             .context("KVM_CREATE_USERFAULT_FD(VCPU_FAULTS | NONBLOCK)")?;
@@ -594,18 +594,6 @@ fn run_test(p: &Params) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn clone_region(r: &Region) -> Region {
-    Region {
-        slot: r.slot,
-        gpa: r.gpa,
-        size: r.size,
-        backing: r.backing,
-        mapping: r.mapping.clone(),
-        fd: r.fd.clone(),
-        alias: r.alias.clone(),
-    }
 }
 
 #[test]

@@ -603,7 +603,7 @@ fn guest_memfd_guest() {
         return;
     }
     let mut vm = TestVm::new().unwrap();
-    let valid = gmem_flags(&vm.fd);
+    let valid = gmem_flags(vm.fd());
     assert!(
         valid & GUEST_MEMFD_FLAG_MMAP != 0,
         "default VM type should support MMAP, supported flags = {valid:#x}"

@@ -318,7 +318,7 @@ fn memory_attributes_probe_matches_ioctl() {
         .unwrap();
     let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES.into()) as u64;
     let uf = KVM_MEMORY_ATTRIBUTE_USERFAULT;
-    let r = set_attributes(&vm.fd, TEST_GPA, 4096, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET);
+    let r = set_attributes(vm.fd(), TEST_GPA, 4096, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET);
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 {
         // EINVAL for an unsupported attribute; ENOTTY where the VM supports no attributes at
         // all and the ioctl is not even dispatched.
@@ -334,7 +334,7 @@ fn memory_attributes_probe_matches_ioctl() {
     } else {
         r.expect("USERFAULT advertised but rejected");
         assert_eq!(
-            set_attributes(&vm.fd, TEST_GPA, 4096, uf, 0),
+            set_attributes(vm.fd(), TEST_GPA, 4096, uf, 0),
             Err(Errno::EINVAL),
             "an exact (flags 0) update listing USERFAULT"
         );
@@ -364,7 +364,7 @@ fn assert_userfault_exit(vm: &mut TestVm, gva: u64, what: &str) {
         other => panic!("{what}: expected a USERFAULT exit, got {other:?}"),
     }
     set_attributes(
-        &vm.fd,
+        vm.fd(),
         gva & !0xfff,
         4096,
         KVM_MEMORY_ATTRIBUTE_USERFAULT,
@@ -411,29 +411,35 @@ fn userfault_attribute_accepted() {
         ("no memslot", TEST_GPA + (3 << 30), false),
     ] {
         assert_eq!(
-            set_attributes(&vm.fd, gpa, 2 << 20, uf, 0),
+            set_attributes(vm.fd(), gpa, 2 << 20, uf, 0),
             Err(Errno::EINVAL),
             "{what}: exact value listing USERFAULT"
         );
-        set_attributes(&vm.fd, gpa + 4096, 4096, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET)
-            .unwrap_or_else(|e| panic!("{what}: SET one page: {e}"));
+        set_attributes(
+            vm.fd(),
+            gpa + 4096,
+            4096,
+            uf,
+            KVM_MEMORY_ATTRIBUTES_FLAG_SET,
+        )
+        .unwrap_or_else(|e| panic!("{what}: SET one page: {e}"));
         // An exact update of the other attributes does not touch USERFAULT.
-        set_attributes(&vm.fd, gpa, 2 << 20, 0, 0)
+        set_attributes(vm.fd(), gpa, 2 << 20, 0, 0)
             .unwrap_or_else(|e| panic!("{what}: exact 0: {e}"));
         if has_slot {
             assert_userfault_exit(&mut vm, gpa + 4096 + 8, &format!("{what} after exact 0"));
         }
         // Clearing a range wider than what is set is fine.
-        set_attributes(&vm.fd, gpa, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR)
+        set_attributes(vm.fd(), gpa, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_CLEAR)
             .unwrap_or_else(|e| panic!("{what}: CLEAR wider: {e}"));
-        set_attributes(&vm.fd, gpa, 2 << 20, 0, 0)
+        set_attributes(vm.fd(), gpa, 2 << 20, 0, 0)
             .unwrap_or_else(|e| panic!("{what}: exact 0: {e}"));
     }
     // Memslots can still be added and deleted over gfns that were SET without a memslot. The
     // state is kept per memslot, so a new memslot starts without USERFAULT: a load from it
     // completes without an exit.
     let gpa4 = TEST_GPA + (4 << 30);
-    set_attributes(&vm.fd, gpa4, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET).unwrap();
+    set_attributes(vm.fd(), gpa4, 2 << 20, uf, KVM_MEMORY_ATTRIBUTES_FLAG_SET).unwrap();
     vm.add_mapped_region(4, gpa4, 2 << 20, Backing::Anonymous)
         .expect("memslot over USERFAULT gfns");
     let mut vcpu = vm.add_vcpu_with(guest_load, &[gpa4 + 8]).unwrap();
@@ -442,6 +448,6 @@ fn userfault_attribute_accepted() {
         vec![0],
         "a new memslot's memory is not USERFAULT"
     );
-    vm.set_region2(4, 0, gpa4, 0, 0, None, 0)
-        .expect("delete that memslot");
+    // SAFETY: a deletion (size 0) registers no memory.
+    unsafe { vm.set_region2(4, 0, gpa4, 0, 0, None, 0) }.expect("delete that memslot");
 }

@@ -362,7 +362,7 @@ fn sync_exit_fields() {
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 2);
         let gpa = TEST_GPA + PAGE;
-        set_userfault(&vm.fd, gpa, PAGE).unwrap();
+        set_userfault(vm.fd(), gpa, PAGE).unwrap();
         // An unaligned access inside the page: the exit reports the page.
         let mut vcpu = vm.add_vcpu_with(guest_read, &[gpa + 0x100, 1]).unwrap();
         match vcpu.run() {
@@ -397,7 +397,7 @@ fn sync_exit_fields() {
             "{name}: unresolved gfn must fault again"
         );
         fill(&vm, gpa);
-        clear_userfault(&vm.fd, gpa, PAGE).unwrap();
+        clear_userfault(vm.fd(), gpa, PAGE).unwrap();
         assert_eq!(
             vcpu.run_to_sync().unwrap(),
             vec![page_value(gpa)],
@@ -406,7 +406,7 @@ fn sync_exit_fields() {
 
         // A store, at an unaligned offset.
         let target = TEST_GPA + 0x18;
-        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         let mut vcpu = vm
             .add_vcpu_with(guest_write, &[target, 0x1234_5678])
             .unwrap();
@@ -425,7 +425,7 @@ fn sync_exit_fields() {
             }
             other => panic!("{name}: expected a USERFAULT exit for the store, got {other:?}"),
         }
-        clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        clear_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         assert_eq!(
             vcpu.run_to_sync().unwrap(),
             vec![0x1234_5678],
@@ -451,7 +451,7 @@ fn sync_exit_access_flags() {
     assert_eq!(KVM_MEMORY_EXIT_FLAG_EXEC, KVM_USERFAULT_MSG_EXEC as u64);
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 3);
-        set_userfault(&vm.fd, TEST_GPA, 3 * PAGE).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, 3 * PAGE).unwrap();
         let (load, store, code) = (TEST_GPA, TEST_GPA + PAGE, TEST_GPA + 2 * PAGE);
         let cases: [(&str, guest::GuestFn, [u64; 2], u64, u64); 3] = [
             (
@@ -497,7 +497,7 @@ fn sync_exit_access_flags() {
             } else {
                 fill(&vm, page);
             }
-            clear_userfault(&vm.fd, page, PAGE).unwrap();
+            clear_userfault(vm.fd(), page, PAGE).unwrap();
             let want = match what {
                 "load" => page_value(load),
                 "store" => 0x5151,
@@ -525,7 +525,7 @@ fn set_zaps_existing_mappings() {
         // The first run maps the page; the second (after setting USERFAULT) must fault.
         assert_eq!(vcpu.run_to_sync().unwrap(), vec![page_value(TEST_GPA)]);
         vcpu.run_to_done().unwrap();
-        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         vcpu.set_entry(guest_read, &[TEST_GPA, 1]).unwrap();
         match vcpu.run() {
             Ok(Exit::MemoryFault { flags, gpa, .. }) => {
@@ -536,7 +536,7 @@ fn set_zaps_existing_mappings() {
                 panic!("{name}: a mapped page must fault after USERFAULT is set, got {other:?}")
             }
         }
-        clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        clear_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         assert_eq!(
             vcpu.run_to_sync().unwrap(),
             vec![page_value(TEST_GPA)],
@@ -562,6 +562,8 @@ fn delta_flags_keep_private() {
         );
         return;
     }
+    // The shared half of the private slot below; declared before the VM, so it outlives it.
+    let anon = HostMapping::anonymous(PAGE as usize).unwrap();
     let mut vm = TestVm::with_type(SW_PROTECTED).unwrap();
     let attrs = vm.check_cap(KVM_CAP_MEMORY_ATTRIBUTES.into()) as u64;
     if attrs & KVM_MEMORY_ATTRIBUTE_USERFAULT == 0 || vm.check_cap(KVM_CAP_USERFAULT as u64) <= 0 {
@@ -580,21 +582,24 @@ fn delta_flags_keep_private() {
     // A private guest_memfd slot cannot be mmap()ed: set it up by hand, with anonymous memory
     // for the shared half.
     let gfd = vm.create_guest_memfd(PAGE, 0).unwrap();
-    let anon = HostMapping::anonymous(PAGE as usize).unwrap();
-    vm.set_region2(
-        2,
-        0,
-        TEST_GPA + (1 << 30),
-        PAGE,
-        anon.addr(),
-        Some(gfd.as_raw_fd()),
-        0,
-    )
+    // SAFETY: `anon` is a PAGE-byte mapping that nothing else touches, declared before `vm`,
+    // so it is unmapped after the VM is gone.
+    unsafe {
+        vm.set_region2(
+            2,
+            0,
+            TEST_GPA + (1 << 30),
+            PAGE,
+            anon.addr(),
+            Some(gfd.as_raw_fd()),
+            0,
+        )
+    }
     .unwrap();
     let gpa = TEST_GPA + (1 << 30);
     vm.map(gpa, gpa, PAGE).unwrap();
     set_attributes(
-        &vm.fd,
+        vm.fd(),
         gpa,
         PAGE,
         u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
@@ -602,7 +607,7 @@ fn delta_flags_keep_private() {
     )
     .unwrap();
     set_attributes(
-        &vm.fd,
+        vm.fd(),
         gpa,
         PAGE,
         KVM_MEMORY_ATTRIBUTE_USERFAULT,
@@ -628,7 +633,7 @@ fn delta_flags_keep_private() {
     }
     // Exact private/shared conversions leave USERFAULT alone: converted to shared, the gfn
     // still exits (USERFAULT without PRIVATE); converted back, PRIVATE|USERFAULT again.
-    set_attributes(&vm.fd, gpa, PAGE, 0, 0).expect("exact conversion to shared");
+    set_attributes(vm.fd(), gpa, PAGE, 0, 0).expect("exact conversion to shared");
     match vcpu.run() {
         Ok(Exit::MemoryFault { flags, gpa: g, .. }) => {
             assert_eq!(g, gpa);
@@ -641,7 +646,7 @@ fn delta_flags_keep_private() {
         other => panic!("an exact conversion to shared cleared USERFAULT: got {other:?}"),
     }
     set_attributes(
-        &vm.fd,
+        vm.fd(),
         gpa,
         PAGE,
         u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
@@ -660,7 +665,7 @@ fn delta_flags_keep_private() {
         other => panic!("an exact conversion to private cleared USERFAULT: got {other:?}"),
     }
     set_attributes(
-        &vm.fd,
+        vm.fd(),
         gpa,
         PAGE,
         KVM_MEMORY_ATTRIBUTE_USERFAULT,
@@ -686,8 +691,8 @@ fn async_kvm_access_read() {
     require_userfault!("userfault::async_kvm_access_read");
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 1);
-        let fd = create_fd(&vm.fd, 0).unwrap();
-        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        let fd = create_fd(vm.fd(), 0).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         let _v0 = vm.add_vcpu().unwrap();
         let vcpu = vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap();
         let h = run_async(vcpu);
@@ -733,8 +738,8 @@ fn async_kvm_access_write() {
     require_userfault!("userfault::async_kvm_access_write");
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 1);
-        let fd = create_fd(&vm.fd, 0).unwrap();
-        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        let fd = create_fd(vm.fd(), 0).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         let mut vcpu = vm.add_vcpu_with(guest_ins, &[TEST_GPA + 16, 8]).unwrap();
         vcpu.io_in_fill = 0x5c;
         let h = run_async(vcpu);
@@ -787,7 +792,7 @@ fn exec_faults() {
     require_userfault!("userfault::exec_faults");
     let mut vm = vm_with(gmem(), 2);
     let code = TEST_GPA + 0x40;
-    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
     let mut vcpu = vm.add_vcpu_with(guest_call, &[code]).unwrap();
     match vcpu.run() {
         Ok(Exit::MemoryFault { flags, gpa, size }) => {
@@ -801,9 +806,9 @@ fn exec_faults() {
         other => panic!("expected a USERFAULT exit for the instruction fetch, got {other:?}"),
     }
     vm.region(1).mapping.write(0x40, &[0xc3]); // ret
-    clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    clear_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     assert_eq!(vcpu.run_to_sync().unwrap(), vec![code]);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
     let code = TEST_GPA + PAGE + 0x80;
     let h = run_async(vm.add_vcpu_with(guest_call, &[code]).unwrap());
     let rec = read_one(fd.as_raw_fd(), "exec");
@@ -846,7 +851,7 @@ fn no_huge_mapping_covers_userfault_gfn() {
         assert_eq!(vcpu.run_to_sync().unwrap(), vec![sum], "{name}: first pass");
         vcpu.run_to_done().unwrap();
         let hole = TEST_GPA + 300 * PAGE;
-        set_userfault(&vm.fd, hole, PAGE).unwrap();
+        set_userfault(vm.fd(), hole, PAGE).unwrap();
         vcpu.set_entry(guest_sum, &[TEST_GPA, pages]).unwrap();
         let mut exits = Vec::new();
         let got = loop {
@@ -860,7 +865,7 @@ fn no_huge_mapping_covers_userfault_gfn() {
                     assert_eq!(size, PAGE, "{name}: exit size");
                     exits.push(gpa);
                     assert!(exits.len() < 4, "{name}: exits {exits:x?}");
-                    clear_userfault(&vm.fd, gpa, PAGE).unwrap();
+                    clear_userfault(vm.fd(), gpa, PAGE).unwrap();
                 }
                 Ok(Exit::Ucall(Ucall::Sync(a))) => break a,
                 other => panic!("{name}: unexpected {other:?}"),
@@ -879,8 +884,8 @@ fn async_vcpu_faults_read_and_write() {
     require_userfault!("userfault::async_vcpu_faults_read_and_write");
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 2);
-        let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
-        set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+        let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
 
         let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
         let rec = read_one(fd.as_raw_fd(), name);
@@ -928,7 +933,7 @@ fn async_poll_epoll_and_blocking() {
     require_userfault!("userfault::async_poll_epoll_and_blocking");
     let mut vm = vm_with(gmem(), 2);
     {
-        let nb = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_NONBLOCK).unwrap();
+        let nb = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_NONBLOCK).unwrap();
         let (fl, fdfl) = fd_flags(nb.as_raw_fd());
         assert_ne!(fl & libc::O_NONBLOCK, 0, "NONBLOCK flag gives O_NONBLOCK");
         assert_ne!(
@@ -942,7 +947,7 @@ fn async_poll_epoll_and_blocking() {
             "empty non-blocking read"
         );
     }
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
     let raw = fd.as_raw_fd();
     let (fl, fdfl) = fd_flags(raw);
     assert_eq!(fl & libc::O_NONBLOCK, 0, "no O_NONBLOCK without the flag");
@@ -978,7 +983,7 @@ fn async_poll_epoll_and_blocking() {
     };
     assert!(epoll_wait(0).is_empty(), "EPOLLIN with nothing queued");
 
-    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
     // A blocking read started before the fault returns the record.
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -1038,7 +1043,7 @@ fn async_read_sizes() {
     require_userfault!("userfault::async_read_sizes");
     let mut vm = vm_with(gmem(), 4);
     let fd = create_fd(
-        &vm.fd,
+        vm.fd(),
         KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
     )
     .unwrap();
@@ -1048,7 +1053,7 @@ fn async_read_sizes() {
         Err(Errno::EINVAL),
         "buffer smaller than a record"
     );
-    set_userfault(&vm.fd, TEST_GPA, 4 * PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, 4 * PAGE).unwrap();
     // Three vCPUs fault on three different pages: three records queue up.
     let hs: Vec<_> = (0..3)
         .map(|i| {
@@ -1117,7 +1122,7 @@ fn async_read_sizes() {
 fn async_io_uring_read() {
     require_userfault!("userfault::async_io_uring_read");
     let mut vm = vm_with(gmem(), 1);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
     let mut ring = io_uring::IoUring::new(8).expect("io_uring_setup");
     let mut buf = vec![0u8; 4 * USERFAULT_MSG_SIZE];
     let sqe = io_uring::opcode::Read::new(
@@ -1131,7 +1136,7 @@ fn async_io_uring_read() {
     // dropping it.
     unsafe { ring.submission().push(&sqe).expect("submission queue full") };
     ring.submit().expect("io_uring_enter");
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     // Wait for the completion with a bound, so a missing wake-up fails instead of hanging.
     let deadline = Instant::now() + timeout();
@@ -1168,11 +1173,11 @@ fn coalescing() {
     require_userfault!("userfault::coalescing");
     let mut vm = vm_with(gmem(), 1);
     let fd = create_fd(
-        &vm.fd,
+        vm.fd(),
         KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
     )
     .unwrap();
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     // Three guest loads and one KVM (emulator) access, all on the same gfn.
     let mut hs: Vec<_> = (0..3)
         .map(|_| run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap()))
@@ -1216,8 +1221,8 @@ fn coalescing() {
 fn wake_on_clear_through_attributes() {
     require_userfault!("userfault::wake_on_clear_through_attributes");
     let mut vm = vm_with(Backing::Anonymous, 2);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
-    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
     let g = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA + PAGE, 8]).unwrap());
     let mut gfns: Vec<u64> = read_n(fd.as_raw_fd(), 2, "wake")
@@ -1230,7 +1235,7 @@ fn wake_on_clear_through_attributes() {
     assert_sleeping(&e, "KVM access");
     fill(&vm, TEST_GPA);
     fill(&vm, TEST_GPA + PAGE);
-    clear_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    clear_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
     let (_, r, _) = join(g, "guest fault woken by KVM_SET_MEMORY_ATTRIBUTES");
     assert_eq!(expect_sync(r, "guest fault"), vec![page_value(TEST_GPA)]);
     let (_, r, data) = join(e, "KVM access woken by KVM_SET_MEMORY_ATTRIBUTES");
@@ -1246,8 +1251,8 @@ fn wake_on_clear_through_attributes() {
 fn close_wakes_waiters() {
     require_userfault!("userfault::close_wakes_waiters");
     let mut vm = vm_with(gmem(), 2);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
-    set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
     let g = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA + PAGE, 8]).unwrap());
     read_n(fd.as_raw_fd(), 2, "close");
@@ -1265,7 +1270,7 @@ fn close_wakes_waiters() {
         other => panic!("after close, a VCPU_FAULTS vCPU falls back to a sync exit; got {other:?}"),
     }
     fill(&vm, TEST_GPA);
-    clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    clear_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     assert_eq!(vcpu.run_to_sync().unwrap(), vec![page_value(TEST_GPA)]);
     let (_, r, data) = join(e, "KVM access after close");
     assert_eq!(
@@ -1279,7 +1284,7 @@ fn close_wakes_waiters() {
         "the released emulated access reads the memory"
     );
     // The fd can be created again once the first is closed.
-    drop(create_fd(&vm.fd, 0).expect("a new fd after the old one was closed"));
+    drop(create_fd(vm.fd(), 0).expect("a new fd after the old one was closed"));
 }
 
 /// With no fd open, KVM's own accesses to a USERFAULT gfn are not intercepted: they go to the
@@ -1293,7 +1298,7 @@ fn no_fd_kvm_access_goes_to_memory() {
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 2);
         fill(&vm, TEST_GPA);
-        set_userfault(&vm.fd, TEST_GPA, 2 * PAGE).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, 2 * PAGE).unwrap();
         let (_, r, data) = join(
             run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap()),
             "KVM read without fd",
@@ -1331,7 +1336,7 @@ fn no_fd_kvm_access_goes_to_memory() {
             0xa7a7_a7a7_a7a7_a7a7,
             "{name}: KVM's store reached the memory"
         );
-        clear_userfault(&vm.fd, TEST_GPA + PAGE, PAGE).unwrap();
+        clear_userfault(vm.fd(), TEST_GPA + PAGE, PAGE).unwrap();
         let mut vcpu = vcpu;
         assert_eq!(
             vcpu.run_to_sync().unwrap(),
@@ -1361,11 +1366,11 @@ fn signal_interrupts_sleeping_vcpu() {
     sigusr1_handler_installed();
     let mut vm = vm_with(gmem(), 1);
     let fd = create_fd(
-        &vm.fd,
+        vm.fd(),
         KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
     )
     .unwrap();
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     read_one(fd.as_raw_fd(), "signal");
     assert_sleeping(&h, "before the signal");
@@ -1418,7 +1423,7 @@ fn one_stage2_fault_per_page() {
                 fill(&vm, TEST_GPA + p * PAGE);
             }
             let fd = (mode == "VCPU_FAULTS")
-                .then(|| create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap());
+                .then(|| create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap());
             let mut vcpu = vm.add_vcpu_with(guest_read, &[TEST_GPA, N]).unwrap();
             // A first pass maps the guest's code, stack and the pages themselves.
             let pf0 = vcpu.stat("pf_taken").unwrap();
@@ -1431,7 +1436,7 @@ fn one_stage2_fault_per_page() {
             vcpu.run_to_done().unwrap();
             let first_touch = vcpu.stat("pf_taken").unwrap() - pf0;
             // Demand page them: USERFAULT zaps exactly the pages, nothing else faults again.
-            set_userfault(&vm.fd, TEST_GPA, N * PAGE).unwrap();
+            set_userfault(vm.fd(), TEST_GPA, N * PAGE).unwrap();
             vcpu.set_entry(guest_read, &[TEST_GPA, N]).unwrap();
             let mut faults = Vec::new();
             for p in 0..N {
@@ -1446,7 +1451,7 @@ fn one_stage2_fault_per_page() {
                             }
                             other => panic!("{what}: expected a USERFAULT exit, got {other:?}"),
                         }
-                        clear_userfault(&vm.fd, gpa, PAGE).unwrap();
+                        clear_userfault(vm.fd(), gpa, PAGE).unwrap();
                         assert_eq!(vcpu.run_to_sync().unwrap(), vec![page_value(gpa)], "{what}");
                     }
                     Some(fd) => {
@@ -1487,8 +1492,8 @@ fn clear_does_not_wait_for_a_memslot_update() {
     // Memory for the memslot that is added while the sleeper holds SRCU (outlives the VM).
     let extra = HostMapping::anonymous(PAGE as usize).unwrap();
     let mut vm = vm_with(Backing::Anonymous, 1);
-    let fd = create_fd(&vm.fd, 0).unwrap();
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let fd = create_fd(vm.fd(), 0).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap());
     let rec = read_one(fd.as_raw_fd(), "KVM access");
     assert_eq!(rec.gfn, TEST_GPA / PAGE);
@@ -1498,7 +1503,9 @@ fn clear_does_not_wait_for_a_memslot_update() {
     let (v, hva) = (vm.clone(), extra.addr());
     let creator = std::thread::spawn(move || {
         tx.send(gettid()).unwrap();
-        v.set_region2(2, 0, TEST_GPA + (1 << 30), PAGE, hva, None, 0)
+        // SAFETY: `hva` is `extra`, a PAGE-byte mapping only raw copies touch, which the test
+        // keeps until after the VM's last use.
+        unsafe { v.set_region2(2, 0, TEST_GPA + (1 << 30), PAGE, hva, None, 0) }
             .map_err(|e| Errno::from_raw(e.errno()))
     });
     let tid = rx.recv().unwrap();
@@ -1512,7 +1519,7 @@ fn clear_does_not_wait_for_a_memslot_update() {
     );
     fill(&vm, TEST_GPA);
     let v = vm.clone();
-    let clearer = std::thread::spawn(move || clear_userfault(&v.fd, TEST_GPA, PAGE));
+    let clearer = std::thread::spawn(move || clear_userfault(v.fd(), TEST_GPA, PAGE));
     join(
         clearer,
         "KVM_SET_MEMORY_ATTRIBUTES(CLEAR) behind a memslot update",
@@ -1543,8 +1550,8 @@ fn memslot_delete_wakes_sleepers() {
         ] {
             let what = format!("{name}: {kind}");
             let mut vm = vm_with(backing, 1);
-            let fd = create_fd(&vm.fd, flags).unwrap();
-            set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+            let fd = create_fd(vm.fd(), flags).unwrap();
+            set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
             let vcpu = if flags == 0 {
                 vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap()
             } else {
@@ -1557,7 +1564,8 @@ fn memslot_delete_wakes_sleepers() {
             let vm = std::sync::Arc::new(vm);
             let v = vm.clone();
             let deleter = std::thread::spawn(move || {
-                v.set_region2(1, 0, TEST_GPA, 0, 0, None, 0)
+                // SAFETY: a deletion (size 0) registers no memory.
+                unsafe { v.set_region2(1, 0, TEST_GPA, 0, 0, None, 0) }
                     .map_err(|e| Errno::from_raw(e.errno()))
             });
             join(
@@ -1629,9 +1637,9 @@ fn create_fd_msg_size() {
     let mut tvm = vm_with(gmem(), 2);
     let mut arg = create_arg(4096);
     arg.flags = KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
-    let fd = create_fd_raw(&tvm.fd, &mut arg).unwrap();
+    let fd = create_fd_raw(tvm.fd(), &mut arg).unwrap();
     assert_eq!(arg.msg_size, 24);
-    set_userfault(&tvm.fd, TEST_GPA, 2 * PAGE).unwrap();
+    set_userfault(tvm.fd(), TEST_GPA, 2 * PAGE).unwrap();
     let hs: Vec<_> = (0..2)
         .map(|i| {
             run_async(
@@ -1683,12 +1691,12 @@ fn requeue_after_handler_restart() {
     require_userfault!("userfault::requeue_after_handler_restart");
     let mut vm = vm_with(gmem(), 1);
     let fd = create_fd(
-        &vm.fd,
+        vm.fd(),
         KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
     )
     .unwrap();
     let raw = fd.as_raw_fd();
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     assert_sleeping(&h, "requeue");
     assert_ne!(poll_in(raw, 0) & libc::POLLIN, 0, "the record is queued");
@@ -1730,9 +1738,9 @@ fn hup_when_vm_destroyed() {
     for (name, backing) in backings() {
         let mut vm = vm_with(backing, 1);
         let vcpu = vm.add_vcpu().unwrap();
-        let fd = create_fd(&vm.fd, 0).unwrap();
+        let fd = create_fd(vm.fd(), 0).unwrap();
         let raw = fd.as_raw_fd();
-        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         assert_eq!(
             poll_in(raw, 0),
             0,
@@ -1833,7 +1841,7 @@ fn second_process_helper() {
 fn resolve_from_second_process() {
     require_userfault!("userfault::resolve_from_second_process");
     let mut vm = vm_with(gmem(), 1);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
     let gfd = vm.region(1).fd.clone().unwrap();
     let mut pair = [0; 2];
     // SAFETY: `pair` has room for two descriptors. Only pair[1] is inheritable (no CLOEXEC).
@@ -1859,7 +1867,7 @@ fn resolve_from_second_process() {
     drop(theirs);
     send_fds(mine.as_raw_fd(), &[fd.as_raw_fd(), gfd.as_raw_fd()], 0);
     // Our copy stays open: the child resolves through its own descriptor of the same file.
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     let h = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     let (_, r, _) = join(h, "vCPU resolved by the other process");
     assert_eq!(
@@ -1936,8 +1944,8 @@ fn teardown_helper() {
         return;
     }
     let mut vm = vm_with(gmem(), 1);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
-    set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_VCPU_FAULTS).unwrap();
+    set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
     let _emu = vm.add_vcpu().unwrap();
     let g = run_async(vm.add_vcpu_with(guest_read, &[TEST_GPA, 1]).unwrap());
     let e = run_async(vm.add_vcpu_with(guest_outs, &[TEST_GPA, 8]).unwrap());
@@ -2089,21 +2097,21 @@ fn bad_input_attributes() {
     ];
     for (what, gpa, size, attrs, flags) in cases {
         assert_eq!(
-            set_attributes(&vm.fd, gpa, size, attrs, flags),
+            set_attributes(vm.fd(), gpa, size, attrs, flags),
             Err(Errno::EINVAL),
             "{what}"
         );
     }
     // The valid forms are accepted: an exact value of the other attributes, SET, CLEAR, over
     // both slot kinds and over gfns with no memslot.
-    set_attributes(&vm.fd, TEST_GPA, PAGE, 0, 0).expect("exact value 0");
-    set_attributes(&vm.fd, TEST_GPA, 4 * PAGE, uf_attr, set).expect("FLAG_SET");
-    set_attributes(&vm.fd, TEST_GPA, 4 * PAGE, uf_attr, clear).expect("FLAG_CLEAR");
-    set_attributes(&vm.fd, 0, PAGE, uf_attr, set).expect("FLAG_SET on the anonymous system slot");
-    set_attributes(&vm.fd, 0, PAGE, uf_attr, clear)
+    set_attributes(vm.fd(), TEST_GPA, PAGE, 0, 0).expect("exact value 0");
+    set_attributes(vm.fd(), TEST_GPA, 4 * PAGE, uf_attr, set).expect("FLAG_SET");
+    set_attributes(vm.fd(), TEST_GPA, 4 * PAGE, uf_attr, clear).expect("FLAG_CLEAR");
+    set_attributes(vm.fd(), 0, PAGE, uf_attr, set).expect("FLAG_SET on the anonymous system slot");
+    set_attributes(vm.fd(), 0, PAGE, uf_attr, clear)
         .expect("FLAG_CLEAR on the anonymous system slot");
-    set_attributes(&vm.fd, TEST_GPA + (1 << 30), PAGE, uf_attr, set).expect("SET, no memslot");
-    set_attributes(&vm.fd, TEST_GPA + (1 << 30), PAGE, uf_attr, clear).expect("CLEAR, no memslot");
+    set_attributes(vm.fd(), TEST_GPA + (1 << 30), PAGE, uf_attr, set).expect("SET, no memslot");
+    set_attributes(vm.fd(), TEST_GPA + (1 << 30), PAGE, uf_attr, clear).expect("CLEAR, no memslot");
 }
 
 /// An exact KVM_SET_MEMORY_ATTRIBUTES (flags 0), as VMMs use for private/shared conversions,
@@ -2118,9 +2126,9 @@ fn exact_update_keeps_userfault() {
         let mut vm = vm_with(backing, 2);
         fill(&vm, TEST_GPA);
         fill(&vm, TEST_GPA + PAGE);
-        set_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
-        set_attributes(&vm.fd, TEST_GPA, PAGE, 0, 0).expect("exact 0 over the page");
-        set_attributes(&vm.fd, TEST_GPA, 2 * PAGE, 0, 0).expect("exact 0 over both pages");
+        set_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
+        set_attributes(vm.fd(), TEST_GPA, PAGE, 0, 0).expect("exact 0 over the page");
+        set_attributes(vm.fd(), TEST_GPA, 2 * PAGE, 0, 0).expect("exact 0 over both pages");
         let mut vcpu = vm.add_vcpu_with(guest_read, &[TEST_GPA, 2]).unwrap();
         match vcpu.run() {
             Ok(Exit::MemoryFault { flags, gpa, size }) => {
@@ -2134,12 +2142,12 @@ fn exact_update_keeps_userfault() {
             other => panic!("{name}: an exact update cleared USERFAULT: got {other:?}"),
         }
         // Still USERFAULT after another exact update on the re-entry path.
-        set_attributes(&vm.fd, TEST_GPA, PAGE, 0, 0).unwrap();
+        set_attributes(vm.fd(), TEST_GPA, PAGE, 0, 0).unwrap();
         assert!(
             matches!(vcpu.run(), Ok(Exit::MemoryFault { gpa, .. }) if gpa == TEST_GPA),
             "{name}: USERFAULT must survive exact updates until cleared"
         );
-        clear_userfault(&vm.fd, TEST_GPA, PAGE).unwrap();
+        clear_userfault(vm.fd(), TEST_GPA, PAGE).unwrap();
         assert_eq!(
             vcpu.run_to_sync().unwrap(),
             vec![page_value(TEST_GPA)],
@@ -2159,7 +2167,7 @@ fn exact_update_keeps_userfault() {
 fn bad_input_resolve_and_read() {
     require_userfault!("userfault::bad_input_resolve_and_read");
     let vm = vm_with(gmem(), 4);
-    let fd = create_fd(&vm.fd, KVM_USERFAULT_FD_FLAG_NONBLOCK).unwrap();
+    let fd = create_fd(vm.fd(), KVM_USERFAULT_FD_FLAG_NONBLOCK).unwrap();
     let raw = fd.as_raw_fd();
     let r = |gpa, size, flags, reserved| kvm_userfault_range {
         gpa,
@@ -2258,7 +2266,7 @@ fn stress_wake_races() {
         .fold(0, u64::wrapping_add);
     let fd = Arc::new(
         create_fd(
-            &vm.fd,
+            vm.fd(),
             KVM_USERFAULT_FD_FLAG_VCPU_FAULTS | KVM_USERFAULT_FD_FLAG_NONBLOCK,
         )
         .unwrap(),
@@ -2290,7 +2298,7 @@ fn stress_wake_races() {
     let mut vcpus: Vec<Vcpu> = (0..nr_vcpus).map(|_| vm.add_vcpu().unwrap()).collect();
     for round in 0..rounds {
         counts.lock().unwrap().iter_mut().for_each(|c| *c = 0);
-        set_userfault(&vm.fd, TEST_GPA, pages * PAGE).unwrap();
+        set_userfault(vm.fd(), TEST_GPA, pages * PAGE).unwrap();
         let hs: Vec<_> = vcpus
             .drain(..)
             .map(|v| {

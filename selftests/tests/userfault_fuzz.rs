@@ -518,7 +518,7 @@ impl Shared {
                 self.log(&mut ps, who, "resolve");
             }
             None => {
-                let r = self.tolerate("clear", clear_userfault(&self.vm.fd, gpa, PAGE));
+                let r = self.tolerate("clear", clear_userfault(self.vm.fd(), gpa, PAGE));
                 if r.with_context(|| format!("CLEAR USERFAULT({gpa:#x}, 1 page)"))?
                     .is_none()
                 {
@@ -944,7 +944,7 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
         let evictions_before = sh.evictions.load(Ordering::SeqCst);
         if sh.failslab {
             // A sentinel, so that an ENOMEM after a ucall exit is told from one of KVM_RUN.
-            vcpu.fd.get_kvm_run().exit_reason = u32::MAX;
+            vcpu.kvm_run().exit_reason = u32::MAX;
         }
         sh.in_run[idx].store(true, Ordering::SeqCst);
         let exit = vcpu.run();
@@ -1094,7 +1094,7 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize, mut rng: Rng) -> Result<
 fn get_regs(sh: &Shared, vcpu: &mut Vcpu) -> Result<kvm_bindings::kvm_regs> {
     let mut tries = 0;
     loop {
-        match vcpu.fd.get_regs() {
+        match vcpu.fd().get_regs() {
             Ok(r) => return Ok(r),
             Err(e) if tries < 1000 && sh.enomem("get_regs", e.errno()) => tries += 1,
             Err(e) => bail!("KVM_GET_REGS: {e}"),
@@ -1104,7 +1104,7 @@ fn get_regs(sh: &Shared, vcpu: &mut Vcpu) -> Result<kvm_bindings::kvm_regs> {
 
 /// Whether the last KVM_RUN ended in a ucall exit (see the sentinel in `vcpu_thread`).
 fn ucall_exit(vcpu: &mut Vcpu) -> bool {
-    let run = vcpu.fd.get_kvm_run();
+    let run = vcpu.kvm_run();
     // SAFETY: exit_reason says the `io` union member is the valid one.
     run.exit_reason == kvm_bindings::KVM_EXIT_IO
         && unsafe { run.__bindgen_anon_1.io }.port == guest::UCALL_PORT
@@ -1393,9 +1393,12 @@ fn chaos_thread(sh: &Shared, rng: Rng, first_vcpu_faults: bool) -> Result<()> {
         c.data_slot_flags(sh)?;
     }
     if let Some(pos) = c.scratch {
-        sh.vm
-            .set_region2(SCRATCH_SLOT, 0, scratch_gpa(pos), 0, 0, None, 0)
-            .map_err(|e| anyhow!("delete the scratch slot: {e}"))?;
+        // SAFETY: a deletion (size 0) registers no memory.
+        unsafe {
+            sh.vm
+                .set_region2(SCRATCH_SLOT, 0, scratch_gpa(pos), 0, 0, None, 0)
+        }
+        .map_err(|e| anyhow!("delete the scratch slot: {e}"))?;
         sh.scratch_at.store(0, Ordering::Relaxed);
     }
     Ok(())
@@ -1421,7 +1424,7 @@ impl Chaos {
         };
         sh.counted(
             "set",
-            set_userfault(&sh.vm.fd, gpa, size),
+            set_userfault(sh.vm.fd(), gpa, size),
             &sh.st.set_ranges,
             || format!("SET USERFAULT({gpa:#x}, {size:#x})"),
         )?;
@@ -1466,7 +1469,7 @@ impl Chaos {
                 "range resolve"
             }
             None => {
-                let r = clear_userfault(&sh.vm.fd, gpa, size);
+                let r = clear_userfault(sh.vm.fd(), gpa, size);
                 if !sh.counted("clear", r, &sh.st.clear_ranges, || {
                     format!("CLEAR USERFAULT({gpa:#x}, {size:#x})")
                 })? {
@@ -1493,7 +1496,7 @@ impl Chaos {
         }
         let gpa = page_gpa(page);
         if sh
-            .tolerate("set", set_userfault(&sh.vm.fd, gpa, PAGE))
+            .tolerate("set", set_userfault(sh.vm.fd(), gpa, PAGE))
             .with_context(|| format!("SET USERFAULT({gpa:#x}) to evict"))?
             .is_none()
         {
@@ -1536,7 +1539,7 @@ impl Chaos {
         );
         let delta = if self.rng.chance(1, 2) { set } else { clear };
         let gpa = page_gpa(self.rng.below(DATA_PAGES));
-        let vm = &sh.vm.fd;
+        let vm = sh.vm.fd();
         let rng = &mut self.rng;
         let einval = Errno::EINVAL;
         let fd = sh.current_fd();
@@ -1710,7 +1713,7 @@ impl Chaos {
                 "create_msg_size"
             }
         };
-        sh.expect_errno(what, create_fd_raw(&sh.vm.fd, &mut arg), Errno::EINVAL)
+        sh.expect_errno(what, create_fd_raw(sh.vm.fd(), &mut arg), Errno::EINVAL)
     }
 
     /// An exact-value update (flags 0, attributes 0, as VMMs do for private/shared
@@ -1718,7 +1721,7 @@ impl Chaos {
     /// unpopulated page would reach the guest).
     fn exact_update(&mut self, sh: &Shared) -> Result<()> {
         let (gpa, size) = self.rng.range(DATA_GPA, DATA_PAGES, 16);
-        let r = set_attributes(&sh.vm.fd, gpa, size, 0, 0);
+        let r = set_attributes(sh.vm.fd(), gpa, size, 0, 0);
         sh.counted("exact", r, &sh.st.exact_updates, || {
             format!("exact KVM_SET_MEMORY_ATTRIBUTES(0) on ({gpa:#x}, {size:#x})")
         })?;
@@ -1729,9 +1732,9 @@ impl Chaos {
     fn noslot(&mut self, sh: &Shared) -> Result<()> {
         let (gpa, size) = self.rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
         let r = match (self.rng.below(3), sh.current_fd()) {
-            (0, _) => set_userfault(&sh.vm.fd, gpa, size),
+            (0, _) => set_userfault(sh.vm.fd(), gpa, size),
             (1, Some(f)) => resolve(f.fd.as_raw_fd(), gpa, size),
-            _ => clear_userfault(&sh.vm.fd, gpa, size),
+            _ => clear_userfault(sh.vm.fd(), gpa, size),
         };
         sh.counted("noslot", r, &sh.st.noslot_ops, || {
             format!("SET/CLEAR/RESOLVE without a memslot ({gpa:#x}, {size:#x})")
@@ -1824,10 +1827,12 @@ impl Chaos {
         let hva = sh.scratch.addr();
         // `false`: an injected ENOMEM, the memslots unchanged.
         let set_region = |flags: u32, gpa: u64, size: u64, what: &str| -> Result<bool> {
-            match sh
-                .vm
-                .set_region2(SCRATCH_SLOT, flags, gpa, size, hva, None, 0)
-            {
+            // SAFETY: `hva` is `sh.scratch`, SCRATCH_SIZE bytes that only raw copies touch;
+            // `Shared` drops it after `vm` (field order), and the vCPUs are joined before it.
+            match unsafe {
+                sh.vm
+                    .set_region2(SCRATCH_SLOT, flags, gpa, size, hva, None, 0)
+            } {
                 Ok(()) => Ok(true),
                 Err(e) if sh.enomem("memslot", e.errno()) => Ok(false),
                 Err(e) => Err(anyhow!(
@@ -1851,7 +1856,7 @@ impl Chaos {
                         // State that the delete must drop and the move must carry.
                         sh.tolerate(
                             "set",
-                            set_userfault(&sh.vm.fd, scratch_gpa(pos), SCRATCH_SIZE),
+                            set_userfault(sh.vm.fd(), scratch_gpa(pos), SCRATCH_SIZE),
                         )
                         .context("SET USERFAULT on the new scratch slot")?;
                     }
@@ -1889,15 +1894,19 @@ impl Chaos {
     /// the slot's USERFAULT state must survive it (else the guest reads unpopulated pages).
     fn data_slot_flags(&mut self, sh: &Shared) -> Result<()> {
         let flags = self.data_flags ^ kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-        match sh.vm.set_region2(
-            DATA_SLOT,
-            flags,
-            DATA_GPA,
-            DATA_SIZE,
-            sh.data.addr(),
-            None,
-            0,
-        ) {
+        // SAFETY: the data slot's own mapping, which the VM owns (`sh.data` is a clone of
+        // its region's `Arc`): a flags-only update keeps the same memory.
+        match unsafe {
+            sh.vm.set_region2(
+                DATA_SLOT,
+                flags,
+                DATA_GPA,
+                DATA_SIZE,
+                sh.data.addr(),
+                None,
+                0,
+            )
+        } {
             Ok(()) => {}
             // The slot keeps its flags.
             Err(e) if sh.enomem("memslot", e.errno()) => return Ok(()),
@@ -2004,7 +2013,7 @@ fn create_uf_fd(sh: &Shared, flags: u64, generation: u64, rng: &mut Rng) -> Resu
         msg_size: ask,
         ..Default::default()
     };
-    let r = sh.tolerate("create_fd", create_fd_raw(&sh.vm.fd, &mut arg));
+    let r = sh.tolerate("create_fd", create_fd_raw(sh.vm.fd(), &mut arg));
     let Some(fd) = r.with_context(|| {
         format!("KVM_CREATE_USERFAULT_FD(flags {flags:#x}, msg_size {ask}) #{generation}")
     })?
@@ -2110,7 +2119,7 @@ fn scratch_thread(sh: &Shared, mut rng: Rng) -> Result<()> {
         let (gpa, size) = rng.range(SCRATCH_BASE, SCRATCH_POSITIONS * SCRATCH_PAGES, 24);
         match rng.below(4) {
             0 => {
-                let r = sh.tolerate("scratch_set", set_userfault(&sh.vm.fd, gpa, size));
+                let r = sh.tolerate("scratch_set", set_userfault(sh.vm.fd(), gpa, size));
                 if r.with_context(|| format!("SET scratch ({gpa:#x}, {size:#x})"))?
                     .is_some()
                 {
@@ -2118,7 +2127,7 @@ fn scratch_thread(sh: &Shared, mut rng: Rng) -> Result<()> {
                 }
             }
             1 => {
-                let r = sh.tolerate("scratch_clear", clear_userfault(&sh.vm.fd, gpa, size));
+                let r = sh.tolerate("scratch_clear", clear_userfault(sh.vm.fd(), gpa, size));
                 if r.with_context(|| format!("CLEAR scratch ({gpa:#x}, {size:#x})"))?
                     .is_some()
                 {
@@ -2142,7 +2151,7 @@ fn scratch_thread(sh: &Shared, mut rng: Rng) -> Result<()> {
             }
             _ => {
                 let (gpa, size) = rng.range(NOSLOT_GPA, NOSLOT_PAGES, 64);
-                let r = sh.tolerate("noslot", clear_userfault(&sh.vm.fd, gpa, size));
+                let r = sh.tolerate("noslot", clear_userfault(sh.vm.fd(), gpa, size));
                 if r.with_context(|| format!("CLEAR without a memslot ({gpa:#x}, {size:#x})"))?
                     .is_some()
                 {
@@ -2359,7 +2368,7 @@ fn fuzz(seed: u64, inject: Option<&FaultInjection>) -> Result<()> {
         "KVM_CAP_USERFAULT_FD_FLAGS {fd_flags_supported:#x} lacks VCPU_FAULTS"
     );
     // No page is populated yet, and every one is USERFAULT.
-    set_userfault(&vm.fd, DATA_GPA, DATA_SIZE).context("SET USERFAULT on the data slot")?;
+    set_userfault(vm.fd(), DATA_GPA, DATA_SIZE).context("SET USERFAULT on the data slot")?;
     let mut vcpus = Vec::new();
     for i in 0..NR_VCPUS {
         let guest_seed = thread_rng(seed, 100 + i as u64).next_u64();
@@ -2695,7 +2704,7 @@ fn finish(sh: &Arc<Shared>, w: &mut Workers) -> Result<()> {
             sh.populate(page, &mut ps, "main");
         }
     }
-    clear_userfault(&sh.vm.fd, DATA_GPA, DATA_SIZE).context("final CLEAR of the data slot")?;
+    clear_userfault(sh.vm.fd(), DATA_GPA, DATA_SIZE).context("final CLEAR of the data slot")?;
     // 3. The stop flag: every vCPU must reach DONE.
     sh.stopping.store(true, Ordering::SeqCst);
     sh.sys.write_u64(STOP_GPA as usize, 1);

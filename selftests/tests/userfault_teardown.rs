@@ -764,7 +764,7 @@ fn vcpu_thread(sh: &Shared, mut vcpu: Vcpu, idx: usize) -> Result<()> {
                     outs.len()
                 );
                 if outs.len() == 8 || torn {
-                    let gpa = vcpu.fd.get_regs().context("KVM_GET_REGS")?.r8;
+                    let gpa = vcpu.fd().get_regs().context("KVM_GET_REGS")?.r8;
                     check_kvm_read(sh, who, gpa, &outs, outs_fd_closed);
                     outs.clear();
                 }
@@ -860,7 +860,9 @@ fn serve_exit(sh: &Shared, page: u64, use_fd: &mut bool) -> Result<bool> {
         Some(f) => {
             resolve(f.as_raw_fd(), gpa, PAGE).with_context(|| format!("RESOLVE {gpa:#x}"))?
         }
-        None => clear_userfault(&sh.vm.fd, gpa, PAGE).with_context(|| format!("CLEAR {gpa:#x}"))?,
+        None => {
+            clear_userfault(sh.vm.fd(), gpa, PAGE).with_context(|| format!("CLEAR {gpa:#x}"))?
+        }
     }
     sh.ct.inc(C::vcpu_resolves);
     Ok(true)
@@ -1231,7 +1233,7 @@ fn child_run(round: Round, report: RawFd, cmd: RawFd) -> Result<i32> {
     install_sigusr1()?;
     let start = Instant::now();
     let mut vm = TestVm::new().context("create the VM")?;
-    let vm_fd = vm.fd.as_raw_fd();
+    let vm_fd = vm.fd().as_raw_fd();
     let size = round.data_size();
     let gmem = if round.gmem {
         Some(
@@ -1259,18 +1261,22 @@ fn child_run(round: Round, report: RawFd, cmd: RawFd) -> Result<i32> {
     };
     ensure!(addr != libc::MAP_FAILED, "mmap data: {}", Errno::last());
     let data_addr = addr as u64;
-    vm.set_region2(
-        DATA_SLOT,
-        0,
-        DATA_GPA,
-        size,
-        data_addr,
-        gmem.as_ref().map(|f| f.as_raw_fd()),
-        0,
-    )
+    // SAFETY: `data_addr` is the round's own mapping of `size` bytes, which no Rust
+    // reference points at and which is never unmapped while the round's VM exists.
+    unsafe {
+        vm.set_region2(
+            DATA_SLOT,
+            0,
+            DATA_GPA,
+            size,
+            data_addr,
+            gmem.as_ref().map(|f| f.as_raw_fd()),
+            0,
+        )
+    }
     .map_err(|e| anyhow!("data memslot: {e}"))?;
     vm.map(DATA_GPA, DATA_GPA, size)?;
-    set_userfault(&vm.fd, DATA_GPA, size).context("SET USERFAULT on the data slot")?;
+    set_userfault(vm.fd(), DATA_GPA, size).context("SET USERFAULT on the data slot")?;
     let flags = if round.vcpu_faults {
         KVM_USERFAULT_FD_FLAG_VCPU_FAULTS
     } else {
@@ -1280,7 +1286,7 @@ fn child_run(round: Round, report: RawFd, cmd: RawFd) -> Result<i32> {
     } else {
         0
     };
-    let uf_fd = create_fd(&vm.fd, flags).map_err(|e| anyhow!("KVM_CREATE_USERFAULT_FD: {e}"))?;
+    let uf_fd = create_fd(vm.fd(), flags).map_err(|e| anyhow!("KVM_CREATE_USERFAULT_FD: {e}"))?;
     let mut vcpus = Vec::new();
     for i in 0..round.vcpus {
         let gseed = Rng::stream(round.seed, 3, i as u64).next_u64();
@@ -1293,7 +1299,7 @@ fn child_run(round: Round, report: RawFd, cmd: RawFd) -> Result<i32> {
     ensure!(dup >= 0, "dup(VM fd): {}", Errno::last());
     // SAFETY: `dup` is a new descriptor of the VM file that only this VmFd owns.
     let chaos_vm =
-        unsafe { vm.kvm.create_vmfd_from_rawfd(dup) }.map_err(|e| anyhow!("VmFd: {e}"))?;
+        unsafe { vm.kvm().create_vmfd_from_rawfd(dup) }.map_err(|e| anyhow!("VmFd: {e}"))?;
 
     let sh = Arc::new(Shared {
         vm: ManuallyDrop::new(vm),

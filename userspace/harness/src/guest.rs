@@ -1,50 +1,35 @@
-//! A minimal x86_64 long-mode guest: identity-mapped page tables, a GDT, the sregs for long
-//! mode, a tiny assembler for code blobs, and the workload guest that reads every page of a
-//! region and checks it against [`pattern_word`], reporting through port I/O.
+//! The workload guest: a guest function on kvm-testvm's ucall framework that reads every page
+//! of its part of the data region, in order, and checks each 8-byte word against
+//! [`pattern_word`]; and the host side that starts it on a vCPU and decodes what it reports.
 //!
-//! Guest physical layout of the "system" memory (slot at gpa 0, [`SYSTEM_SIZE`] bytes):
-//! ```text
-//! 0x1000   GDT (null, code64 0x08, data 0x10, TSS 0x18)
-//! 0x2000   mailboxes, MAILBOX_STRIDE bytes per vCPU (fail reports)
-//! 0x10000  code
-//! 0x20000  PML4, then PDPT, then one PD per GiB mapped (2 MiB pages)
-//! ```
+//! # What the guest and the host share
+//!
+//! Each vCPU gets a [`PART_BLOCK`]-byte block of shared guest memory
+//! ([`TestVm::alloc_guest_mem`]): the host writes the part to check (first gva, pages, the
+//! image offset of its first byte, the seed), the guest writes the number of pages it has
+//! verified after each page. That counter is exact when the vCPU is stopped in the middle of
+//! its part: it is how the runner tells how far a guest got before its source died.
+//!
+//! # What the guest reports
+//!
+//! Through `GUEST_SYNC` ucalls whose first argument says what follows:
+//! - [`REPORT_PROGRESS`], pages left: every [`PROGRESS_EVERY`] pages, so that a slow guest
+//!   (under TCG, or behind a slow source) is seen to move;
+//! - [`REPORT_MISMATCH`], gva, expected, found: the first wrong word; the guest then halts.
+//!
+//! Returning from the guest function reports DONE: every page of the part was right.
+//!
+//! The data region is identity-mapped (gva = gpa), so the addresses reported are gpas too.
 
-use anyhow::{bail, ensure, Context, Result};
-use kvm_bindings::{kvm_regs, kvm_segment};
-use kvm_ioctls::VcpuFd;
-
-/// Size of the system slot.
-pub const SYSTEM_SIZE: u64 = 2 << 20;
-/// GDT location.
-pub const GDT_GPA: u64 = 0x1000;
-/// First mailbox.
-pub const MAILBOX_GPA: u64 = 0x2000;
-/// Bytes per vCPU mailbox.
-pub const MAILBOX_STRIDE: u64 = 64;
-/// Most vCPUs the mailbox area holds.
-pub const MAX_VCPUS: u64 = 0xE000 / MAILBOX_STRIDE;
-/// Where code is loaded and vCPUs start.
-pub const CODE_GPA: u64 = 0x10000;
-/// Largest code blob.
-pub const CODE_MAX: usize = 0x10000;
-/// Page-table root.
-pub const PML4_GPA: u64 = 0x20000;
-/// Most GiB identity-mapped (one PD page each).
-pub const MAX_MAPPED_GIB: u64 = 64;
-
-/// Port: the workload is done (all pages correct).
-pub const PORT_DONE: u16 = 0xE0;
-/// Port: a mismatch; details in the vCPU's mailbox ([`Mailbox`]).
-pub const PORT_FAIL: u16 = 0xE1;
-/// Port: progress, the 32-bit value is the pages left.
-pub const PORT_PROGRESS: u16 = 0xE2;
+use kvm_testvm::guest::{self, read_u64, write_u64};
+use kvm_testvm::{Exit, GuestMem, TestVm, Ucall, Vcpu};
 
 /// The multiplier of the deterministic pattern.
 pub const PATTERN_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The 8-byte word expected at byte `offset` (a multiple of 8) of an image made with `seed`.
-/// Depends on the offset, so a page installed at the wrong place is detected too.
+/// Depends on the offset, so a page installed at the wrong place is detected too. The guest
+/// calls it as well: it must stay `core`-only (see kvm-testvm's `guest` module).
 pub fn pattern_word(seed: u64, offset: u64) -> u64 {
     (offset ^ seed).wrapping_mul(PATTERN_MUL)
 }
@@ -57,214 +42,109 @@ pub fn fill_pattern_page(seed: u64, page: u64, buf: &mut [u8]) {
     }
 }
 
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 2;
-const PTE_PS: u64 = 1 << 7;
+/// First argument of a progress report: the second is the pages left.
+pub const REPORT_PROGRESS: u64 = 1;
+/// First argument of a mismatch report: then the gva, the expected and the found word.
+pub const REPORT_MISMATCH: u64 = 2;
+/// Pages between two progress reports.
+pub const PROGRESS_EVERY: u64 = 256;
 
-/// Writes the GDT and identity-mapping page tables for `[0, map_gib GiB)` into `system`
-/// (the contents of the system slot at gpa 0).
-pub fn write_system_tables(system: &mut [u8], map_gib: u64) -> Result<()> {
-    ensure!(
-        (1..=MAX_MAPPED_GIB).contains(&map_gib),
-        "can identity-map 1..={MAX_MAPPED_GIB} GiB, not {map_gib}"
-    );
-    let need = PML4_GPA + (2 + map_gib) * 0x1000;
-    ensure!(
-        system.len() as u64 >= need,
-        "system memory too small for page tables"
-    );
-    let mut put = |gpa: u64, v: u64| {
-        system[gpa as usize..gpa as usize + 8].copy_from_slice(&v.to_le_bytes());
+const PAGE: u64 = kvm_userfault::PAGE_SIZE as u64;
+
+// The shared block, in u64 words at these byte offsets.
+const BLOCK_GVA: u64 = 0;
+const BLOCK_PAGES: u64 = 8;
+const BLOCK_IMAGE_OFFSET: u64 = 16;
+const BLOCK_SEED: u64 = 24;
+const BLOCK_VERIFIED: u64 = 32;
+/// Bytes of shared memory per vCPU.
+pub const PART_BLOCK: u64 = 40;
+
+/// Words in a page.
+const WORDS: u64 = PAGE / 8;
+
+/// Checks the page at guest address `va` against the pattern of image offset `off`: returns
+/// the index of the first wrong word with the word expected and the word found there, or
+/// [`WORDS`] if all are right. The loop is assembly because it is the guest's whole cost and
+/// test binaries are debug builds: compiled at opt-level 0, the same loop in Rust runs more
+/// than ten times as many instructions per word, which shows under TCG and on slow hosts.
+///
+/// # Safety
+/// Runs in the guest; `[va, va + PAGE)` must be mapped (or its first read is the demand fault
+/// under test, which the vCPU re-executes once the page is there).
+#[inline(always)]
+unsafe fn check_page(va: u64, off: u64, seed: u64) -> (u64, u64, u64) {
+    let (mut i, expected, found): (u64, u64, u64);
+    i = 0;
+    // SAFETY: reads the 512 words of the page, per the function contract; writes no memory
+    // and uses no stack. Each iteration computes `pattern_word(seed, off + 8 * i)`.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "mov {found}, qword ptr [{va} + {i} * 8]",
+            "mov {expected}, {off}",
+            "xor {expected}, {seed}",
+            "imul {expected}, {mul}",
+            "cmp {expected}, {found}",
+            "jne 3f",
+            "add {off}, 8",
+            "inc {i}",
+            "cmp {i}, {words}",
+            "jne 2b",
+            "3:",
+            va = in(reg) va,
+            off = inout(reg) off => _,
+            seed = in(reg) seed,
+            mul = in(reg) PATTERN_MUL,
+            words = const WORDS,
+            i = inout(reg) i,
+            expected = out(reg) expected,
+            found = out(reg) found,
+            options(nostack, readonly),
+        );
+    }
+    (i, expected, found)
+}
+
+/// The guest: checks the part described by the shared block at `block` (see the module
+/// documentation). Runs in the guest: `core` only, every guest-memory access volatile or in
+/// assembly, and no by-value copy of a struct (which a debug build turns into a libc `memcpy`
+/// call).
+pub extern "C" fn workload_guest(block: u64, _: u64, _: u64, _: u64) {
+    // SAFETY: `block` is the shared block WorkloadVcpu::new allocated and filled.
+    let (gva, pages, image_offset, seed) = unsafe {
+        (
+            read_u64(block + BLOCK_GVA),
+            read_u64(block + BLOCK_PAGES),
+            read_u64(block + BLOCK_IMAGE_OFFSET),
+            read_u64(block + BLOCK_SEED),
+        )
     };
-    // GDT: null, 64-bit code, data, 64-bit TSS (two entries).
-    put(GDT_GPA, 0);
-    put(GDT_GPA + 8, 0x00af_9b00_0000_ffff);
-    put(GDT_GPA + 16, 0x00cf_9300_0000_ffff);
-    put(GDT_GPA + 24, 0x0000_8b00_0000_0067);
-    put(GDT_GPA + 32, 0);
-    let pdpt = PML4_GPA + 0x1000;
-    put(PML4_GPA, pdpt | PTE_P | PTE_RW);
-    for g in 0..map_gib {
-        let pd = pdpt + 0x1000 * (1 + g);
-        put(pdpt + g * 8, pd | PTE_P | PTE_RW);
-        for j in 0..512u64 {
-            let phys = (g << 30) | (j << 21);
-            put(pd + j * 8, phys | PTE_P | PTE_RW | PTE_PS);
+    let mut page = 0;
+    while page < pages {
+        let va = gva.wrapping_add(page.wrapping_mul(PAGE));
+        let off = image_offset.wrapping_add(page.wrapping_mul(PAGE));
+        // SAFETY: the host identity-maps the data region, which holds the whole part.
+        let (i, expected, found) = unsafe { check_page(va, off, seed) };
+        if i < WORDS {
+            guest::sync(&[REPORT_MISMATCH, va.wrapping_add(i * 8), expected, found]);
+            guest::halt_forever();
+        }
+        page += 1;
+        // SAFETY: the shared block; the host reads the counter when the vCPU is out of
+        // KVM_RUN.
+        unsafe { write_u64(block + BLOCK_VERIFIED, page) };
+        let left = pages - page;
+        if left != 0 && left % PROGRESS_EVERY == 0 {
+            guest::sync(&[REPORT_PROGRESS, left]);
         }
     }
-    Ok(())
-}
-
-/// Puts a vCPU in 64-bit long mode with the tables of [`write_system_tables`].
-pub fn setup_long_mode(vcpu: &VcpuFd) -> Result<()> {
-    let mut s = vcpu.get_sregs().context("KVM_GET_SREGS")?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x08,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let data = kvm_segment {
-        selector: 0x10,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    s.cs = code;
-    s.ds = data;
-    s.es = data;
-    s.fs = data;
-    s.gs = data;
-    s.ss = data;
-    s.tr = kvm_segment {
-        base: 0,
-        limit: 0x67,
-        selector: 0x18,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        g: 0,
-        l: 0,
-        db: 0,
-        ..code
-    };
-    s.ldt = kvm_segment {
-        unusable: 1,
-        present: 0,
-        ..s.ldt
-    };
-    s.gdt.base = GDT_GPA;
-    s.gdt.limit = 5 * 8 - 1;
-    s.cr3 = PML4_GPA;
-    s.cr4 = 1 << 5; // PAE
-    s.cr0 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31); // PE MP ET NE WP PG
-    s.efer = (1 << 8) | (1 << 10); // LME LMA
-    vcpu.set_sregs(&s).context("KVM_SET_SREGS (long mode)")?;
-    Ok(())
-}
-
-/// A tiny x86 assembler helper: raw bytes plus labels and rel32 jumps.
-#[derive(Debug, Default)]
-pub struct Asm {
-    code: Vec<u8>,
-    labels: Vec<Option<usize>>,
-    fixups: Vec<(usize, usize)>,
-}
-
-/// A label created by [`Asm::label`].
-#[derive(Debug, Clone, Copy)]
-pub struct Label(usize);
-
-impl Asm {
-    /// Appends raw instruction bytes.
-    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
-        self.code.extend_from_slice(b);
-        self
-    }
-    /// A new, unbound label.
-    pub fn label(&mut self) -> Label {
-        self.labels.push(None);
-        Label(self.labels.len() - 1)
-    }
-    /// Binds a label here.
-    pub fn bind(&mut self, l: Label) -> &mut Self {
-        self.labels[l.0] = Some(self.code.len());
-        self
-    }
-    fn rel32(&mut self, l: Label) {
-        self.fixups.push((self.code.len(), l.0));
-        self.code.extend_from_slice(&[0; 4]);
-    }
-    /// `jmp rel32`.
-    pub fn jmp(&mut self, l: Label) -> &mut Self {
-        self.code.push(0xE9);
-        self.rel32(l);
-        self
-    }
-    /// `jcc rel32` with condition code `cc` (0x4 = e/z, 0x5 = ne/nz, …).
-    pub fn jcc(&mut self, cc: u8, l: Label) -> &mut Self {
-        self.code.extend_from_slice(&[0x0F, 0x80 | cc]);
-        self.rel32(l);
-        self
-    }
-    /// `mov dx, port; out dx, al`.
-    pub fn out_al(&mut self, port: u16) -> &mut Self {
-        let p = port.to_le_bytes();
-        self.bytes(&[0x66, 0xBA, p[0], p[1], 0xEE])
-    }
-    /// `mov dx, port; out dx, eax`.
-    pub fn out_eax(&mut self, port: u16) -> &mut Self {
-        let p = port.to_le_bytes();
-        self.bytes(&[0x66, 0xBA, p[0], p[1], 0xEF])
-    }
-    /// Resolves the jumps.
-    pub fn finish(mut self) -> Result<Vec<u8>> {
-        for &(at, l) in &self.fixups {
-            let target = self.labels[l].context("unbound label")?;
-            let rel = target as i64 - (at as i64 + 4);
-            self.code[at..at + 4].copy_from_slice(&(rel as i32).to_le_bytes());
-        }
-        Ok(self.code)
-    }
-}
-
-/// The workload guest. Inputs (set by [`setup_workload_regs`]): rdi = first gpa, rsi = pages,
-/// r8 = image offset of the first byte, r9 = seed, r10 = [`PATTERN_MUL`], r11 = mailbox gpa.
-/// For every 8-byte word it compares `[rdi]` with `((r8 ^ r9) * r10)`; on a mismatch it stores
-/// the gpa, expected and found words in the mailbox and writes [`PORT_FAIL`]; every 256 pages
-/// it writes the pages left to [`PORT_PROGRESS`]; at the end [`PORT_DONE`]. It needs no stack.
-pub fn workload_code() -> Vec<u8> {
-    let mut a = Asm::default();
-    let (outer, inner, done, fail) = (a.label(), a.label(), a.label(), a.label());
-    a.bind(outer)
-        .bytes(&[0x48, 0x85, 0xF6]) // test rsi, rsi
-        .jcc(0x4, done)
-        .bytes(&[0xB9, 0x00, 0x02, 0x00, 0x00]) // mov ecx, 512
-        .bind(inner)
-        .bytes(&[0x4C, 0x89, 0xC0]) // mov rax, r8
-        .bytes(&[0x4C, 0x31, 0xC8]) // xor rax, r9
-        .bytes(&[0x49, 0x0F, 0xAF, 0xC2]) // imul rax, r10
-        .bytes(&[0x48, 0x3B, 0x07]) // cmp rax, [rdi]
-        .jcc(0x5, fail)
-        .bytes(&[0x48, 0x83, 0xC7, 0x08]) // add rdi, 8
-        .bytes(&[0x49, 0x83, 0xC0, 0x08]) // add r8, 8
-        .bytes(&[0xFF, 0xC9]) // dec ecx
-        .jcc(0x5, inner)
-        .bytes(&[0x48, 0xFF, 0xCE]) // dec rsi
-        .bytes(&[0xF7, 0xC6, 0xFF, 0x00, 0x00, 0x00]) // test esi, 0xff
-        .jcc(0x5, outer)
-        .bytes(&[0x89, 0xF0]) // mov eax, esi
-        .out_eax(PORT_PROGRESS)
-        .jmp(outer)
-        .bind(done)
-        .out_al(PORT_DONE)
-        .bytes(&[0xF4]) // hlt
-        .jmp(done)
-        .bind(fail)
-        .bytes(&[0x49, 0x89, 0x7B, 0x08]) // mov [r11+8], rdi
-        .bytes(&[0x49, 0x89, 0x43, 0x10]) // mov [r11+16], rax
-        .bytes(&[0x48, 0x8B, 0x07]) // mov rax, [rdi]
-        .bytes(&[0x49, 0x89, 0x43, 0x18]) // mov [r11+24], rax
-        .out_al(PORT_FAIL)
-        .bytes(&[0xF4]) // hlt
-        .jmp(fail);
-    a.finish().expect("all labels bound")
 }
 
 /// What one vCPU of the workload checks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkloadPart {
-    /// First guest physical address.
+    /// First guest physical (= virtual) address.
     pub gpa: u64,
     /// Pages to check.
     pub pages: u64,
@@ -272,32 +152,12 @@ pub struct WorkloadPart {
     pub image_offset: u64,
     /// Pattern seed.
     pub seed: u64,
-    /// The vCPU's index (selects its mailbox).
-    pub vcpu: u64,
 }
 
-/// Sets the registers the workload code expects.
-pub fn setup_workload_regs(vcpu: &VcpuFd, part: &WorkloadPart) -> Result<()> {
-    ensure!(part.vcpu < MAX_VCPUS, "at most {MAX_VCPUS} vCPUs");
-    let regs = kvm_regs {
-        rip: CODE_GPA,
-        rflags: 2,
-        rdi: part.gpa,
-        rsi: part.pages,
-        r8: part.image_offset,
-        r9: part.seed,
-        r10: PATTERN_MUL,
-        r11: MAILBOX_GPA + part.vcpu * MAILBOX_STRIDE,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
-    Ok(())
-}
-
-/// A vCPU's mismatch report.
+/// The first wrong word a guest found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mailbox {
-    /// Guest physical address of the wrong word.
+pub struct Mismatch {
+    /// Guest physical (= virtual) address of the wrong word.
     pub gpa: u64,
     /// Pattern value.
     pub expected: u64,
@@ -305,34 +165,159 @@ pub struct Mailbox {
     pub found: u64,
 }
 
-impl Mailbox {
-    /// Decodes vCPU `vcpu`'s mailbox from system memory.
-    pub fn read(system: &kvm_userfault::memory::Mapping, vcpu: u64) -> Result<Self> {
-        let mut b = [0u8; 32];
-        system.read((MAILBOX_GPA + vcpu * MAILBOX_STRIDE) as usize, &mut b)?;
-        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Ok(Self {
-            gpa: w(1),
-            expected: w(2),
-            found: w(3),
-        })
+/// What one `KVM_RUN` of a workload vCPU came back with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The guest checked every page of its part.
+    Done,
+    /// `pages_left` pages of the part remain.
+    Progress { pages_left: u64 },
+    /// The guest found a wrong word; it will not go on.
+    Mismatch(Mismatch),
+    /// `KVM_EXIT_MEMORY_FAULT`: to be resolved before the vCPU runs again.
+    MemoryFault { flags: u64, gpa: u64, size: u64 },
+    /// `KVM_RUN` was interrupted (a signal: EINTR, EAGAIN, `KVM_EXIT_INTR`); nothing happened.
+    Interrupted,
+}
+
+/// Why a workload vCPU cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// `KVM_RUN` failed.
+    #[error("KVM_RUN: {0}")]
+    Run(kvm_ioctls::Error),
+    /// An exit or report the workload does not make: a guest exception, a triple fault, an
+    /// emulation failure, an exit nobody expected.
+    #[error("{0}")]
+    Unexpected(String),
+    /// The guest found a wrong word ([`WorkloadVcpu::run_to_end`] only).
+    #[error("guest found wrong contents at gpa {:#x}: expected {:#018x}, found {:#018x}", .0.gpa, .0.expected, .0.found)]
+    WrongContents(Mismatch),
+}
+
+/// A vCPU's verified-pages counter, readable from any thread (it shares the guest memory).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    block: GuestMem,
+    pages: u64,
+}
+
+impl Progress {
+    /// Pages of the part the guest read and found correct, from the first one on:
+    /// `gpa..gpa + verified_pages * 4096`.
+    pub fn verified_pages(&self) -> u64 {
+        // A guest that scribbled on its block cannot make the count exceed its part.
+        self.block.read_u64(BLOCK_VERIFIED as usize).min(self.pages)
     }
 }
 
-/// Builds the system slot contents: tables for `map_gib` GiB and `code` at [`CODE_GPA`].
-pub fn system_image(map_gib: u64, code: &[u8]) -> Result<Vec<u8>> {
-    if code.len() > CODE_MAX {
-        bail!("code blob of {} bytes exceeds {CODE_MAX}", code.len());
+/// A vCPU set up to run [`workload_guest`] on one part.
+#[derive(Debug)]
+pub struct WorkloadVcpu {
+    vcpu: Vcpu,
+    part: WorkloadPart,
+    progress: Progress,
+}
+
+impl WorkloadVcpu {
+    /// Adds a vCPU to `vm` that checks `part` (which the caller has mapped, identity).
+    pub fn new(vm: &mut TestVm, part: WorkloadPart) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            part.gpa.is_multiple_of(PAGE) && part.pages > 0,
+            "a workload part is whole pages: {part:?}"
+        );
+        let block = vm.alloc_guest_mem(PART_BLOCK)?;
+        block.write_u64(BLOCK_GVA as usize, part.gpa);
+        block.write_u64(BLOCK_PAGES as usize, part.pages);
+        block.write_u64(BLOCK_IMAGE_OFFSET as usize, part.image_offset);
+        block.write_u64(BLOCK_SEED as usize, part.seed);
+        let vcpu = vm.add_vcpu_with(workload_guest, &[block.gva()])?;
+        Ok(Self {
+            vcpu,
+            part,
+            progress: Progress {
+                block,
+                pages: part.pages,
+            },
+        })
     }
-    let mut sys = vec![0u8; SYSTEM_SIZE as usize];
-    write_system_tables(&mut sys, map_gib)?;
-    sys[CODE_GPA as usize..CODE_GPA as usize + code.len()].copy_from_slice(code);
-    Ok(sys)
+
+    /// The vCPU's id (its index in the VM).
+    pub fn id(&self) -> u64 {
+        self.vcpu.id
+    }
+
+    pub fn part(&self) -> &WorkloadPart {
+        &self.part
+    }
+
+    /// Its verified-pages counter, for another thread.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// Pages the guest verified so far (see [`Progress::verified_pages`]).
+    pub fn verified_pages(&self) -> u64 {
+        self.progress.verified_pages()
+    }
+
+    /// One `KVM_RUN`, decoded.
+    pub fn step(&mut self) -> Result<Event, GuestError> {
+        let exit = match self.vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Event::Interrupted)
+            }
+            Err(e) => return Err(GuestError::Run(e)),
+        };
+        match exit {
+            Exit::Ucall(Ucall::Done) => Ok(Event::Done),
+            Exit::Ucall(Ucall::Sync(args)) => match args[..] {
+                [REPORT_PROGRESS, pages_left] => Ok(Event::Progress { pages_left }),
+                [REPORT_MISMATCH, gpa, expected, found] => Ok(Event::Mismatch(Mismatch {
+                    gpa,
+                    expected,
+                    found,
+                })),
+                _ => Err(GuestError::Unexpected(format!(
+                    "unknown workload report {args:#x?}"
+                ))),
+            },
+            Exit::Ucall(u) => Err(GuestError::Unexpected(
+                u.failure().unwrap_or_else(|| format!("{u:?}")),
+            )),
+            Exit::MemoryFault { flags, gpa, size } => Ok(Event::MemoryFault { flags, gpa, size }),
+            Exit::Intr => Ok(Event::Interrupted),
+            Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => Err(GuestError::Unexpected(
+                format!("unexpected port I/O to {port:#x}"),
+            )),
+            Exit::Other(what) => Err(GuestError::Unexpected(format!("unexpected exit {what}"))),
+        }
+    }
+
+    /// Runs until the guest is done, for callers that resolve faults elsewhere (a userfault fd
+    /// with `VCPU_FAULTS`, userfaultfd): progress and interruptions are passed over, a wrong
+    /// word or a memory-fault exit is an error.
+    pub fn run_to_end(&mut self) -> Result<(), GuestError> {
+        loop {
+            match self.step()? {
+                Event::Done => return Ok(()),
+                Event::Progress { .. } | Event::Interrupted => {}
+                Event::Mismatch(m) => return Err(GuestError::WrongContents(m)),
+                Event::MemoryFault { flags, gpa, size } => {
+                    return Err(GuestError::Unexpected(format!(
+                        "memory fault exit at {gpa:#x} (+{size:#x}, flags {flags:#x}) with no one to resolve it"
+                    )))
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_testvm::Backing;
 
     #[test]
     fn pattern_depends_on_offset_and_seed() {
@@ -341,33 +326,107 @@ mod tests {
         let mut a = vec![0u8; 4096];
         fill_pattern_page(7, 3, &mut a);
         assert_eq!(&a[8..16], &pattern_word(7, 3 * 4096 + 8).to_le_bytes());
+        // The images `make-image` wrote so far must stay valid: pin the formula.
+        assert_eq!(pattern_word(0x5eed, 0x1000), 0x6072_3583_89c3_4571);
+    }
+
+    /// A VM with `pages` of the pattern (image offset `first_page` pages) at 1 GiB, already
+    /// in place: no demand paging, just the guest's checks.
+    fn filled_vm(pages: u64, first_page: u64, seed: u64) -> Option<(TestVm, kvm_testvm::Region)> {
+        if std::fs::metadata("/dev/kvm").is_err() {
+            eprintln!("SKIP: /dev/kvm not available");
+            return None;
+        }
+        let mut vm = TestVm::new().unwrap();
+        let gpa = 1 << 30;
+        let r = vm
+            .add_mapped_region(1, gpa, pages * PAGE, Backing::Anonymous)
+            .unwrap()
+            .clone();
+        let mut buf = vec![0u8; PAGE as usize];
+        for p in 0..pages {
+            fill_pattern_page(seed, first_page + p, &mut buf);
+            r.mapping.write((p * PAGE) as usize, &buf);
+        }
+        Some((vm, r))
     }
 
     #[test]
-    fn tables_identity_map_with_2m_pages() {
-        let sys = system_image(2, &workload_code()).unwrap();
-        let r =
-            |gpa: u64| u64::from_le_bytes(sys[gpa as usize..gpa as usize + 8].try_into().unwrap());
-        assert_eq!(r(PML4_GPA) & !0xfff, PML4_GPA + 0x1000);
-        let pd1 = r(PML4_GPA + 0x1000 + 8) & !0xfff;
-        assert_eq!(r(pd1 + 3 * 8), (1 << 30) | (3 << 21) | 0x83);
-        assert!(system_image(0, &[]).is_err());
-        assert!(system_image(1, &vec![0; CODE_MAX + 1]).is_err());
+    fn guest_checks_every_page_and_reports_progress() {
+        let Some((mut vm, r)) = filled_vm(300, 5, 9) else {
+            return;
+        };
+        let part = WorkloadPart {
+            gpa: r.gpa,
+            pages: 300,
+            image_offset: 5 * PAGE,
+            seed: 9,
+        };
+        let mut v = WorkloadVcpu::new(&mut vm, part).unwrap();
+        let mut left = Vec::new();
+        loop {
+            match v.step().unwrap() {
+                Event::Done => break,
+                Event::Progress { pages_left } => {
+                    left.push(pages_left);
+                    assert_eq!(v.verified_pages(), 300 - pages_left);
+                }
+                Event::Interrupted => {}
+                e => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(left, vec![PROGRESS_EVERY]);
+        assert_eq!(v.verified_pages(), 300);
+        assert_eq!(v.progress().verified_pages(), 300);
     }
 
     #[test]
-    fn asm_resolves_backward_and_forward_jumps() {
-        let mut a = Asm::default();
-        let (top, end) = (a.label(), a.label());
-        a.bind(top).jcc(0x4, end).jmp(top).bind(end).bytes(&[0xF4]);
-        let c = a.finish().unwrap();
-        assert_eq!(
-            c,
-            vec![0x0F, 0x84, 5, 0, 0, 0, 0xE9, 0xF5, 0xFF, 0xFF, 0xFF, 0xF4]
-        );
-        let mut b = Asm::default();
-        let l = b.label();
-        b.jmp(l);
-        assert!(b.finish().is_err());
+    fn guest_reports_the_first_wrong_word_and_how_far_it_got() {
+        let Some((mut vm, r)) = filled_vm(8, 0, 3) else {
+            return;
+        };
+        // One wrong word in page 5, and another later that must not be reported.
+        let bad = 5 * PAGE + 0x128;
+        r.mapping.write_u64(bad as usize, 0xdead);
+        r.mapping.write_u64((7 * PAGE) as usize, 0xbeef);
+        let part = WorkloadPart {
+            gpa: r.gpa,
+            pages: 8,
+            image_offset: 0,
+            seed: 3,
+        };
+        let mut v = WorkloadVcpu::new(&mut vm, part).unwrap();
+        let want = Mismatch {
+            gpa: r.gpa + bad,
+            expected: pattern_word(3, bad),
+            found: 0xdead,
+        };
+        match v.run_to_end() {
+            Err(GuestError::WrongContents(m)) => assert_eq!(m, want),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(v.verified_pages(), 5);
+        // A wrong seed fails on the first word.
+        let mut w = WorkloadVcpu::new(&mut vm, WorkloadPart { seed: 4, ..part }).unwrap();
+        let e = w.run_to_end().unwrap_err().to_string();
+        assert!(e.contains("wrong contents at gpa 0x40000000"), "{e}");
+        assert_eq!(w.verified_pages(), 0);
+    }
+
+    #[test]
+    fn a_part_outside_the_mapped_memory_is_a_guest_exception() {
+        let Some((mut vm, r)) = filled_vm(1, 0, 3) else {
+            return;
+        };
+        let part = WorkloadPart {
+            gpa: r.gpa,
+            pages: 2,
+            image_offset: 0,
+            seed: 3,
+        };
+        let mut v = WorkloadVcpu::new(&mut vm, part).unwrap();
+        let e = v.run_to_end().unwrap_err().to_string();
+        assert!(e.contains("#PF"), "{e}");
+        assert_eq!(v.verified_pages(), 1);
     }
 }

@@ -156,7 +156,7 @@ fn real_main(cli: Cli) -> Result<()> {
             cfg.sync_resolve = sync_resolve;
             cfg.timeout = Duration::from_secs(timeout_secs);
             cfg.uffd_backing = match backing {
-                UffdBacking::Anon => Backing::Anon,
+                UffdBacking::Anon => Backing::Anonymous,
                 UffdBacking::Shmem => Backing::Shmem,
             };
             let r = run_workload(&cfg)?;

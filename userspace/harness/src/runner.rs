@@ -2,21 +2,27 @@
 //! one of four modes while the workload guest checks every page. This is what the CLI's `run`
 //! and the integration tests drive, and a worked example of embedding the library.
 
-use crate::guest::{self, Mailbox, WorkloadPart, PORT_DONE, PORT_FAIL, PORT_PROGRESS};
-use crate::vm::{Backing, Vm};
+use crate::guest::{Event, Mismatch, WorkloadPart, WorkloadVcpu};
+use crate::vm::{
+    add_data_region, Backing, Region as VmRegion, Vm, VmHandle, VmOptions, DATA_SLOT,
+    SHARED_GUEST_MEMFD,
+};
 use anyhow::{anyhow, ensure, Context, Result};
-use kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_testvm::mem::fallocate;
+use kvm_testvm::vm::VCPU_LIMIT;
 use kvm_userfault::fault::uffd::{Uffd, UffdMode};
 use kvm_userfault::fault::{Access, ReaderExit, StopSignal};
-use kvm_userfault::handler::{Handler, HandlerError, Install, Region, Scratch};
-use kvm_userfault::ioctls::{AttributeResolver, FdResolver};
+use kvm_userfault::handler::{Handler, HandlerError, Install, Region, Resolver, Scratch};
+use kvm_userfault::ioctls::{set_userfault, FdResolver};
 use kvm_userfault::serve::{serve_uffd, serve_userfault_fd, ServeError};
 use kvm_userfault::source::PageSource;
 use kvm_userfault::uapi::{KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS};
 use kvm_userfault::PAGE_SIZE;
+use nix::sys::mman::{mprotect, ProtFlags};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
+use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -55,6 +61,17 @@ impl Mode {
     }
 }
 
+/// [`SyncResolve::Attributes`]: clears USERFAULT with `KVM_SET_MEMORY_ATTRIBUTES(CLEAR)`.
+/// Through a [`VmHandle`], which keeps the VM's memory mapped for as long as the handler can
+/// reach the VM (the runtime's `AttributeResolver` holds a bare `Arc<VmFd>`, which does not).
+struct ClearAttribute(VmHandle);
+
+impl Resolver for ClearAttribute {
+    fn resolve(&self, gpa: u64, size: u64) -> std::io::Result<()> {
+        set_userfault(self.0.fd(), gpa, size, false)
+    }
+}
+
 /// What to run.
 #[derive(Clone)]
 pub struct RunConfig {
@@ -74,7 +91,7 @@ pub struct RunConfig {
     pub source: Arc<dyn PageSource>,
     /// Background prefetch of pages nobody faulted on yet.
     pub prefetch: bool,
-    /// Backing of the data slot in `uffd-missing` mode (anon or shmem).
+    /// Backing of the data slot in `uffd-missing` mode (anonymous or shmem).
     pub uffd_backing: Backing,
     /// io_uring reads in flight (kvm-async).
     pub ring_depth: usize,
@@ -101,7 +118,7 @@ impl RunConfig {
             seed,
             source,
             prefetch: false,
-            uffd_backing: Backing::Anon,
+            uffd_backing: Backing::Anonymous,
             ring_depth: 8,
             records_per_read: 64,
             timeout: Duration::from_secs(600),
@@ -148,12 +165,12 @@ pub enum RunCause {
     #[error("{0}")]
     Fault(HandlerError),
     /// The guest read a word that does not match the image: a wrong page reached it.
-    #[error("vCPU {vcpu}: guest found wrong contents at gpa {:#x}: expected {:#018x}, found {:#018x}", .mailbox.gpa, .mailbox.expected, .mailbox.found)]
+    #[error("vCPU {vcpu}: guest found wrong contents at gpa {:#x}: expected {:#018x}, found {:#018x}", .mismatch.gpa, .mismatch.expected, .mismatch.found)]
     WrongContents {
         /// The vCPU.
         vcpu: usize,
         /// Its report.
-        mailbox: Mailbox,
+        mismatch: Mismatch,
     },
     /// A vCPU failed on its own (unexpected exit, KVM_RUN error).
     #[error("vCPU {vcpu}: {reason}")]
@@ -185,7 +202,7 @@ pub enum VcpuEnd {
     /// The runner stopped it after the run failed (the detail says how it left KVM_RUN).
     Stopped(String),
     /// The guest found a wrong word (a wrong or partial page reached it).
-    WrongContents(Mailbox),
+    WrongContents(Mismatch),
     /// The vCPU itself failed (its own fault could not be served, an unexpected exit).
     Failed(String),
     /// It did not leave KVM_RUN despite the kicks (the VM was leaked).
@@ -202,7 +219,8 @@ pub struct VcpuOutcome {
     /// Pages in its part.
     pub pages: u64,
     /// Pages of its part the guest read and found correct, from the first one on (the
-    /// workload reads its part in order): `gpa..gpa + verified_pages * 4096`.
+    /// workload reads its part in order and counts each page it verified in guest memory the
+    /// host reads): `gpa..gpa + verified_pages * 4096`. For a stuck vCPU, as far as it got.
     pub verified_pages: u64,
     /// How it ended.
     pub end: VcpuEnd,
@@ -230,7 +248,7 @@ impl RunError {
     }
 
     /// The first wrong word any guest vCPU reported, with its vCPU.
-    pub fn wrong_contents(&self) -> Option<(usize, Mailbox)> {
+    pub fn wrong_contents(&self) -> Option<(usize, Mismatch)> {
         self.vcpus.iter().find_map(|v| match v.end {
             VcpuEnd::WrongContents(m) => Some((v.vcpu, m)),
             _ => None,
@@ -321,20 +339,23 @@ extern "C" fn noop_signal(_: libc::c_int) {}
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // SAFETY: installs an async-signal-safe no-op handler; sigaction is zeroed then filled.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = noop_signal as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = 0;
-            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        let kick = SigAction::new(
+            SigHandler::Handler(noop_signal),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, so it is async-signal-safe. It replaces the
+        // process's SIGUSR1 disposition, which run_workload documents.
+        if let Err(e) = unsafe { sigaction(Signal::SIGUSR1, &kick) } {
+            tracing::error!("installing the SIGUSR1 kick handler: {e}");
         }
     });
 }
 
 /// Runs the workload; every page is checked by the guest.
 ///
-/// On failure the run stops as a whole: the vCPUs are kicked out of KVM_RUN, waiters are
+/// On failure the run stops as a whole: the vCPUs are kicked out of KVM_RUN (with SIGUSR1,
+/// for which the first run installs a handler that does nothing), waiters are
 /// released without contents (no page is ever made visible that the source did not supply
 /// whole and verified), every thread is joined, and the error is the first cause with what
 /// each vCPU had verified until then.
@@ -347,53 +368,52 @@ pub fn run_workload(cfg: &RunConfig) -> Result<RunReport, RunError> {
 
 fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
     ensure!(
-        cfg.vcpus >= 1 && cfg.vcpus as u64 <= guest::MAX_VCPUS,
-        "vcpus must be 1..={}",
-        guest::MAX_VCPUS
+        cfg.vcpus >= 1 && cfg.vcpus <= VCPU_LIMIT,
+        "vcpus must be 1..={VCPU_LIMIT}"
     );
     ensure!(
         cfg.pages >= cfg.vcpus as u64,
         "need at least one page per vCPU"
     );
     ensure!(
-        cfg.data_gpa.is_multiple_of(2 << 20) && cfg.data_gpa >= guest::SYSTEM_SIZE,
-        "data region must be 2 MiB aligned above the system memory"
+        cfg.data_gpa.is_multiple_of(2 << 20),
+        "the data region must be 2 MiB aligned"
     );
-    let size = cfg.pages * PAGE_SIZE as u64;
-    let end = cfg
-        .data_gpa
-        .checked_add(size)
-        .context("data region overflows")?;
-    let map_gib = end.div_ceil(1 << 30);
     ensure!(
-        map_gib <= guest::MAX_MAPPED_GIB && end <= 0xfffb_d000,
-        "data region ends at {end:#x}, beyond what the guest maps"
+        (1..=64).contains(&cfg.handler_threads),
+        "handler threads must be 1..=64"
     );
+    let size = cfg
+        .pages
+        .checked_mul(PAGE_SIZE as u64)
+        .filter(|s| cfg.data_gpa.checked_add(*s).is_some())
+        .context("data region overflows")?;
     install_kick_handler();
 
-    let mut vm = Vm::new()?;
+    let mut vm = Vm::with_options(VmOptions {
+        max_vcpus: cfg.vcpus,
+        ..VmOptions::default()
+    })?;
     if cfg.mode.needs_series() {
         vm.require_userfault()?;
     }
-    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon)?;
-    sys.mapping
-        .write(0, &guest::system_image(map_gib, &guest::workload_code())?)?;
-
     let backing = match cfg.mode {
-        Mode::KvmSync | Mode::KvmAsync => Backing::GuestMemfd,
+        Mode::KvmSync | Mode::KvmAsync => SHARED_GUEST_MEMFD,
         Mode::UffdMissing => cfg.uffd_backing,
         Mode::UffdMinor => Backing::Shmem,
     };
     ensure!(
-        !(cfg.mode == Mode::UffdMissing && backing == Backing::GuestMemfd),
+        !(cfg.mode == Mode::UffdMissing && matches!(backing, Backing::GuestMemfd { .. })),
         "guest_memfd cannot be registered with userfaultfd"
     );
-    vm.add_slot(cfg.data_gpa, size, backing)?;
-    let data = &vm.slots[1];
+    // The runner's own share of the data region: it keeps the memory (and the alias) mapped
+    // for as long as the handler may fill it, whatever happens to the memslot.
+    let data = add_data_region(&mut vm, cfg.data_gpa, size, backing)?;
+    let host = data.mapping.addr() as usize;
 
-    let mut alias = None;
     let mut uffd = None;
     let mut ufd = None;
+    let mut fill_alias = None;
     let install = match cfg.mode {
         Mode::KvmSync => {
             vm.set_userfault(cfg.data_gpa, size, true)?;
@@ -406,9 +426,7 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
             // Either resolve path wakes the fd's waiters too.
             match cfg.sync_resolve {
                 SyncResolve::Fd => Install::Direct(Box::new(FdResolver(fd))),
-                SyncResolve::Attributes => {
-                    Install::Direct(Box::new(AttributeResolver(vm.fd.clone())))
-                }
+                SyncResolve::Attributes => Install::Direct(Box::new(ClearAttribute(vm.handle()))),
             }
         }
         Mode::KvmAsync => {
@@ -419,32 +437,37 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
         }
         Mode::UffdMissing => {
             let u = Arc::new(Uffd::new()?);
-            u.register(data.mapping.addr(), size as usize, UffdMode::Missing)?;
+            u.register(host, size as usize, UffdMode::Missing)?;
             uffd = Some(u.clone());
             Install::UffdCopy(u)
         }
         Mode::UffdMinor => {
             // MINOR faults need the pages in the page cache: allocate them (zeroed) first.
-            let fd = data.fd.as_ref().context("shmem slot without fd")?;
-            // SAFETY: fallocate on our own memfd.
-            if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, size as libc::off_t) } < 0 {
-                return Err(std::io::Error::last_os_error()).context("fallocate shmem");
-            }
+            let fd = data.fd.as_ref().context("shmem region without its memfd")?;
+            fallocate(fd.as_raw_fd(), 0, 0, size).context("fallocate shmem")?;
             let u = Arc::new(Uffd::new()?);
-            u.register(data.mapping.addr(), size as usize, UffdMode::Minor)?;
+            u.register(host, size as usize, UffdMode::Minor)?;
             uffd = Some(u.clone());
-            alias = Some(data.alias()?);
+            let alias = data
+                .alias
+                .as_ref()
+                .context("shmem region without an alias")?;
+            fill_alias = Some(alias.addr() as usize);
             Install::UffdContinue(u)
         }
     };
     let region = Region {
         gpa: cfg.data_gpa,
         size,
-        host: data.mapping.addr(),
-        fill_alias: alias.as_ref().map(|m| m.addr()),
+        host,
+        fill_alias,
         source_first_page: cfg.source_first_page,
     };
-    // SAFETY: the region is the data slot's mapping (and alias), owned by `vm`/`alias`, which outlive the handler's use (threads are joined, or the VM is leaked if they are stuck); it is only accessed through raw pointers.
+    // SAFETY: `host` and `fill_alias` are the data region's mapping and alias, `size` bytes
+    // each, which no Rust reference points at (kvm-testvm only copies through raw pointers).
+    // `data` shares their ownership and is held to the end of this function, after every
+    // thread that uses the handler was joined; when vCPU threads are stuck, it is leaked with
+    // them.
     let handler = Arc::new(unsafe { Handler::new(vec![region], cfg.source.clone(), install) }?);
     tracing::info!(mode = ?cfg.mode, pages = cfg.pages, vcpus = cfg.vcpus, source = %cfg.source.describe(), "run");
 
@@ -453,6 +476,7 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
     let per = cfg.pages / cfg.vcpus as u64;
     let mut vcpus = Vec::new();
     let mut outcomes = Vec::new();
+    let mut progress = Vec::new();
     for i in 0..cfg.vcpus {
         let first = i as u64 * per;
         let pages = if i + 1 == cfg.vcpus {
@@ -465,12 +489,9 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
             pages,
             image_offset: (cfg.source_first_page + first) * PAGE_SIZE as u64,
             seed: cfg.seed,
-            vcpu: i as u64,
         };
-        let vcpu = vm.create_vcpu(i as u64)?;
-        guest::setup_long_mode(&vcpu)?;
-        guest::setup_workload_regs(&vcpu, &part)?;
-        // Until its thread reports, a vCPU counts as stuck with nothing verified.
+        let vcpu = WorkloadVcpu::new(&mut vm, part)?;
+        // Until its thread reports, a vCPU counts as stuck.
         outcomes.push(VcpuOutcome {
             vcpu: i,
             gpa: part.gpa,
@@ -478,12 +499,9 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
             verified_pages: 0,
             end: VcpuEnd::Stuck,
         });
-        vcpus.push((vcpu, part));
+        progress.push(vcpu.progress());
+        vcpus.push(vcpu);
     }
-    ensure!(
-        (1..=64).contains(&cfg.handler_threads),
-        "handler threads must be 1..=64"
-    );
 
     let stop = StopSignal::new()?;
     let causes = Arc::new(FirstCause(Mutex::new(None)));
@@ -547,29 +565,21 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
     let (tx, rx) = mpsc::channel::<(VcpuOutcome, Duration)>();
     let mut vcpu_threads = Vec::new();
     let start = Instant::now();
-    for (vcpu, part) in vcpus {
+    for (i, mut vcpu) in vcpus.into_iter().enumerate() {
         if handler.is_stopped() {
             // A runtime thread could not be started: run no guest.
             break;
         }
-        let i = part.vcpu as usize;
         let (h, tx, causes2) = (handler.clone(), tx.clone(), causes.clone());
-        let sys_addr = vm.slots[0].mapping.addr();
         let spawned = spawn_or_record(format!("kuf-vcpu{i}"), &causes, &handler, move || {
             let t = Instant::now();
-            let mut vcpu = vcpu;
-            let end = vcpu_loop(&mut vcpu, &h, &part, sys_addr, &causes2);
-            // The workload checks its part in order and rdi is the word it checks next:
-            // every page below it was read and found correct.
-            let verified_pages = vcpu
-                .get_regs()
-                .map_or(0, |r| r.rdi.saturating_sub(part.gpa) / PAGE_SIZE as u64)
-                .min(part.pages);
+            let end = vcpu_loop(&mut vcpu, i, &h, &causes2);
+            let part = *vcpu.part();
             let outcome = VcpuOutcome {
                 vcpu: i,
                 gpa: part.gpa,
                 pages: part.pages,
-                verified_pages,
+                verified_pages: vcpu.verified_pages(),
                 end,
             };
             tx.send((outcome, t.elapsed())).ok();
@@ -624,7 +634,7 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
         //    being resolved without contents.
         if !released && since.elapsed() >= KICK_GRACE {
             released = true;
-            release_waiters(&vm, cfg.mode, uffd.as_deref());
+            release_waiters(&mut vm, &data, cfg.mode, uffd.as_deref());
         }
         if since.elapsed() > STUCK_GRACE {
             stuck = true;
@@ -638,8 +648,14 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
         // faults complete without contents (userfaultfd: a zero page; the KVM userfault fd:
         // KVM's own accesses go to the unfilled memory).
         stop.stop();
+        for (o, p) in outcomes.iter_mut().zip(&progress) {
+            if o.end == VcpuEnd::Stuck {
+                // How far the guest got before it stuck (its memory is leaked, so mapped).
+                o.verified_pages = p.verified_pages();
+            }
+        }
         std::mem::forget(vm);
-        std::mem::forget(alias);
+        std::mem::forget(data);
         std::mem::forget(ufd);
         std::mem::forget(uffd);
         std::mem::forget(vcpu_threads);
@@ -724,21 +740,19 @@ fn spawn_or_record(
 /// - KVM userfault: KVM's own accesses sleep killable, not interruptible. The data memslot
 ///   is deleted, which wakes them with a failed access (docs/uapi.md); the fd is never closed
 ///   and nothing is resolved while they sleep, since either would let them read the unfilled
-///   page.
-fn release_waiters(vm: &Vm, mode: Mode, uffd: Option<&Uffd>) {
-    let data = &vm.slots[1];
-    let (addr, size) = (data.mapping.addr(), data.size as usize);
+///   page. The memory stays mapped: `data` (the runner's share of it) still holds it.
+fn release_waiters(vm: &mut Vm, data: &VmRegion, mode: Mode, uffd: Option<&Uffd>) {
+    let (addr, size) = (data.mapping.addr() as usize, data.size as usize);
     match mode {
         Mode::UffdMissing | Mode::UffdMinor => {
-            // SAFETY: PROT_NONE on our own data mapping; nothing in this process reads it
-            // through a Rust reference (the handler fills through the staging buffer or the
-            // alias, and is stopped).
-            let r = unsafe { libc::mprotect(addr as *mut libc::c_void, size, libc::PROT_NONE) };
-            if r != 0 {
-                tracing::error!(
-                    "revoking the data region: {}",
-                    std::io::Error::last_os_error()
-                );
+            let Some(ptr) = NonNull::new(addr as *mut libc::c_void) else {
+                return;
+            };
+            // SAFETY: PROT_NONE on the data region's own mapping, which no Rust reference
+            // points at (kvm-testvm and the handler access it through raw copies only, and the
+            // handler is stopped); nothing reads it afterwards.
+            if let Err(e) = unsafe { mprotect(ptr, size, ProtFlags::PROT_NONE) } {
+                tracing::error!("revoking the data region: {e}");
                 return;
             }
             if let Some(u) = uffd {
@@ -746,23 +760,8 @@ fn release_waiters(vm: &Vm, mode: Mode, uffd: Option<&Uffd>) {
             }
         }
         Mode::KvmSync | Mode::KvmAsync => {
-            let region = kvm_userspace_memory_region2 {
-                slot: data.slot,
-                flags: if data.backing == Backing::GuestMemfd {
-                    KVM_MEM_GUEST_MEMFD
-                } else {
-                    0
-                },
-                guest_phys_addr: data.gpa,
-                memory_size: 0,
-                userspace_addr: addr as u64,
-                guest_memfd: data.fd.as_ref().map_or(0, |f| f.as_raw_fd() as u32),
-                ..Default::default()
-            };
-            // SAFETY: deletes our own data memslot (memory_size 0); its mapping stays mapped
-            // (owned by `vm`) and KVM no longer references it once the call returns.
-            if let Err(e) = unsafe { vm.fd.set_user_memory_region2(region) } {
-                tracing::error!("deleting the data memslot: {e}");
+            if let Err(e) = vm.remove_region(DATA_SLOT) {
+                tracing::error!("deleting the data memslot: {e:#}");
             }
         }
     }
@@ -771,16 +770,9 @@ fn release_waiters(vm: &Vm, mode: Mode, uffd: Option<&Uffd>) {
 /// Runs one vCPU until the guest is done, finds a wrong word, or the run stops; records the
 /// vCPU's own failures as the run's cause (unless the run had already failed: what happens to
 /// a vCPU after that is a consequence, except a wrong word, which is always reported).
-fn vcpu_loop(
-    vcpu: &mut VcpuFd,
-    h: &Handler,
-    part: &WorkloadPart,
-    sys_addr: usize,
-    causes: &FirstCause,
-) -> VcpuEnd {
-    let _span = tracing::debug_span!("vcpu", id = part.vcpu).entered();
+fn vcpu_loop(vcpu: &mut WorkloadVcpu, id: usize, h: &Handler, causes: &FirstCause) -> VcpuEnd {
+    let _span = tracing::debug_span!("vcpu", id).entered();
     let mut scratch = Scratch::default();
-    let id = part.vcpu as usize;
     // A failure of this vCPU: the cause if the run had not stopped yet, else a consequence.
     let failed = |reason: String| {
         if h.is_stopped() {
@@ -800,39 +792,17 @@ fn vcpu_loop(
         if h.is_stopped() {
             return VcpuEnd::Stopped("signalled".into());
         }
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => match port {
-                PORT_DONE => return VcpuEnd::Done,
-                PORT_PROGRESS => {
-                    let left = u32::from_le_bytes(data.try_into().unwrap_or([0; 4]));
-                    tracing::debug!(vcpu = part.vcpu, pages_left = left, "progress");
-                }
-                PORT_FAIL => {
-                    // SAFETY: the system slot mapping outlives the vCPU threads (joined before
-                    // the Vm is dropped, or the Vm is leaked); read-only view of its first 2 MiB.
-                    let sys = unsafe {
-                        std::slice::from_raw_parts(
-                            sys_addr as *const u8,
-                            guest::SYSTEM_SIZE as usize,
-                        )
-                    };
-                    let off = (guest::MAILBOX_GPA + part.vcpu * guest::MAILBOX_STRIDE) as usize;
-                    let w = |i: usize| {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(&sys[off + i * 8..off + i * 8 + 8]);
-                        u64::from_le_bytes(b)
-                    };
-                    let mailbox = Mailbox {
-                        gpa: w(1),
-                        expected: w(2),
-                        found: w(3),
-                    };
-                    causes.record(RunCause::WrongContents { vcpu: id, mailbox }, h);
-                    return VcpuEnd::WrongContents(mailbox);
-                }
-                p => return failed(format!("unexpected port I/O to {p:#x}")),
-            },
-            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+        match vcpu.step() {
+            Ok(Event::Done) => return VcpuEnd::Done,
+            Ok(Event::Interrupted) => {}
+            Ok(Event::Progress { pages_left }) => {
+                tracing::debug!(vcpu = id, pages_left, "progress");
+            }
+            Ok(Event::Mismatch(mismatch)) => {
+                causes.record(RunCause::WrongContents { vcpu: id, mismatch }, h);
+                return VcpuEnd::WrongContents(mismatch);
+            }
+            Ok(Event::MemoryFault { flags, gpa, size }) => {
                 if flags & KVM_MEMORY_EXIT_FLAG_USERFAULT == 0 {
                     return failed(format!(
                         "memory fault at {gpa:#x} (+{size:#x}) without USERFAULT (flags {flags:#x})"
@@ -841,9 +811,8 @@ fn vcpu_loop(
                 // Exactly one of READ/WRITE/EXEC with the v2 uAPI (none before it).
                 let access =
                     Access::from_exit_flags(flags).map_or("unknown-access", Access::as_str);
-                tracing::trace!(vcpu = part.vcpu, gpa, access, "userfault exit");
-                let t = Instant::now();
-                match h.handle_gpas(&[gpa], t, true, &mut scratch) {
+                tracing::trace!(vcpu = id, gpa, access, "userfault exit");
+                match h.handle_gpas(&[gpa], Instant::now(), true, &mut scratch) {
                     Ok(()) => {}
                     Err(HandlerError::Stopped(why)) => {
                         return VcpuEnd::Stopped(format!("{access} fault at {gpa:#x}: {why}"))
@@ -855,18 +824,7 @@ fn vcpu_loop(
                     }
                 }
             }
-            Ok(VcpuExit::Shutdown) => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return failed(format!("guest shut down (triple fault) near rip {rip:#x}"));
-            }
-            Ok(VcpuExit::Hlt) => return failed("guest halted before reporting".into()),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                return failed(format!("VM entry failed (reason {reason:#x}, cpu {cpu})"))
-            }
-            Ok(VcpuExit::InternalError) => return failed("KVM internal error".into()),
-            Ok(other) => return failed(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => return failed(format!("KVM_RUN: {e}")),
+            Err(e) => return failed(e.to_string()),
         }
     }
 }

@@ -4,18 +4,28 @@
 //! userfault series and are `#[ignore]`d (run inside the patched VM by `cargo xtask test`).
 
 use kvm_testvm::caps;
+use kvm_userfault::fault::StopSignal;
+use kvm_userfault::handler::{Handler, Install, Region as HandlerRegion};
+use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
+use kvm_userfault::ioctls::{FdResolver, UserfaultFd};
+use kvm_userfault::serve::serve_userfault_fd;
 use kvm_userfault::source::{
     serve, write_snapshot, PageSource, RemoteOptions, RemoteSource, SnapshotSource,
 };
-use kvm_userfault_harness::guest::fill_pattern_page;
+use kvm_userfault::uapi::KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
+use kvm_userfault_harness::guest::{fill_pattern_page, WorkloadPart, WorkloadVcpu};
 use kvm_userfault_harness::runner::{run_workload, Mode, RunConfig};
-use kvm_userfault_harness::vm::{Backing, Vm};
+use kvm_userfault_harness::vm::{add_data_region, Backing, Region, Vm, SHARED_GUEST_MEMFD};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 const SEED: u64 = 0xC0FFEE;
+/// Where the handoff tests put their data region (RunConfig's default too).
+const DATA_GPA: u64 = 1 << 30;
 
 /// For the userfaultfd tests (no series needed): a host without KVM skips them, but the
 /// patched guest (`KVMUF_REQUIRE_SERIES`) fails them.
@@ -201,67 +211,59 @@ fn kvm_async_from_remote_source_over_loopback() {
     check(&cfg);
 }
 
-#[test]
-#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
-fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
-    use kvm_ioctls::VcpuExit;
-    use kvm_userfault::fault::StopSignal;
-    use kvm_userfault::handler::{Handler, Install, Region};
-    use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
-    use kvm_userfault::ioctls::{FdResolver, UserfaultFd};
-    use kvm_userfault::serve::serve_userfault_fd;
-    use kvm_userfault::uapi::KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
-    use kvm_userfault_harness::guest::{self, WorkloadPart};
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
-
-    if !series_present() {
-        return;
-    }
-    let pages = 256u64;
-    let size = pages * 4096;
-    let gpa = 1u64 << 30;
-    let src = image_source("handoff.snap", pages);
-
-    // The VMM: VM, memory, attribute, fd; then it hands the fds away and keeps none.
+/// The VMM's side of the handoff tests: a VM whose guest_memfd data region is all USERFAULT,
+/// with a userfault fd (VCPU_FAULTS: the guest's faults are records, not exits).
+fn handoff_vm(pages: u64) -> (Vm, Region, UserfaultFd) {
     let mut vm = Vm::new().unwrap();
-    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon).unwrap();
-    sys.mapping
-        .write(0, &guest::system_image(2, &guest::workload_code()).unwrap())
-        .unwrap();
-    vm.add_slot(gpa, size, Backing::GuestMemfd).unwrap();
-    vm.set_userfault(gpa, size, true).unwrap();
+    let data = add_data_region(&mut vm, DATA_GPA, pages * 4096, SHARED_GUEST_MEMFD).unwrap();
+    vm.set_userfault(DATA_GPA, data.size, true).unwrap();
     let ufd = vm
         .create_userfault_fd(KVM_USERFAULT_FD_FLAG_VCPU_FAULTS)
         .unwrap();
+    (vm, data, ufd)
+}
+
+/// Sends the userfault fd and the data region's guest_memfd over a socket pair, as a VMM hands
+/// them to a separate handler process, and closes the VMM's userfault fd; returns the
+/// handler's end.
+fn hand_off(ufd: UserfaultFd, data: &Region) -> UnixStream {
     let (vmm_sock, handler_sock) = UnixStream::pair().unwrap();
-    let gmem = vm.slots[1].fd.as_ref().unwrap().as_raw_fd();
+    let gmem = data.fd.as_ref().unwrap().as_raw_fd();
     let region = RegionDesc {
-        gpa,
-        size,
+        gpa: data.gpa,
+        size: data.size,
         offset: 0,
         fd_index: 0,
     };
     send_handoff(vmm_sock.as_raw_fd(), &ufd, &[gmem], &[region]).unwrap();
-    drop(ufd);
+    handler_sock
+}
 
-    // The handler side: only what came over the socket.
-    let stop = StopSignal::new().unwrap();
-    let stop2 = stop.clone();
-    let handler_thread = std::thread::spawn(move || {
-        let h = recv_handoff(handler_sock.as_raw_fd()).unwrap();
-        assert_eq!(h.requeued, 0, "a first handler has nothing to re-read");
+/// What a handler that received a handoff did: records re-posted on receipt, pages left
+/// missing when it stopped, its counters.
+type HandlerEnd = (usize, usize, String);
+
+/// A handler with only what comes over `sock`: it maps the memory itself and serves the fd
+/// until `stop`.
+fn spawn_handoff_handler(
+    sock: UnixStream,
+    src: Arc<dyn PageSource>,
+    stop: StopSignal,
+) -> mpsc::Receiver<HandlerEnd> {
+    spawn_reporting(move || {
+        let h = recv_handoff(sock.as_raw_fd()).unwrap();
         let mem = h.map(0).unwrap();
         let r = h.regions[0];
-        let ufd: Arc<UserfaultFd> = Arc::new(h.userfault_fd);
-        let region = Region {
+        let ufd = Arc::new(h.userfault_fd);
+        let region = HandlerRegion {
             gpa: r.gpa,
             size: r.size,
             host: mem.addr(),
             fill_alias: None,
             source_first_page: 0,
         };
-        // SAFETY: `mem` is the handler's own mapping of the guest_memfd, alive until the end of this closure, after the handler.
+        // SAFETY: `mem` is this thread's own mapping of the guest_memfd, which nothing else
+        // accesses through a reference, and it is dropped after the handler.
         let handler = unsafe {
             Handler::new(
                 vec![region],
@@ -270,75 +272,69 @@ fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
             )
         }
         .unwrap();
-        serve_userfault_fd(&handler, &ufd, stop2, 4, 32).unwrap();
-        assert_eq!(handler.missing_pages(), 0);
-        handler.stats.summary()
-    });
-
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    guest::setup_long_mode(&vcpu).unwrap();
-    let part = WorkloadPart {
-        gpa,
-        pages,
-        image_offset: 0,
-        seed: SEED,
-        vcpu: 0,
-    };
-    guest::setup_workload_regs(&vcpu, &part).unwrap();
-    loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::PORT_DONE, _)) => break,
-            Ok(VcpuExit::IoOut(guest::PORT_PROGRESS, _)) => {}
-            Ok(VcpuExit::IoOut(guest::PORT_FAIL, _)) => {
-                let m = guest::Mailbox::read(&vm.slots[0].mapping, 0).unwrap();
-                panic!("guest found wrong contents: {m:?}");
-            }
-            Err(e) if e.errno() == libc::EINTR => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
-    stop.stop();
-    eprintln!("handoff: {}", handler_thread.join().unwrap());
-}
-
-/// Runs the workload guest on its own thread until it reports DONE (or fails).
-fn spawn_workload_vcpu(
-    vm: &Vm,
-    gpa: u64,
-    pages: u64,
-) -> std::thread::JoinHandle<Result<(), String>> {
-    use kvm_ioctls::VcpuExit;
-    use kvm_userfault_harness::guest::{self, WorkloadPart};
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    guest::setup_long_mode(&vcpu).unwrap();
-    let part = WorkloadPart {
-        gpa,
-        pages,
-        image_offset: 0,
-        seed: SEED,
-        vcpu: 0,
-    };
-    guest::setup_workload_regs(&vcpu, &part).unwrap();
-    std::thread::spawn(move || loop {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::PORT_DONE, _)) => return Ok(()),
-            Ok(VcpuExit::IoOut(guest::PORT_PROGRESS, _)) => {}
-            Err(e) if e.errno() == libc::EINTR => {}
-            other => return Err(format!("unexpected exit {other:?}")),
-        }
+        serve_userfault_fd(&handler, &ufd, stop, 4, 16).unwrap();
+        (h.requeued, handler.missing_pages(), handler.stats.summary())
     })
 }
 
-fn join_within<T>(h: std::thread::JoinHandle<T>, limit: Duration, what: &str) -> T {
-    let deadline = std::time::Instant::now() + limit;
-    while !h.is_finished() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not done within {limit:?} (a lost fault record?)"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+/// Runs `f` on its own thread, which sends what it returns (nothing if it panicked).
+fn spawn_reporting<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        tx.send(f()).ok();
+    });
+    rx
+}
+
+/// What `rx`'s thread returned, within `limit` (a hang fails the test instead of blocking it).
+fn wait_for<T>(rx: &mpsc::Receiver<T>, limit: Duration, what: &str) -> T {
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: not done within {limit:?} (a lost fault record?)")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
     }
-    h.join().expect("thread panicked")
+}
+
+/// Runs the workload guest on `pages` of the data region on its own thread, until it reports
+/// DONE (or fails); reports the pages it verified.
+fn spawn_workload_vcpu(vm: &mut Vm, pages: u64) -> mpsc::Receiver<Result<u64, String>> {
+    let part = WorkloadPart {
+        gpa: DATA_GPA,
+        pages,
+        image_offset: 0,
+        seed: SEED,
+    };
+    let mut vcpu = WorkloadVcpu::new(vm, part).unwrap();
+    spawn_reporting(move || {
+        vcpu.run_to_end()
+            .map(|()| vcpu.verified_pages())
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+#[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
+fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
+    if !series_present() {
+        return;
+    }
+    let pages = 256u64;
+    let src = image_source("handoff.snap", pages);
+    // The VMM: VM, memory, attribute, fd; then it hands the fds away and keeps none.
+    let (mut vm, data, ufd) = handoff_vm(pages);
+    let sock = hand_off(ufd, &data);
+    let stop = StopSignal::new().unwrap();
+    let handler = spawn_handoff_handler(sock, src, stop.clone());
+    let guest = spawn_workload_vcpu(&mut vm, pages);
+    let verified = wait_for(&guest, Duration::from_secs(300), "guest");
+    assert_eq!(verified, Ok(pages), "the guest checked every page");
+    stop.stop();
+    let (requeued, missing, stats) = wait_for(&handler, Duration::from_secs(60), "handler");
+    assert_eq!(requeued, 0, "a first handler has nothing to re-read");
+    assert_eq!(missing, 0);
+    eprintln!("handoff: {stats}");
 }
 
 /// A handler that crashes after reading a record loses nothing: the next handler receives the
@@ -346,34 +342,17 @@ fn join_within<T>(h: std::thread::JoinHandle<T>, limit: Duration, what: &str) ->
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
-    use kvm_userfault::fault::StopSignal;
-    use kvm_userfault::handler::{Handler, Install, Region};
-    use kvm_userfault::handoff::{recv_handoff, send_handoff, RegionDesc};
-    use kvm_userfault::ioctls::{FdResolver, ReadStatus};
-    use kvm_userfault::serve::serve_userfault_fd;
-    use kvm_userfault::uapi::{KVM_USERFAULT_FD_FLAG_VCPU_FAULTS, USERFAULT_MSG_SIZE};
-    use kvm_userfault_harness::guest;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
+    use kvm_userfault::ioctls::ReadStatus;
+    use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
 
     if !series_present() {
         return;
     }
     let pages = 64u64;
-    let (gpa, size) = (1u64 << 30, 64 * 4096);
     let src = image_source("restart.snap", pages);
-    let mut vm = Vm::new().unwrap();
-    let sys = vm.add_slot(0, guest::SYSTEM_SIZE, Backing::Anon).unwrap();
-    sys.mapping
-        .write(0, &guest::system_image(2, &guest::workload_code()).unwrap())
-        .unwrap();
-    vm.add_slot(gpa, size, Backing::GuestMemfd).unwrap();
-    vm.set_userfault(gpa, size, true).unwrap();
-    let ufd = vm
-        .create_userfault_fd(KVM_USERFAULT_FD_FLAG_VCPU_FAULTS)
-        .unwrap();
+    let (mut vm, data, ufd) = handoff_vm(pages);
     assert_eq!(ufd.msg_size(), USERFAULT_MSG_SIZE, "negotiated record size");
-    let vcpu = spawn_workload_vcpu(&vm, gpa, pages);
+    let guest = spawn_workload_vcpu(&mut vm, pages);
 
     // The first handler reads the vCPU's first fault (blocking read) and dies with it.
     let mut buf = [0u8; 4 * USERFAULT_MSG_SIZE];
@@ -382,53 +361,20 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
         ufd.read_records(&mut buf, &mut lost).unwrap(),
         ReadStatus::Records(1)
     );
-    assert_eq!(lost[0].gfn, gpa >> 12, "the guest's first page");
+    assert_eq!(lost[0].gfn, DATA_GPA >> 12, "the guest's first page");
 
     // The next handler: only what comes over the socket; the record comes back on receipt.
-    let (vmm_sock, handler_sock) = UnixStream::pair().unwrap();
-    let gmem = vm.slots[1].fd.as_ref().unwrap().as_raw_fd();
-    let region = RegionDesc {
-        gpa,
-        size,
-        offset: 0,
-        fd_index: 0,
-    };
-    send_handoff(vmm_sock.as_raw_fd(), &ufd, &[gmem], &[region]).unwrap();
-    drop(ufd);
+    let sock = hand_off(ufd, &data);
     let stop = StopSignal::new().unwrap();
-    let stop2 = stop.clone();
-    let handler = std::thread::spawn(move || {
-        let h = recv_handoff(handler_sock.as_raw_fd()).unwrap();
-        let requeued = h.requeued;
-        let mem = h.map(0).unwrap();
-        let ufd = Arc::new(h.userfault_fd);
-        let region = Region {
-            gpa,
-            size,
-            host: mem.addr(),
-            fill_alias: None,
-            source_first_page: 0,
-        };
-        // SAFETY: `mem` is this thread's mapping of the guest_memfd and outlives the handler.
-        let handler = unsafe {
-            Handler::new(
-                vec![region],
-                src,
-                Install::Direct(Box::new(FdResolver(ufd.clone()))),
-            )
-        }
-        .unwrap();
-        serve_userfault_fd(&handler, &ufd, stop2, 4, 16).unwrap();
-        (requeued, handler.missing_pages())
-    });
-    join_within(
-        vcpu,
+    let handler = spawn_handoff_handler(sock, src, stop.clone());
+    let verified = wait_for(
+        &guest,
         Duration::from_secs(300),
         "guest after the handler restart",
-    )
-    .unwrap();
+    );
+    assert_eq!(verified, Ok(pages));
     stop.stop();
-    let (requeued, missing) = join_within(handler, Duration::from_secs(60), "handler");
+    let (requeued, missing, _) = wait_for(&handler, Duration::from_secs(60), "handler");
     assert_eq!(
         requeued, 1,
         "the record the crashed handler read is posted again"
@@ -442,11 +388,10 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
-    use kvm_userfault::fault::{ReaderExit, StopSignal};
-    use kvm_userfault::handler::{Handler, Install, NoopResolver, Region};
+    use kvm_userfault::fault::ReaderExit;
+    use kvm_userfault::handler::NoopResolver;
     use kvm_userfault::ioctls::{ReadStatus, UserfaultError};
     use kvm_userfault::memory::Mapping;
-    use kvm_userfault::serve::serve_userfault_fd;
     use kvm_userfault::source::MemorySource;
     use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
 
@@ -454,10 +399,11 @@ fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
         return;
     }
     let mut vm = Vm::new().unwrap();
-    vm.add_slot(1 << 30, 1 << 20, Backing::Anon).unwrap();
+    vm.add_region(1, 1 << 30, 1 << 20, Backing::Anonymous)
+        .unwrap();
     let ufd = Arc::new(vm.create_userfault_fd(0).unwrap());
     let mem = Mapping::new(1 << 20, None).unwrap();
-    let region = Region {
+    let region = HandlerRegion {
         gpa: 1 << 30,
         size: 1 << 20,
         host: mem.addr(),
@@ -478,10 +424,10 @@ fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
     );
     let stop = StopSignal::new().unwrap();
     let (h, fd, stop2) = (handler.clone(), ufd.clone(), stop.clone());
-    let t = std::thread::spawn(move || serve_userfault_fd(&h, &fd, stop2, 4, 8));
+    let t = spawn_reporting(move || serve_userfault_fd(&h, &fd, stop2, 4, 8));
     drop(vm);
-    let exit = join_within(
-        t,
+    let exit = wait_for(
+        &t,
         Duration::from_secs(30),
         "reader after the VM was destroyed",
     );

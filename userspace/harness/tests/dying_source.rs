@@ -7,9 +7,10 @@
 //! Every scenario runs the workload guest (which checks every word of every page it reads,
 //! in order) through `run_workload` with one vCPU and no prefetch unless said otherwise, the
 //! source failing after `K` pages were supplied. That makes the outcome exact: the guest
-//! verified pages `0..K` (read back from its `rdi` when it was stopped), the cause names page
-//! `K`, and a wrong page would be a `WrongContents` report, which fails the test as "the guest
-//! saw a bad page", distinct from "the guest verified K pages, then was stopped".
+//! verified pages `0..K` (the count it keeps in guest memory, read when it was stopped), the
+//! cause names page `K`, and a wrong page would be a `WrongContents` report, which fails the
+//! test as "the guest saw a bad page", distinct from "the guest verified K pages, then was
+//! stopped".
 //!
 //! The host tests use userfaultfd (stock KVM); the kvm-sync/kvm-async variants are the same
 //! scenarios and need the KVM userfault series (`cargo xtask test` runs them in the patched

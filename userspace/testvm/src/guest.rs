@@ -5,11 +5,15 @@
 //!
 //! Like the C selftests (which load their own ELF into the guest), the framework copies every
 //! loaded segment of the test process's executable and shared objects into guest memory and maps
-//! each at the *same* guest virtual address as in the host (see `vm::load_image`). A guest
+//! each at the *same* guest virtual address as in the host (`TestVm::with_options`). A guest
 //! entry point is then simply an ordinary `extern "C" fn` of the test binary, and strings such
 //! as `file!()` have the same address on both sides. Guest functions must stick to `core`
 //! (no allocation, no I/O, no thread-locals: the guest has no `fs` base); use the volatile
-//! helpers here for guest memory so that the compiler keeps every access.
+//! helpers here for guest memory so that the compiler keeps every access. Nor may they call
+//! libc, which a debug build does behind the code's back for an array initialiser (`[0; N]`),
+//! iterating an array by value, or a struct copied by value (`memset`/`memcpy`, whose host
+//! variants may use instructions the guest CPU lacks): such a guest stops with an internal
+//! error whose RIP names the libc function.
 
 use core::arch::{asm, global_asm};
 

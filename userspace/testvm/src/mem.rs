@@ -8,6 +8,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
@@ -198,7 +199,7 @@ impl HostMapping {
         self.len == 0
     }
 
-    fn check(&self, offset: usize, len: usize) {
+    pub(crate) fn check(&self, offset: usize, len: usize) {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len),
             "access [{offset:#x}, +{len:#x}) outside a {:#x}-byte mapping",
@@ -255,6 +256,83 @@ impl Drop for HostMapping {
     fn drop(&mut self) {
         // SAFETY: we own this mapping and nothing refers to it after drop.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A range of guest memory as the host sees it: where the guest finds it, and raw accessors
+/// for the host side. It shares ownership of the mapping it lies in, so its accesses never
+/// reach unmapped memory, whatever happened to the VM. Made by
+/// [`TestVm::alloc_guest_mem`](crate::TestVm::alloc_guest_mem).
+#[derive(Debug, Clone)]
+pub struct GuestMem {
+    gva: u64,
+    gpa: u64,
+    mapping: Arc<HostMapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl GuestMem {
+    pub(crate) fn new(
+        gva: u64,
+        gpa: u64,
+        mapping: Arc<HostMapping>,
+        offset: usize,
+        len: usize,
+    ) -> Self {
+        mapping.check(offset, len);
+        Self {
+            gva,
+            gpa,
+            mapping,
+            offset,
+            len,
+        }
+    }
+
+    /// The guest virtual address of the first byte.
+    pub fn gva(&self) -> u64 {
+        self.gva
+    }
+
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn at(&self, offset: usize, len: usize) -> usize {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "access [{offset:#x}, +{len:#x}) outside {:#x} bytes of guest memory at {:#x}",
+            self.len,
+            self.gva
+        );
+        self.offset + offset
+    }
+
+    /// A volatile load: the guest may be writing it concurrently.
+    pub fn read_u64(&self, offset: usize) -> u64 {
+        self.mapping.read_u64(self.at(offset, 8))
+    }
+
+    /// A volatile store: the guest may be reading it concurrently.
+    pub fn write_u64(&self, offset: usize, v: u64) {
+        self.mapping.write_u64(self.at(offset, 8), v)
+    }
+
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        self.mapping.write(self.at(offset, data.len()), data)
+    }
+
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        self.mapping.read(self.at(offset, out.len()), out)
     }
 }
 

@@ -6,36 +6,56 @@
 //!
 //! Guest physical layout of slot 0 (the "system" slot, anonymous memory):
 //!
-//! | GPA                | what                                                   |
-//! |--------------------|--------------------------------------------------------|
-//! | 0x1000             | GDT                                                    |
-//! | 0x2000             | IDT (256 gates)                                        |
-//! | 0x3000             | TSS                                                    |
-//! | 0x10_0000..+4 MiB  | page-table pool                                        |
-//! | 0x60_0000..        | vCPU stacks, [`STACK_SIZE`] each, [`MAX_VCPUS`]         |
-//! | 0x100_0000..       | copy of the test process's loaded image (see guest.rs) |
+//! | GPA                | what                                                        |
+//! |--------------------|-------------------------------------------------------------|
+//! | 0x1000             | GDT                                                         |
+//! | 0x2000             | IDT (256 gates)                                             |
+//! | 0x3000             | TSS                                                         |
+//! | 0x10_0000..+4 MiB  | page-table pool                                             |
+//! | 0x50_0000..+1 MiB  | shared data ([`TestVm::alloc_guest_mem`])                   |
+//! | 0x60_0000..        | vCPU stacks, [`STACK_SIZE`] each, [`VmOptions::max_vcpus`]   |
+//! | 0x100_0000.. (or after the stacks, 2 MiB aligned) | copy of the test process's loaded image (see guest.rs) |
 //!
-//! The GDT/IDT/TSS/stacks are mapped at [`SYS_GVA`] + GPA, far from where Linux puts
-//! executables and libraries; the image copy at the host's own addresses. Test regions go at
-//! or above [`TEST_GPA`] (4 GiB, like guest_memfd_test, clear of the PCI hole).
+//! The GDT/IDT/TSS, shared data and stacks are mapped at [`SYS_GVA`] + GPA, far from where
+//! Linux puts executables and libraries; the image copy at the host's own addresses. Test
+//! regions go at or above [`TEST_GPA`] (4 GiB, like guest_memfd_test, clear of the PCI hole).
+//!
+//! # Who owns the memory
+//!
+//! KVM reads and writes a memslot's memory through its `userspace_addr` for as long as the VM
+//! exists in the kernel, which is as long as the VM fd *or any vCPU fd* is open. So the VM fd
+//! and every mapping registered as a memslot are owned together, in one shared object that the
+//! [`TestVm`], each [`Vcpu`] and each [`VmHandle`] hold: the mappings are unmapped only after
+//! the last of them is dropped, and then after the VM fd is closed. The fds are only lent
+//! out (`&VmFd`, `&VcpuFd`), so no safe code can close the VM while keeping the memory's
+//! address, or unmap the memory while KVM can still reach it. The one way to register other
+//! memory is the `unsafe` [`TestVm::set_region2`].
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kvm_bindings::{
-    kvm_create_guest_memfd, kvm_regs, kvm_segment, kvm_userspace_memory_region2, kvm_xcrs,
+    kvm_create_guest_memfd, kvm_segment, kvm_userspace_memory_region2, kvm_xcrs,
     KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
+use kvm_userfault::ioctls::{Capabilities, UserfaultError, UserfaultFd};
 
-use crate::guest::{self, GuestFn, UcallRecord, UCALL_PORT};
-use crate::mem::{page_size, Backing, HostMapping};
+use crate::guest::{self, GuestFn};
+use crate::image::image_segments;
+use crate::mem::{Backing, GuestMem, HostMapping};
 use crate::uapi;
+
+pub use crate::image::{describe_code, main_executable};
+pub use crate::vcpu::{vector_name, Exit, Ucall, Vcpu};
 
 pub const SYS_GVA: u64 = 0x1000_0000_0000;
 pub const TEST_GPA: u64 = 1 << 32;
+/// vCPUs a VM has stacks for unless [`VmOptions::max_vcpus`] says otherwise.
 pub const MAX_VCPUS: usize = 64;
+/// The most [`VmOptions::max_vcpus`] accepts (x86's `KVM_MAX_VCPUS` without MAXSMP).
+pub const VCPU_LIMIT: usize = 1024;
 pub const STACK_SIZE: u64 = 128 << 10;
 
 const GDT_GPA: u64 = 0x1000;
@@ -43,8 +63,13 @@ const IDT_GPA: u64 = 0x2000;
 const TSS_GPA: u64 = 0x3000;
 const PT_POOL_GPA: u64 = 0x10_0000;
 const PT_POOL_END: u64 = 0x50_0000;
+const SHARED_GPA: u64 = 0x50_0000;
+const SHARED_END: u64 = 0x60_0000;
+/// Allocations of shared data start on their own cache line.
+const SHARED_ALIGN: u64 = 64;
 const STACKS_GPA: u64 = 0x60_0000;
-const IMAGE_GPA: u64 = 0x100_0000;
+const IMAGE_MIN_GPA: u64 = 0x100_0000;
+const HUGE: u64 = 2 << 20;
 
 const KERNEL_CS: u16 = 0x08;
 const KERNEL_DS: u16 = 0x10;
@@ -68,8 +93,13 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 
-/// A memslot and its host side.
-#[derive(Debug)]
+/// A memslot and its host side: a description, and a share of its memory.
+///
+/// Cloning a region is cheap and shares its mappings and fd: while any clone lives, the memory
+/// stays mapped, so a clone handed to another thread (a fault handler that fills the region
+/// through raw pointers) never writes to unmapped or reused memory, even if the VM is gone.
+/// Changing a clone's fields changes nothing in KVM.
+#[derive(Debug, Clone)]
 pub struct Region {
     pub slot: u32,
     pub gpa: u64,
@@ -104,28 +134,28 @@ struct GvaMap {
 
 /// What vCPU threads need to decode ucalls: the guest virtual → host address translation.
 #[derive(Debug, Default)]
-struct AddressSpace {
+pub(crate) struct AddressSpace {
     maps: Vec<GvaMap>,
     /// (gpa, size, mapping) of every region.
     regions: Vec<(u64, u64, Arc<HostMapping>)>,
 }
 
 impl AddressSpace {
-    fn gpa_to_host(&self, gpa: u64, len: u64) -> Option<(Arc<HostMapping>, usize)> {
+    pub(crate) fn gpa_to_host(&self, gpa: u64, len: u64) -> Option<(Arc<HostMapping>, usize)> {
         self.regions.iter().find_map(|(base, size, m)| {
             (gpa >= *base && gpa.checked_add(len)? <= base + size)
                 .then(|| (m.clone(), (gpa - base) as usize))
         })
     }
 
-    fn gva_to_gpa(&self, gva: u64, len: u64) -> Option<u64> {
+    pub(crate) fn gva_to_gpa(&self, gva: u64, len: u64) -> Option<u64> {
         self.maps
             .iter()
             .find(|m| gva >= m.gva && gva.checked_add(len).is_some_and(|e| e <= m.gva + m.len))
             .map(|m| m.gpa + (gva - m.gva))
     }
 
-    fn read_gva(&self, gva: u64, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_gva(&self, gva: u64, out: &mut [u8]) -> Result<()> {
         let len = out.len() as u64;
         let gpa = self
             .gva_to_gpa(gva, len)
@@ -137,7 +167,7 @@ impl AddressSpace {
         Ok(())
     }
 
-    fn read_str(&self, gva: u64, len: u64) -> String {
+    pub(crate) fn read_str(&self, gva: u64, len: u64) -> String {
         let len = len.min(4096) as usize;
         let mut buf = vec![0u8; len];
         match self.read_gva(gva, &mut buf) {
@@ -147,302 +177,77 @@ impl AddressSpace {
     }
 }
 
-/// A decoded ucall.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ucall {
-    Sync(Vec<u64>),
-    Done,
-    /// A failed `guest_assert!`, already formatted with file:line, expression and values.
-    Assert(String),
-    /// An exception the guest did not expect.
-    Unhandled {
-        vector: u64,
-        rip: u64,
-        error_code: u64,
-        cr2: u64,
-    },
+/// The kernel VM and the memory its memslots point at, owned together (see the module
+/// documentation): shared by the [`TestVm`], its vCPUs and its [`VmHandle`]s.
+pub(crate) struct VmShared {
+    // Declared first, so that it is closed before the mappings in `aspace` are unmapped.
+    pub(crate) fd: VmFd,
+    /// Every region's mapping, and the guest virtual → host translation vCPU threads need to
+    /// decode ucalls.
+    aspace: Mutex<AddressSpace>,
 }
 
-/// Why `KVM_RUN` returned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    Ucall(Ucall),
-    /// `KVM_EXIT_MEMORY_FAULT` (KVM_RUN returned -1/EFAULT).
-    MemoryFault {
-        flags: u64,
-        gpa: u64,
-        size: u64,
-    },
-    /// `KVM_EXIT_INTR` (KVM_RUN returned -1/EINTR maps to `Err(EINTR)` instead).
-    Intr,
-    /// Port output to a port other than the ucall port (e.g. a guest `rep outsb`).
-    IoOut {
-        port: u16,
-        data: Vec<u8>,
-    },
-    /// Port input from a port other than the ucall port; `len` bytes of
-    /// [`Vcpu::io_in_fill`] were supplied.
-    IoIn {
-        port: u16,
-        len: usize,
-    },
-    Other(String),
-}
-
-/// Exception vector names, for messages.
-pub fn vector_name(v: u64) -> &'static str {
-    match v {
-        0 => "#DE",
-        1 => "#DB",
-        2 => "NMI",
-        3 => "#BP",
-        4 => "#OF",
-        5 => "#BR",
-        6 => "#UD",
-        7 => "#NM",
-        8 => "#DF",
-        10 => "#TS",
-        11 => "#NP",
-        12 => "#SS",
-        13 => "#GP",
-        14 => "#PF",
-        16 => "#MF",
-        17 => "#AC",
-        18 => "#MC",
-        19 => "#XM",
-        _ => "vector",
+impl VmShared {
+    /// The address space; a thread that panicked while holding it left it consistent (every
+    /// update is a single push or retain).
+    pub(crate) fn aspace(&self) -> MutexGuard<'_, AddressSpace> {
+        self.aspace.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// One vCPU: owns its fd; `Send`, so tests run it on its own thread.
-#[derive(Debug)]
-pub struct Vcpu {
-    pub id: u64,
-    pub fd: VcpuFd,
-    /// The byte returned for guest port input (see [`Exit::IoIn`]).
-    pub io_in_fill: u8,
-    aspace: Arc<Mutex<AddressSpace>>,
-    stack_top: u64,
+impl std::fmt::Debug for VmShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShared")
+            .field("fd", &self.fd.as_raw_fd())
+            .finish_non_exhaustive()
+    }
 }
 
-impl Vcpu {
-    /// Points the vCPU at `entry` with up to four arguments and a fresh stack whose return
-    /// address reports DONE.
-    pub fn set_entry(&self, entry: GuestFn, args: &[u64]) -> Result<()> {
-        ensure!(args.len() <= 4, "at most four guest arguments");
-        // The return address sits at the top of the stack, as if `entry` had been called:
-        // the SysV ABI wants RSP + 8 16-byte aligned at function entry (SSE spills use movaps).
-        let rsp = self.stack_top - 8;
-        {
-            let a = self.aspace.lock().unwrap();
-            let gpa = a.gva_to_gpa(rsp, 8).context("stack not mapped")?;
-            let (m, off) = a.gpa_to_host(gpa, 8).context("stack not in a slot")?;
-            m.write_u64(off, guest::kvm_selftests_guest_return as *const () as u64);
-        }
-        let mut regs = kvm_regs {
-            rflags: 0x2,
-            rip: entry as *const () as u64,
-            rsp,
-            rbp: 0,
-            ..Default::default()
-        };
-        let mut a = [0u64; 4];
-        a[..args.len()].copy_from_slice(args);
-        (regs.rdi, regs.rsi, regs.rdx, regs.rcx) = (a[0], a[1], a[2], a[3]);
-        self.fd.set_regs(&regs).context("KVM_SET_REGS")?;
-        Ok(())
-    }
+/// A shared handle on a VM's fd, for other threads (resolvers, teardown ioctls). It holds the
+/// VM's memory too, so that memory stays mapped for as long as anything can use the fd
+/// through the handle, even after the [`TestVm`] is dropped.
+#[derive(Debug, Clone)]
+pub struct VmHandle(Arc<VmShared>);
 
-    /// One `KVM_RUN`. `Err` carries the errno of a failed KVM_RUN other than a memory fault
-    /// exit (e.g. EINTR, EFAULT without KVM_EXIT_MEMORY_FAULT).
-    pub fn run(&mut self) -> std::result::Result<Exit, kvm_ioctls::Error> {
-        let fill = self.io_in_fill;
-        let exit = match self.fd.run()? {
-            VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) if port == UCALL_PORT => None,
-            VcpuExit::IoOut(port, data) => {
-                return Ok(Exit::IoOut {
-                    port,
-                    data: data.to_vec(),
-                })
-            }
-            VcpuExit::IoIn(port, data) => {
-                // Port input (e.g. a guest `rep insb`): supply `io_in_fill` bytes; KVM stores
-                // them into guest memory when the vCPU is re-entered.
-                data.fill(fill);
-                return Ok(Exit::IoIn {
-                    port,
-                    len: data.len(),
-                });
-            }
-            VcpuExit::MemoryFault { flags, gpa, size } => {
-                return Ok(Exit::MemoryFault { flags, gpa, size })
-            }
-            VcpuExit::Intr => return Ok(Exit::Intr),
-            other => Some(format!("{other:?}")),
-        };
-        if let Some(other) = exit {
-            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-            let detail = self.internal_error_detail();
-            return Ok(Exit::Other(format!(
-                "{other} at RIP {rip:#x}{}{detail}",
-                describe_code(rip)
-            )));
-        }
-        let rdi = self.fd.get_regs()?.rdi;
-        Ok(Exit::Ucall(self.decode_ucall(rdi)))
+impl VmHandle {
+    pub fn fd(&self) -> &VmFd {
+        &self.0.fd
     }
+}
 
-    /// For KVM_EXIT_INTERNAL_ERROR: the suberror and its data words (e.g. 1 = emulation
-    /// failure, typically an instruction fetch from a GPA with no memslot).
-    fn internal_error_detail(&mut self) -> String {
-        let run = self.fd.get_kvm_run();
-        if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
-            return String::new();
-        }
-        // SAFETY: exit_reason says the `internal` union member is the valid one.
-        let ie = unsafe { run.__bindgen_anon_1.internal };
-        let n = (ie.ndata as usize).min(ie.data.len());
-        format!(" (suberror {}, data {:x?})", ie.suberror, &ie.data[..n])
-    }
+/// How to build a [`TestVm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmOptions {
+    /// `KVM_CREATE_VM`'s type (0: the default VM).
+    pub vm_type: u64,
+    /// vCPUs the system slot has stacks for (1..=[`VCPU_LIMIT`]). Stack memory is only
+    /// allocated where a guest touches it, so a large value costs address space only.
+    pub max_vcpus: usize,
+}
 
-    /// The ucall whose record the guest passed at `gva` (its RDI at the ucall's port I/O), for
-    /// a caller that had to read the registers itself (e.g. after a failed KVM_GET_REGS).
-    pub fn decode_ucall(&self, gva: u64) -> Ucall {
-        let a = self.aspace.lock().unwrap();
-        let mut raw = [0u8; std::mem::size_of::<UcallRecord>()];
-        if let Err(e) = a.read_gva(gva, &mut raw) {
-            return Ucall::Assert(format!("ucall with an unreadable record at {gva:#x}: {e}"));
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            vm_type: 0,
+            max_vcpus: MAX_VCPUS,
         }
-        // SAFETY: UcallRecord is repr(C) plain integers; any bit pattern is valid.
-        let rec: UcallRecord = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
-        let args = rec.args[..(rec.nargs as usize).min(guest::UCALL_MAX_ARGS)].to_vec();
-        match rec.cmd {
-            guest::UCALL_SYNC => Ucall::Sync(args),
-            guest::UCALL_DONE => Ucall::Done,
-            guest::UCALL_ASSERT => {
-                let file = a.read_str(rec.file_ptr, rec.file_len);
-                let expr = a.read_str(rec.msg_ptr, rec.msg_len);
-                let vals: Vec<String> = args.iter().map(|v| format!("{v:#x}")).collect();
-                Ucall::Assert(format!(
-                    "guest assertion failed at {file}:{}: `{expr}` (values: {})",
-                    rec.line,
-                    vals.join(", ")
-                ))
-            }
-            guest::UCALL_UNHANDLED if args.len() >= 4 => Ucall::Unhandled {
-                vector: args[0],
-                rip: args[1],
-                error_code: args[2],
-                cr2: args[3],
-            },
-            guest::UCALL_UNHANDLED => Ucall::Assert(format!(
-                "unhandled-exception ucall with {} args",
-                args.len()
-            )),
-            c => Ucall::Assert(format!("unknown ucall command {c}")),
-        }
-    }
-
-    /// Runs until the next ucall; guest assertion failures, unexpected exceptions, memory-fault
-    /// exits and other exits become errors with context.
-    pub fn run_ucall(&mut self) -> Result<Ucall> {
-        let id = self.id;
-        match self.run().with_context(|| format!("vCPU {id}: KVM_RUN"))? {
-            Exit::Ucall(Ucall::Assert(msg)) => bail!("vCPU {id}: {msg}"),
-            Exit::Ucall(Ucall::Unhandled { vector, rip, error_code, cr2 }) => bail!(
-                "vCPU {id}: unexpected guest exception {} ({vector}) at RIP {rip:#x}{}, error code {error_code:#x}, CR2 {cr2:#x}",
-                vector_name(vector),
-                describe_code(rip)
-            ),
-            Exit::Ucall(u) => Ok(u),
-            other => bail!("vCPU {id}: unexpected exit {other:?}"),
-        }
-    }
-
-    /// Runs until the guest reports DONE.
-    pub fn run_to_done(&mut self) -> Result<()> {
-        match self.run_ucall()? {
-            Ucall::Done => Ok(()),
-            u => bail!("vCPU {}: expected DONE, got {u:?}", self.id),
-        }
-    }
-
-    /// Runs until the next SYNC and returns its arguments.
-    pub fn run_to_sync(&mut self) -> Result<Vec<u64>> {
-        match self.run_ucall()? {
-            Ucall::Sync(a) => Ok(a),
-            u => bail!("vCPU {}: expected SYNC, got {u:?}", self.id),
-        }
-    }
-
-    /// The raw `kvm_run` page.
-    pub fn kvm_run(&mut self) -> &mut kvm_bindings::kvm_run {
-        self.fd.get_kvm_run()
-    }
-
-    /// A vCPU binary statistic by name (e.g. `pf_taken`, `exits`), like the C tests'
-    /// `vcpu_get_stat()`: `KVM_GET_STATS_FD`, then the header, the descriptors and the
-    /// statistic's first value read with `pread`.
-    pub fn stat(&self, name: &str) -> Result<u64> {
-        // `KVM_GET_STATS_FD = _IO(KVMIO, 0xce)`.
-        const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
-        // SAFETY: an ioctl without an argument on our vCPU fd; returns a new fd or -1.
-        let raw = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_STATS_FD, 0) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("KVM_GET_STATS_FD");
-        }
-        // SAFETY: a fresh fd returned by KVM, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let pread = |off: u64, len: usize| -> Result<Vec<u8>> {
-            let mut buf = vec![0u8; len];
-            // SAFETY: reads at most `len` bytes into `buf`, which has `len` bytes.
-            let n = unsafe {
-                libc::pread(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    len,
-                    off as libc::off_t,
-                )
-            };
-            ensure!(
-                n == len as isize,
-                "short read of the stats fd ({n} of {len} bytes at {off:#x}): {}",
-                std::io::Error::last_os_error()
-            );
-            Ok(buf)
-        };
-        let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
-        // struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset,
-        // data_offset (u32 each).
-        let h = pread(0, 24)?;
-        let (name_size, num_desc) = (u32_at(&h, 4) as usize, u32_at(&h, 8) as usize);
-        let (desc_offset, data_offset) = (u32_at(&h, 16) as u64, u32_at(&h, 20) as u64);
-        // struct kvm_stats_desc: flags u32, exponent s16, size u16, offset u32, bucket_size
-        // u32, then the name (name_size bytes, NUL terminated).
-        let stride = 16 + name_size;
-        let descs = pread(desc_offset, stride * num_desc)?;
-        for d in descs.chunks_exact(stride) {
-            let n = &d[16..];
-            let n = &n[..n.iter().position(|&c| c == 0).unwrap_or(n.len())];
-            if n == name.as_bytes() {
-                let offset = u32_at(d, 8) as u64;
-                let v = pread(data_offset + offset, 8)?;
-                return Ok(u64::from_ne_bytes(v[..8].try_into().unwrap()));
-            }
-        }
-        bail!("vCPU {}: no binary statistic named {name:?}", self.id)
     }
 }
 
 /// A VM under test.
+///
+/// Its fields are private: the VM fd is lent out ([`TestVm::fd`], [`TestVm::handle`]), the
+/// regions are read-only views ([`TestVm::regions`]) and removing one goes through
+/// [`TestVm::remove_region`], which deletes the memslot before it gives the memory back.
 pub struct TestVm {
-    pub kvm: Kvm,
-    pub fd: VmFd,
-    pub vm_type: u64,
+    kvm: Kvm,
+    vm: Arc<VmShared>,
+    vm_type: u64,
+    max_vcpus: usize,
     regions: Vec<Region>,
-    aspace: Arc<Mutex<AddressSpace>>,
     pml4: u64,
     pt_next: u64,
+    shared_next: u64,
     next_vcpu: u64,
     cpuid: kvm_bindings::CpuId,
 }
@@ -470,10 +275,22 @@ pub fn create_barebones(kvm: &Kvm, vm_type: u64) -> Result<VmFd> {
 impl TestVm {
     /// A default-type VM with the system slot set up and the test image loaded.
     pub fn new() -> Result<Self> {
-        Self::with_type(0)
+        Self::with_options(VmOptions::default())
     }
 
     pub fn with_type(vm_type: u64) -> Result<Self> {
+        Self::with_options(VmOptions {
+            vm_type,
+            ..VmOptions::default()
+        })
+    }
+
+    pub fn with_options(opts: VmOptions) -> Result<Self> {
+        let VmOptions { vm_type, max_vcpus } = opts;
+        ensure!(
+            (1..=VCPU_LIMIT).contains(&max_vcpus),
+            "max_vcpus must be 1..={VCPU_LIMIT}, not {max_vcpus}"
+        );
         let kvm = open_kvm()?;
         let fd = create_barebones(&kvm, vm_type)?;
         let cpuid = kvm
@@ -481,31 +298,34 @@ impl TestVm {
             .context("KVM_GET_SUPPORTED_CPUID")?;
         let image = image_segments()?;
         let image_size: u64 = image.iter().map(|s| s.1 - s.0).sum();
-        let sys_size = align_up(IMAGE_GPA + image_size, 2 << 20);
+        let stacks = STACK_SIZE * max_vcpus as u64;
+        let image_gpa = align_up(STACKS_GPA + stacks, HUGE).max(IMAGE_MIN_GPA);
+        let sys_size = align_up(image_gpa + image_size, HUGE);
         let mut vm = TestVm {
             kvm,
-            fd,
+            vm: Arc::new(VmShared {
+                fd,
+                aspace: Mutex::default(),
+            }),
             vm_type,
+            max_vcpus,
             regions: Vec::new(),
-            aspace: Arc::default(),
             pml4: 0,
             pt_next: PT_POOL_GPA,
+            shared_next: SHARED_GPA,
             next_vcpu: 0,
             cpuid,
         };
         vm.add_region(0, 0, sys_size, Backing::Anonymous)
             .context("system memslot")?;
         vm.pml4 = vm.alloc_pt_page()?;
-        // GDT/IDT/TSS page and the stacks, at SYS_GVA + gpa.
+        // GDT/IDT/TSS page, the shared data and the stacks, at SYS_GVA + gpa.
         vm.map(SYS_GVA + GDT_GPA, GDT_GPA, 0x3000)?;
-        vm.map(
-            SYS_GVA + STACKS_GPA,
-            STACKS_GPA,
-            STACK_SIZE * MAX_VCPUS as u64,
-        )?;
+        vm.map(SYS_GVA + SHARED_GPA, SHARED_GPA, SHARED_END - SHARED_GPA)?;
+        vm.map(SYS_GVA + STACKS_GPA, STACKS_GPA, stacks)?;
         vm.write_descriptor_tables()?;
         // The image copy, at the host's addresses.
-        let mut gpa = IMAGE_GPA;
+        let mut gpa = image_gpa;
         let sys = vm.regions[0].mapping.clone();
         for (start, end) in image {
             let len = end - start;
@@ -518,6 +338,30 @@ impl TestVm {
             gpa += len;
         }
         Ok(vm)
+    }
+
+    /// The /dev/kvm handle the VM was created from.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM fd, lent: it cannot outlive the VM's memory.
+    pub fn fd(&self) -> &VmFd {
+        &self.vm.fd
+    }
+
+    /// A handle on the VM fd that other threads can own; it keeps the VM's memory mapped.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.vm.clone())
+    }
+
+    pub fn vm_type(&self) -> u64 {
+        self.vm_type
+    }
+
+    /// vCPUs this VM has stacks for.
+    pub fn max_vcpus(&self) -> usize {
+        self.max_vcpus
     }
 
     pub fn regions(&self) -> &[Region] {
@@ -545,7 +389,7 @@ impl TestVm {
             Backing::Anonymous => (HostMapping::anonymous(len)?, None, None),
             Backing::AnonymousThp => (HostMapping::anonymous_thp(len)?, None, None),
             Backing::Shmem => {
-                let fd = crate::mem::memfd("kvm-selftests", len)?;
+                let fd = crate::mem::memfd("kvm-testvm", len)?;
                 let m = HostMapping::shared(fd.as_raw_fd(), len, 0)?;
                 let alias = HostMapping::shared(fd.as_raw_fd(), len, 0)?;
                 (m, Some(fd), Some(Arc::new(alias)))
@@ -566,14 +410,20 @@ impl TestVm {
             Backing::GuestMemfd { .. } => fd.as_ref().map(|f| f.as_raw_fd()),
             _ => None,
         };
-        self.set_region2(slot, 0, gpa, size, mapping.addr(), gmem, 0)
-            .map_err(|e| anyhow!("KVM_SET_USER_MEMORY_REGION2(slot {slot}, gpa {gpa:#x}, size {size:#x}, {backing:?}): {e}"))?;
         let mapping = Arc::new(mapping);
-        self.aspace
-            .lock()
-            .unwrap()
-            .regions
-            .push((gpa, size, mapping.clone()));
+        // The mapping joins the VM's memory before KVM can use it: from here on it lives as
+        // long as the VM.
+        self.vm.aspace().regions.push((gpa, size, mapping.clone()));
+        // SAFETY: `mapping` is `len` bytes of memory no Rust reference points at, and it is
+        // now owned with the VM fd (above), so it stays mapped while KVM can use the slot.
+        let r = unsafe { self.set_region2(slot, 0, gpa, size, mapping.addr(), gmem, 0) };
+        if let Err(e) = r {
+            self.vm
+                .aspace()
+                .regions
+                .retain(|(_, _, m)| !Arc::ptr_eq(m, &mapping));
+            bail!("KVM_SET_USER_MEMORY_REGION2(slot {slot}, gpa {gpa:#x}, size {size:#x}, {backing:?}): {e}");
+        }
         self.regions.push(Region {
             slot,
             gpa,
@@ -583,12 +433,41 @@ impl TestVm {
             fd: fd.map(Arc::new),
             alias,
         });
-        Ok(self.regions.last().unwrap())
+        Ok(self.regions.last().expect("just pushed"))
+    }
+
+    /// Deletes memslot `slot` and returns its region. KVM no longer references the memory once
+    /// the deletion returned, so the memory now lives exactly as long as the returned region
+    /// (or another clone of it). The guest page tables still map the range, now to no memslot.
+    pub fn remove_region(&mut self, slot: u32) -> Result<Region> {
+        ensure!(slot != 0, "slot 0 holds the page tables and the guest code");
+        let i = self
+            .regions
+            .iter()
+            .position(|r| r.slot == slot)
+            .with_context(|| format!("no slot {slot}"))?;
+        let gpa = self.regions[i].gpa;
+        // SAFETY: a size of 0 deletes the slot; KVM registers no memory.
+        unsafe { self.set_region2(slot, 0, gpa, 0, 0, None, 0) }
+            .map_err(|e| anyhow!("deleting memslot {slot} (gpa {gpa:#x}): {e}"))?;
+        let r = self.regions.remove(i);
+        self.vm
+            .aspace()
+            .regions
+            .retain(|(_, _, m)| !Arc::ptr_eq(m, &r.mapping));
+        Ok(r)
     }
 
     /// Raw `KVM_SET_USER_MEMORY_REGION2`; returns the errno so tests can check rejections.
+    ///
+    /// # Safety
+    /// If KVM accepts a slot of non-zero `size`, `[hva, hva + size)` must stay mapped, and not
+    /// be memory that Rust code accesses through references, until the slot is deleted or the
+    /// VM (its fd, every vCPU fd and every [`VmHandle`]) is gone: KVM reads and writes it on
+    /// the guest's behalf. Memory the regions of this VM own qualifies; deletions (size 0) and
+    /// calls KVM rejects have no requirement.
     #[allow(clippy::too_many_arguments)]
-    pub fn set_region2(
+    pub unsafe fn set_region2(
         &self,
         slot: u32,
         flags: u32,
@@ -613,10 +492,9 @@ impl TestVm {
             guest_memfd: guest_memfd.unwrap_or(0) as u32,
             ..Default::default()
         };
-        // SAFETY: callers pass either a mapping they keep alive for the slot's lifetime
-        // (add_region stores it) or a deliberately invalid region that KVM must reject; KVM
-        // itself validates the address range against the caller's mm.
-        unsafe { self.fd.set_user_memory_region2(region) }
+        // SAFETY: the caller upholds this function's contract for the memory; KVM itself
+        // validates the address range against the process's mm.
+        unsafe { self.vm.fd.set_user_memory_region2(region) }
     }
 
     /// `KVM_CREATE_GUEST_MEMFD`.
@@ -625,7 +503,33 @@ impl TestVm {
         size: u64,
         flags: u64,
     ) -> std::result::Result<OwnedFd, kvm_ioctls::Error> {
-        create_guest_memfd(&self.fd, size, flags)
+        create_guest_memfd(&self.vm.fd, size, flags)
+    }
+
+    /// Allocates `len` bytes of zeroed guest memory for data the host and the guest share
+    /// (arguments, results, progress counters), like the C selftests' `vm_vaddr_alloc()`: in
+    /// the system slot, mapped at [`GuestMem::gva`], each allocation on its own cache line.
+    pub fn alloc_guest_mem(&mut self, len: u64) -> Result<GuestMem> {
+        let gpa = self.shared_next;
+        let end = gpa
+            .checked_add(len)
+            .filter(|&e| len > 0 && e <= SHARED_END)
+            .with_context(|| {
+                format!(
+                    "shared guest memory exhausted: {len:#x} bytes asked, {:#x} left",
+                    SHARED_END - gpa
+                )
+            })?;
+        self.shared_next = align_up(end, SHARED_ALIGN).min(SHARED_END);
+        let sys = self.regions[0].mapping.clone();
+        sys.fill(gpa as usize, len as usize, 0);
+        Ok(GuestMem::new(
+            SYS_GVA + gpa,
+            gpa,
+            sys,
+            gpa as usize,
+            len as usize,
+        ))
     }
 
     fn alloc_pt_page(&mut self) -> Result<u64> {
@@ -660,7 +564,7 @@ impl TestVm {
             "gva {gva:#x} +{len:#x} is not canonical in 4-level paging"
         );
         {
-            let mut a = self.aspace.lock().unwrap();
+            let mut a = self.vm.aspace();
             if let Some(m) = a
                 .maps
                 .iter()
@@ -741,8 +645,13 @@ impl TestVm {
     /// Adds a vCPU in 64-bit mode with the host's supported CPUID, ready for `set_entry`.
     pub fn add_vcpu(&mut self) -> Result<Vcpu> {
         let id = self.next_vcpu;
-        ensure!((id as usize) < MAX_VCPUS, "at most {MAX_VCPUS} vCPUs");
+        ensure!(
+            (id as usize) < self.max_vcpus,
+            "at most {} vCPUs (VmOptions::max_vcpus)",
+            self.max_vcpus
+        );
         let fd = self
+            .vm
             .fd
             .create_vcpu(id)
             .with_context(|| format!("KVM_CREATE_VCPU({id})"))?;
@@ -819,13 +728,8 @@ impl TestVm {
             xcrs.xcrs[0].value = xcr0 | 3;
             fd.set_xcrs(&xcrs).context("KVM_SET_XCRS")?;
         }
-        Ok(Vcpu {
-            id,
-            fd,
-            io_in_fill: 0,
-            aspace: self.aspace.clone(),
-            stack_top: SYS_GVA + STACKS_GPA + (id + 1) * STACK_SIZE,
-        })
+        let stack_top = SYS_GVA + STACKS_GPA + (id + 1) * STACK_SIZE;
+        Ok(Vcpu::new(id, fd, self.vm.clone(), stack_top))
     }
 
     /// Adds a vCPU and points it at `entry(args...)`.
@@ -837,7 +741,34 @@ impl TestVm {
 
     /// `KVM_CHECK_EXTENSION` on the VM fd.
     pub fn check_cap(&self, cap: u64) -> i32 {
-        self.fd.check_extension_raw(cap as libc::c_ulong)
+        self.vm.fd.check_extension_raw(cap as libc::c_ulong)
+    }
+
+    /// `KVM_CHECK_EXTENSION`-based probe of the KVM userfault series and guest_memfd support.
+    pub fn probe(&self) -> Capabilities {
+        kvm_userfault::ioctls::probe(&self.vm.fd)
+    }
+
+    /// Fails, with a message that says how to get it, unless the kernel has the KVM
+    /// userfault series; returns `KVM_CAP_USERFAULT`.
+    pub fn require_userfault(&self) -> std::result::Result<u64, UserfaultError> {
+        kvm_userfault::ioctls::require_userfault(&self.vm.fd)
+    }
+
+    /// Sets or clears USERFAULT on `[gpa, gpa + size)`, leaving other attributes alone.
+    pub fn set_userfault(&self, gpa: u64, size: u64, on: bool) -> Result<()> {
+        kvm_userfault::ioctls::set_userfault(&self.vm.fd, gpa, size, on).with_context(|| {
+            format!("KVM_SET_MEMORY_ATTRIBUTES USERFAULT={on} on {gpa:#x}+{size:#x}")
+        })
+    }
+
+    /// `KVM_CREATE_USERFAULT_FD`, with the record size negotiated (see the runtime's
+    /// `create_userfault_fd`).
+    pub fn create_userfault_fd(
+        &self,
+        flags: u64,
+    ) -> std::result::Result<UserfaultFd, UserfaultError> {
+        kvm_userfault::ioctls::create_userfault_fd(&self.vm.fd, flags)
     }
 }
 
@@ -857,128 +788,6 @@ pub fn create_guest_memfd(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// " (in OBJECT: SYMBOL+off)" for a guest RIP, which is a host code address (see guest.rs).
-/// Guest code that strays into libc (e.g. a compiler-generated `memcpy` call, whose host
-/// variant may use instructions the guest CPU lacks) is then obvious from the message.
-pub fn describe_code(rip: u64) -> String {
-    let mut info: libc::Dl_info = libc::Dl_info {
-        dli_fname: std::ptr::null(),
-        dli_fbase: std::ptr::null_mut(),
-        dli_sname: std::ptr::null(),
-        dli_saddr: std::ptr::null_mut(),
-    };
-    // SAFETY: dladdr only inspects the loader's tables; `info` is a valid out-parameter.
-    if unsafe { libc::dladdr(rip as *const libc::c_void, &mut info) } == 0 {
-        // Static binaries have no dladdr; fall back to the main executable's load range.
-        return match main_executable() {
-            Some((base, start, end)) if (start..end).contains(&rip) => {
-                let off = rip - base;
-                let exe = std::env::current_exe()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                format!(
-                    " (in the test executable {exe}+{off:#x}; try addr2line -fCe {exe} {off:#x})"
-                )
-            }
-            _ => " (outside the test executable)".to_string(),
-        };
-    }
-    let cstr = |p: *const libc::c_char| {
-        if p.is_null() {
-            "?".to_string()
-        } else {
-            // SAFETY: dladdr returns NUL-terminated strings owned by the loader.
-            unsafe { std::ffi::CStr::from_ptr(p) }
-                .to_string_lossy()
-                .into_owned()
-        }
-    };
-    let file = cstr(info.dli_fname);
-    if info.dli_sname.is_null() {
-        // Internal symbols are not in the dynamic table: give the offset for addr2line.
-        let off = rip.wrapping_sub(info.dli_fbase as u64);
-        return format!(" (in {file}+{off:#x}; try addr2line -fCe {file} {off:#x})");
-    }
-    let off = rip.wrapping_sub(info.dli_saddr as u64);
-    format!(" (in {file}: {}+{off:#x})", cstr(info.dli_sname))
-}
-
-/// (load bias, start, end) of the main executable's loaded segments: the first object
-/// `dl_iterate_phdr` reports.
-pub fn main_executable() -> Option<(u64, u64, u64)> {
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: valid for the callback's duration; `data` is the Option we passed.
-        let (info, out) = unsafe { (&*info, &mut *(data as *mut Option<(u64, u64, u64)>)) };
-        let (mut lo, mut hi) = (u64::MAX, 0);
-        for i in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
-            if ph.p_type == libc::PT_LOAD {
-                lo = lo.min(info.dlpi_addr + ph.p_vaddr);
-                hi = hi.max(info.dlpi_addr + ph.p_vaddr + ph.p_memsz);
-            }
-        }
-        *out = Some((info.dlpi_addr, lo, hi));
-        1 // stop after the first object, the executable
-    }
-    let mut out: Option<(u64, u64, u64)> = None;
-    // SAFETY: the callback only reads loader data and writes `out`.
-    unsafe { libc::dl_iterate_phdr(Some(cb), (&mut out as *mut Option<(u64, u64, u64)>).cast()) };
-    out
-}
-
 fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
-}
-
-/// Page-rounded, merged `PT_LOAD` ranges of every loaded object except the vDSO.
-fn image_segments() -> Result<Vec<(u64, u64)>> {
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info for this callback's duration; `data` is
-        // the Vec we passed below.
-        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<(u64, u64)>)) };
-        let name = if info.dlpi_name.is_null() {
-            String::new()
-        } else {
-            // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
-            unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        if name.contains("linux-vdso") || name.contains("linux-gate") {
-            return 0;
-        }
-        for i in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
-            if ph.p_type != libc::PT_LOAD || ph.p_memsz == 0 {
-                continue;
-            }
-            let start = info.dlpi_addr + ph.p_vaddr;
-            out.push((start & !0xfff, (start + ph.p_memsz).div_ceil(4096) * 4096));
-        }
-        0
-    }
-    let mut segs: Vec<(u64, u64)> = Vec::new();
-    // SAFETY: the callback only reads loader-provided data and pushes into `segs`.
-    unsafe { libc::dl_iterate_phdr(Some(cb), (&mut segs as *mut Vec<(u64, u64)>).cast()) };
-    ensure!(!segs.is_empty(), "dl_iterate_phdr found no loaded segments");
-    segs.sort();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in segs {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    let _ = page_size();
-    Ok(merged)
 }
