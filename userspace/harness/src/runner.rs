@@ -12,12 +12,13 @@ use kvm_testvm::mem::fallocate;
 use kvm_testvm::vm::VCPU_LIMIT;
 use kvm_userfault::fault::uffd::{Uffd, UffdMode};
 use kvm_userfault::fault::{Access, ReaderExit, StopSignal};
-use kvm_userfault::handler::{Handler, HandlerError, Install, Region, Resolver, Scratch};
+use kvm_userfault::handler::{Handler, HandlerError, Install, Region, Resolver};
 use kvm_userfault::ioctls::{set_userfault, FdResolver};
 use kvm_userfault::serve::{serve_uffd, serve_userfault_fd, ServeError};
 use kvm_userfault::source::PageSource;
-use kvm_userfault::uapi::{KVM_MEMORY_EXIT_FLAG_USERFAULT, KVM_USERFAULT_FD_FLAG_VCPU_FAULTS};
+use kvm_userfault::uapi::KVM_USERFAULT_FD_FLAG_VCPU_FAULTS;
 use kvm_userfault::PAGE_SIZE;
+use kvm_userfault::{FaultAction, VcpuFaults};
 use nix::sys::mman::{mprotect, ProtFlags};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::os::fd::AsRawFd;
@@ -573,7 +574,8 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport> {
         let (h, tx, causes2) = (handler.clone(), tx.clone(), causes.clone());
         let spawned = spawn_or_record(format!("kuf-vcpu{i}"), &causes, &handler, move || {
             let t = Instant::now();
-            let end = vcpu_loop(&mut vcpu, i, &h, &causes2);
+            let mut faults = VcpuFaults::new(h);
+            let end = vcpu_loop(&mut vcpu, i, &mut faults, &causes2);
             let part = *vcpu.part();
             let outcome = VcpuOutcome {
                 vcpu: i,
@@ -770,9 +772,14 @@ fn release_waiters(vm: &mut Vm, data: &VmRegion, mode: Mode, uffd: Option<&Uffd>
 /// Runs one vCPU until the guest is done, finds a wrong word, or the run stops; records the
 /// vCPU's own failures as the run's cause (unless the run had already failed: what happens to
 /// a vCPU after that is a consequence, except a wrong word, which is always reported).
-fn vcpu_loop(vcpu: &mut WorkloadVcpu, id: usize, h: &Handler, causes: &FirstCause) -> VcpuEnd {
+fn vcpu_loop(
+    vcpu: &mut WorkloadVcpu,
+    id: usize,
+    faults: &mut VcpuFaults,
+    causes: &FirstCause,
+) -> VcpuEnd {
     let _span = tracing::debug_span!("vcpu", id).entered();
-    let mut scratch = Scratch::default();
+    let h = &faults.handler().clone();
     // A failure of this vCPU: the cause if the run had not stopped yet, else a consequence.
     let failed = |reason: String| {
         if h.is_stopped() {
@@ -803,17 +810,16 @@ fn vcpu_loop(vcpu: &mut WorkloadVcpu, id: usize, h: &Handler, causes: &FirstCaus
                 return VcpuEnd::WrongContents(mismatch);
             }
             Ok(Event::MemoryFault { flags, gpa, size }) => {
-                if flags & KVM_MEMORY_EXIT_FLAG_USERFAULT == 0 {
-                    return failed(format!(
-                        "memory fault at {gpa:#x} (+{size:#x}) without USERFAULT (flags {flags:#x})"
-                    ));
-                }
-                // Exactly one of READ/WRITE/EXEC with the v2 uAPI (none before it).
+                // The runtime's one arm for a VMM's vCPU loop.
                 let access =
                     Access::from_exit_flags(flags).map_or("unknown-access", Access::as_str);
-                tracing::trace!(vcpu = id, gpa, access, "userfault exit");
-                match h.handle_gpas(&[gpa], Instant::now(), true, &mut scratch) {
-                    Ok(()) => {}
+                match faults.on_memory_fault(flags, gpa, size) {
+                    Ok(FaultAction::Retry) => {}
+                    Ok(FaultAction::NotUserfault) => {
+                        return failed(format!(
+                            "memory fault at {gpa:#x} (+{size:#x}) without USERFAULT (flags {flags:#x})"
+                        ))
+                    }
                     Err(HandlerError::Stopped(why)) => {
                         return VcpuEnd::Stopped(format!("{access} fault at {gpa:#x}: {why}"))
                     }
