@@ -243,8 +243,11 @@ pub fn run(mode: Mode, vcpus: usize, data_bytes: u64) -> Result<Report> {
     let mut threads = Vec::new();
     for vcpu in vcpu_fds {
         let mut faults = rt.vcpu_faults();
-        let (done, data) = (done.clone(), data.clone());
+        let (done, data, keep) = (done.clone(), data.clone(), memory.clone());
         threads.push(std::thread::spawn(move || {
+            // The guest memory outlives this vCPU even if it unwinds: `keep` is dropped after
+            // `vcpu`, which `vcpu_loop` consumes.
+            let _keep = keep;
             let r = vcpu_loop(vcpu, &mut faults, &data);
             let _ = done.write(1);
             r

@@ -204,6 +204,9 @@ struct RegionState {
     /// What keeps the region's memory mapped, for regions added through a safe constructor
     /// (e.g. vm-memory's `Arc<GuestRegionMmap>`): dropped only with the handler.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
+    /// The VMM may access this memory itself (a safely added region): fills are staged and
+    /// copied in with volatile writes.
+    shared: bool,
 }
 
 /// Most regions one handler serves, those added later with [`Handler::add_region`] included.
@@ -373,10 +376,12 @@ impl Handler {
             return Err(bad("UFFDIO_CONTINUE needs a fill alias".into()));
         }
         let pages = r.pages();
+        let shared = owner.is_some();
         self.regions.push(RegionState {
             region: r,
             state: SlotState::new(MissingMap::all_missing(pages)),
             _owner: owner,
+            shared,
         })
     }
 
@@ -405,9 +410,15 @@ impl Handler {
     }
 
     fn stop_with(&self, cause: StopCause) {
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        f.get_or_insert(cause);
-        self.stopped.store(true, Ordering::SeqCst);
+        {
+            let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+            f.get_or_insert(cause);
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+        // Waiters for pages in flight give up now, not at their next tick.
+        for r in self.regions.iter() {
+            r.state.wake_for_stop();
+        }
     }
 
     fn stopped_error(&self) -> HandlerError {
@@ -474,6 +485,11 @@ impl Handler {
             return Err(self.stopped_error());
         }
         let _span = tracing::debug_span!("fault_batch", n = gpas.len()).entered();
+        // Refuse a batch with an unknown gpa before claiming anything: a claim taken and then
+        // abandoned would leave the waiters of its page hanging.
+        if let Some(&bad) = gpas.iter().find(|&&g| self.lookup_gpa(g).is_none()) {
+            return Err(HandlerError::UnknownGpa(bad));
+        }
         Stats::add(&self.stats.faults, gpas.len() as u64);
         scratch.claimed.clear();
         scratch.waits.clear();
@@ -706,22 +722,32 @@ impl Handler {
         let len = pages.len() * PAGE_SIZE;
         let _span = tracing::trace_span!("fill_run", gpa, pages = pages.len()).entered();
         // Where the contents are written before being made visible.
-        let target: *mut u8 = match &self.install {
+        // Where the contents are written before being made visible: the guest memory itself,
+        // or — for UFFDIO_COPY, and for memory the VMM shares with its own device models
+        // (regions added through `Runtime`) — a staging buffer, so that no Rust reference is
+        // ever formed over memory another party may touch; the copy into such memory is
+        // volatile (vm-memory's convention for guest memory).
+        let guest: *mut u8 = match &self.install {
             Install::Direct(_) => (r.host + pages.start * PAGE_SIZE) as *mut u8,
             Install::UffdContinue(_) => {
                 (r.fill_alias.expect("checked in new") + pages.start * PAGE_SIZE) as *mut u8
             }
-            Install::UffdCopy(_) => {
-                if scratch.staging.len() < len {
-                    scratch.staging.resize(MAX_RUN_PAGES * PAGE_SIZE, 0);
-                }
-                scratch.staging.as_mut_ptr()
-            }
+            Install::UffdCopy(_) => std::ptr::null_mut(),
         };
-        // SAFETY: target..target+len lies inside the region's mapping (or the staging buffer
-        // sized above). The pages are claimed by this thread and still USERFAULT / unmapped in
-        // the registered range, so neither the guest nor another filler accesses these bytes
-        // while we write them; no Rust reference to them exists.
+        let staged = guest.is_null() || rs.shared;
+        let target: *mut u8 = if staged {
+            if scratch.staging.len() < len {
+                scratch.staging.resize(MAX_RUN_PAGES * PAGE_SIZE, 0);
+            }
+            scratch.staging.as_mut_ptr()
+        } else {
+            guest
+        };
+        // SAFETY: target..target+len lies inside the staging buffer sized above, or inside the
+        // region's mapping for a region added with the unsafe constructors, whose contract is
+        // that nothing but the handler accesses a missing page. The pages are claimed by this
+        // thread and still USERFAULT / unmapped in the registered range, so neither the guest,
+        // KVM nor another filler accesses these bytes while we write them.
         let dst = unsafe { std::slice::from_raw_parts_mut(target, len) };
         let first = r.source_first_page + pages.start as u64;
         self.source.read_pages(first, dst).map_err(|cause| {
@@ -743,6 +769,14 @@ impl Handler {
                 cause,
             }
         })?;
+        if staged && !guest.is_null() {
+            // SAFETY: guest..guest+len lies inside the region's mapping (or its fill alias),
+            // which the region's owner keeps mapped for the handler's life; a VolatileSlice
+            // only ever does volatile accesses, so a device model touching the page at the
+            // same time races on its contents, not on Rust's aliasing rules.
+            let vs = unsafe { vm_memory::VolatileSlice::new(guest, len) };
+            vs.copy_from(&scratch.staging[..len]);
+        }
         let ierr = |cause| HandlerError::Install {
             gpa,
             size: len as u64,

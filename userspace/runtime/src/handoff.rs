@@ -20,6 +20,7 @@ use crate::PAGE_SIZE;
 use nix::errno::Errno;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::AsFd;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"KUFH");
@@ -33,6 +34,27 @@ pub const MAX_REGIONS: usize = 32;
 /// is one of these, never a panic.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
+    /// fstat of a region's memory fd failed.
+    #[error("fstat of the memory fd of region {index}")]
+    Stat {
+        /// The region.
+        index: usize,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A region that does not lie inside its memory fd's file.
+    #[error("region {index} ({size:#x} bytes at offset {offset:#x}) ends beyond its file ({file_size:#x} bytes)")]
+    BeyondFile {
+        /// The region.
+        index: usize,
+        /// Its offset in the file.
+        offset: u64,
+        /// Its size.
+        size: u64,
+        /// The file's size.
+        file_size: u64,
+    },
     /// What the sender was asked to send does not fit the message.
     #[error(
         "a handoff carries 1..={MAX_REGIONS} regions and at most {MAX_REGIONS} memory fds, \
@@ -191,6 +213,24 @@ impl Handoff {
                 fd_index: r.fd_index,
                 fds: self.memory_fds.len(),
             })?;
+        // A region beyond the end of its file would map, and then SIGBUS on first access.
+        let file_size = nix::sys::stat::fstat(fd.as_fd())
+            .map_err(|e| HandoffError::Stat {
+                index: i,
+                source: e.into(),
+            })?
+            .st_size as u64;
+        if r.offset
+            .checked_add(r.size)
+            .is_none_or(|end| end > file_size)
+        {
+            return Err(HandoffError::BeyondFile {
+                index: i,
+                offset: r.offset,
+                size: r.size,
+                file_size,
+            });
+        }
         Mapping::with_offset(r.size as usize, fd.as_raw_fd(), r.offset as i64)
             .map_err(|source| HandoffError::Map { index: i, source })
     }
@@ -427,6 +467,25 @@ mod tests {
         let mut out = [0u8; 16];
         mine.read(4 * PAGE_SIZE + 8, &mut out).unwrap();
         assert_eq!(&out, b"from the handler");
+
+        // A region that reaches past the end of its file is refused, not mapped (its first
+        // access would be a SIGBUS).
+        let short = memfd(6 * PAGE_SIZE);
+        send_handoff(a.as_raw_fd(), &ufd, &[short.as_raw_fd()], &regions).unwrap();
+        let h = receive(b.as_raw_fd()).unwrap();
+        h.map(0).unwrap();
+        let e = h.map(1).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HandoffError::BeyondFile {
+                    index: 1,
+                    file_size,
+                    ..
+                } if file_size == 6 * PAGE_SIZE as u64
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -330,6 +330,38 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_with_an_unknown_gpa_claims_nothing() {
+        let mem = region(0, 2);
+        let rt = Arc::new(runtime(2, vec![DemandRegion::new(mem.clone(), 0)]));
+        let mut s = crate::handler::Scratch::default();
+        let t = std::time::Instant::now();
+        let e = rt
+            .handler()
+            .handle_gpas(&[0, 7 * PAGE], t, false, &mut s)
+            .unwrap_err();
+        assert!(
+            matches!(e, HandlerError::UnknownGpa(g) if g == 7 * PAGE),
+            "{e:?}"
+        );
+        // Page 0 was not left claimed: a sync fault on it fills it instead of waiting forever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt2 = rt.clone();
+        std::thread::spawn(move || {
+            let mut v = rt2.vcpu_faults();
+            tx.send(
+                v.on_memory_fault(UF_READ, 0, PAGE)
+                    .map_err(|e| e.to_string()),
+            )
+            .unwrap();
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the fault waited for a claim nobody held");
+        assert_eq!(r.unwrap(), FaultAction::Retry);
+        assert_eq!(byte_at(&mem, 0), 1);
+    }
+
+    #[test]
     fn the_region_table_has_a_bound_and_says_so() {
         let rt = runtime(1, Vec::new());
         for i in 0..crate::handler::MAX_REGIONS as u64 {

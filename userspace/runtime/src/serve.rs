@@ -174,6 +174,16 @@ impl AsRawFd for RingInput {
     }
 }
 
+impl Drop for RingInput {
+    /// Records read but not handled yet are handed to the handler, not dropped: they exist
+    /// nowhere else (the kernel does not post a gfn twice).
+    fn drop(&mut self) {
+        if let Err(e) = self.pause() {
+            tracing::error!(error = %e, "userfault fd input dropped: handing over its last records failed");
+        }
+    }
+}
+
 /// Reusable buffers of a userfaultfd drain.
 struct UffdDrain {
     msgs: Vec<UffdMsg>,
@@ -204,12 +214,23 @@ impl UffdDrain {
             }
             let t = Instant::now();
             self.gpas.clear();
+            // Messages are consumed once read: the known faults of a batch are handled even if
+            // another one is outside every region (that one is the error returned).
+            let mut unknown = None;
             for m in &self.msgs[..n] {
                 if m.event == UFFD_EVENT_PAGEFAULT {
-                    self.gpas.push(h.host_to_gpa(m.pf_address)?);
+                    match h.host_to_gpa(m.pf_address) {
+                        Ok(gpa) => self.gpas.push(gpa),
+                        Err(e) => {
+                            unknown.get_or_insert(e);
+                        }
+                    }
                 }
             }
             h.handle_gpas(&self.gpas, t, false, &mut self.scratch)?;
+            if let Some(e) = unknown {
+                return Err(e.into());
+            }
         }
     }
 }

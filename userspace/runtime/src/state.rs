@@ -232,6 +232,14 @@ impl SlotState {
         res
     }
 
+    /// Wakes every waiter so that it re-checks its `give_up` condition (a stop). Taking the
+    /// lock first orders this after any waiter that checked the condition before it changed:
+    /// such a waiter holds the lock until it sleeps, so the notification cannot be lost.
+    pub fn wake_for_stop(&self) {
+        drop(self.lock());
+        self.changed.notify_all();
+    }
+
     fn wake(&self) {
         // SeqCst pairs with the increment in wait_settled, which happens under the lock
         // before the waiter re-checks the map: a waiter either sees the update or is counted.

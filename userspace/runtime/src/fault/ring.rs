@@ -208,7 +208,8 @@ impl<'fd> AsyncReader<'fd> {
             )));
         }
         check_msg_size(msg_size).map_err(|e| ReaderError::Config(e.to_string()))?;
-        let entries = (depth as u32 + 1).next_power_of_two();
+        // Room for every read, the stop read and a cancellation of each of them at once.
+        let entries = (2 * depth as u32 + 2).next_power_of_two();
         let ring =
             IoUring::new(entries).map_err(|source| ReaderError::Setup { entries, source })?;
         Ok(Self {
@@ -407,7 +408,7 @@ impl<'fd> AsyncReader<'fd> {
                 Err(e) => return Err(ReaderError::Enter(e)),
             }
             self.wakeups += 1;
-            if let Some(end) = self.reap(on_batch, &mut batch, &mut done)? {
+            if let Some(end) = self.reap(on_batch, &mut batch, &mut done, true)? {
                 return end;
             }
         }
@@ -422,6 +423,7 @@ impl<'fd> AsyncReader<'fd> {
         on_batch: &mut impl FnMut(&[Record]) -> Result<(), E>,
         batch: &mut Vec<Record>,
         done: &mut Vec<usize>,
+        resubmit: bool,
     ) -> Result<Option<Result<ReaderExit, ReaderError>>, ReaderError>
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -469,9 +471,10 @@ impl<'fd> AsyncReader<'fd> {
                 source: e.into(),
             })?;
         }
-        if end.is_some() {
+        if end.is_some() || !resubmit {
             // Do not resubmit: after a stop nothing more is read, after end of file every
-            // further read would return 0 at once, after an error the loop ends.
+            // further read would return 0 at once, after an error the loop ends; a reader
+            // being disarmed reads nothing more.
             return Ok(end);
         }
         for &i in done.iter() {
@@ -486,7 +489,13 @@ impl<'fd> AsyncReader<'fd> {
         if self.armed {
             return Ok(());
         }
-        self.submit_reads()?;
+        // Only buffers the kernel is done with: a read still in flight (one whose cancellation
+        // did not complete) must not get a second read into the same buffer.
+        for i in 0..self.bufs.len() {
+            if !self.in_flight[i] {
+                self.push_read(i)?;
+            }
+        }
         self.ring.submit().map_err(ReaderError::Enter)?;
         self.armed = true;
         Ok(())
@@ -512,7 +521,7 @@ impl<'fd> AsyncReader<'fd> {
         }
         let mut batch = Vec::new();
         let mut done = Vec::new();
-        let end = self.reap(&mut on_batch, &mut batch, &mut done)?;
+        let end = self.reap(&mut on_batch, &mut batch, &mut done, true)?;
         self.wakeups += 1;
         // Resubmitted reads (and none, after an end) take effect with one non-blocking enter.
         self.ring.submit().map_err(ReaderError::Enter)?;
@@ -534,13 +543,20 @@ impl<'fd> AsyncReader<'fd> {
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        // Completions already posted are handed over first, then the cancelled rest.
+        // Completions already posted are handed over first (nothing is resubmitted), then
+        // the cancelled rest. An end found meanwhile (end of file, a read error, a malformed
+        // record) is returned, after the records are handed over.
+        let mut end = None;
         if self.armed {
             let mut batch = Vec::new();
             let mut done = Vec::new();
-            self.reap(&mut on_batch, &mut batch, &mut done)?;
+            end = self.reap(&mut on_batch, &mut batch, &mut done, false)?;
         }
-        self.finish(&mut on_batch, false)
+        self.finish(&mut on_batch, false)?;
+        match end {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -868,6 +884,76 @@ mod tests {
             "handed over {seen:?}, {unread} unread"
         );
         assert_eq!(seen, (0..seen.len() as u64).collect::<Vec<_>>());
+    }
+
+    /// Waits (bounded) until the ring fd polls readable.
+    fn wait_ring(r: &AsyncReader<'_>) {
+        let mut p = libc::pollfd {
+            fd: r.ring_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one fd through a local pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, 30_000) };
+        assert_eq!(n, 1, "the ring never became readable");
+    }
+
+    #[test]
+    fn paused_and_resumed_reader_of_odd_depth_loses_and_repeats_nothing() {
+        // Depth 3 (not a power of two), one record per read: completed reads, cancellations
+        // and the resubmission must all fit the ring, and no buffer gets two reads.
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let mut r = AsyncReader::new_polled(rx.as_fd(), USERFAULT_MSG_SIZE, 3, 1).unwrap();
+        let mut seen = Vec::new();
+        let mut next = 0u64;
+        for round in 0..20 {
+            r.arm().unwrap();
+            // Two records arrive and their reads complete, unreaped; then pause with the third
+            // read in flight: the pause reaps two completions and cancels three reads.
+            for _ in 0..2 {
+                tx.write_all(&encode_record(next, KVM_USERFAULT_MSG_READ, 0))
+                    .unwrap();
+                next += 1;
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while r.ring.completion().len() < 2 {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: reads never completed"
+                );
+                wait_ring(&r);
+                std::thread::yield_now();
+            }
+            r.disarm(|b| {
+                seen.extend(b.iter().map(|x| x.gfn));
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+            assert!(
+                r.in_flight.iter().all(|&f| !f),
+                "round {round}: a read survived the pause"
+            );
+        }
+        // Whatever a pause did not hand over is still in the fd: read it once more.
+        r.arm().unwrap();
+        while seen.len() < next as usize {
+            wait_ring(&r);
+            r.process_ready(|b| {
+                seen.extend(b.iter().map(|x| x.gfn));
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+        }
+        r.disarm(|_| Ok::<(), Infallible>(())).unwrap();
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            seen.len(),
+            "a record was handed over twice: {seen:?}"
+        );
+        assert_eq!(sorted, (0..next).collect::<Vec<_>>(), "a record was lost");
     }
 
     // ---- Property tests --------------------------------------------------------------------

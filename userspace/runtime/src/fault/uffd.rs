@@ -5,6 +5,7 @@
 //! control of EEXIST/EAGAIN handling and of MINOR + UFFDIO_CONTINUE. The kernel ABI used here
 //! is small and stable (include/uapi/linux/userfaultfd.h).
 
+use crate::PAGE_SIZE;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -326,16 +327,20 @@ impl Uffd {
     ) -> io::Result<Installed> {
         let mut done = 0usize;
         let mut stalled_since: Option<Instant> = None;
+        let mut skipped = false;
         while done < len {
             let (res, installed) = attempt(done);
             let Err(err) = res else {
-                return Ok(Installed::All);
+                break;
             };
             match err.raw_os_error() {
+                // The first page of what is left is mapped already (by someone else): step
+                // past it and install the rest, which would otherwise stay missing while the
+                // caller marks it present. Its waiters are woken below.
                 Some(libc::EEXIST) => {
-                    // Someone mapped (part of) the range; make sure waiters run.
-                    self.wake(addr, len)?;
-                    return Ok(Installed::AlreadyMapped);
+                    done = (done + PAGE_SIZE).min(len);
+                    skipped = true;
+                    stalled_since = None;
                 }
                 // A partial install: go on with the rest.
                 Some(libc::EAGAIN) if installed > 0 => {
@@ -369,6 +374,11 @@ impl Uffd {
                 }
                 _ => return Err(err),
             }
+        }
+        if skipped {
+            // A waiter on a page mapped by someone else may have queued before it was.
+            self.wake(addr, len)?;
+            return Ok(Installed::AlreadyMapped);
         }
         Ok(Installed::All)
     }
@@ -483,6 +493,24 @@ mod tests {
         // SAFETY: `page` is still a readable local array of PAGE_SIZE bytes.
         let r = unsafe { uffd.copy(base + 2 * crate::PAGE_SIZE, page.as_ptr(), crate::PAGE_SIZE) };
         assert_eq!(r.unwrap(), Installed::AlreadyMapped);
+        // A run whose middle page is mapped already: the pages around it are still installed
+        // (not left missing while the caller marks the run present).
+        let run = [0x17u8; 3 * crate::PAGE_SIZE];
+        // SAFETY: `run` is a readable local array of three pages; pages 1..4 are registered.
+        let r = unsafe { uffd.copy(base + crate::PAGE_SIZE, run.as_ptr(), run.len()) };
+        assert_eq!(r.unwrap(), Installed::AlreadyMapped);
+        for (page, want) in [(1, 0x17u8), (2, 0x42), (3, 0x17)] {
+            let at = base + page * crate::PAGE_SIZE;
+            let mut resident = [0u8; 1];
+            // SAFETY: mincore of one page of our mapping into a one-byte vector.
+            let r = unsafe { libc::mincore(at as *mut _, crate::PAGE_SIZE, resident.as_mut_ptr()) };
+            assert_eq!(r, 0);
+            // Checked first so that a page left missing fails here instead of faulting.
+            assert_eq!(resident[0] & 1, 1, "page {page} was left missing");
+            // SAFETY: the page is mapped (resident, checked above): no fault.
+            let b = unsafe { std::ptr::read_volatile(at as *const u8) };
+            assert_eq!(b, want, "page {page}");
+        }
         // SAFETY: unmapping the mapping made above; no references into it remain.
         unsafe { libc::munmap(p, len) };
     }
