@@ -345,7 +345,11 @@ impl TestVm {
         &self.kvm
     }
 
-    /// The VM fd, lent: it cannot outlive the VM's memory.
+    /// The VM fd, lent: it cannot outlive the VM's memory. What is created from it is not
+    /// covered: a `VcpuFd` made with `fd().create_vcpu()` keeps the VM alive but not its memory
+    /// (and neither do guest_memfds a test keeps), so vCPUs are made with
+    /// [`TestVm::add_vcpu`], whose `Vcpu` holds the memory too. (This is a test framework: the
+    /// selftests need the raw fd for the ioctls they test.)
     pub fn fd(&self) -> &VmFd {
         &self.vm.fd
     }
