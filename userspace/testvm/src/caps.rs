@@ -5,7 +5,7 @@
 //!   prints `[SKIP] test: why` ([`skip`]) and passes, as kselftest does;
 //! - the **KVM userfault series** itself: the tests that need it are `#[ignore]`d, so whoever
 //!   runs them asked for them, and a kernel without the series fails them with one line saying
-//!   what is missing and how to get it ([`series_missing`], [`require_userfault!`]). A run that
+//!   what is missing and how to get it ([`series_missing`], [`require_userfault!`](crate::require_userfault)). A run that
 //!   opts in with [`ALLOW_SKIP_ENV`] skips them instead, with a [`SERIES_SKIP_PREFIX`] line;
 //!   under [`REQUIRE_SERIES_ENV`] (set by `cargo xtask test` in the patched guest) they fail
 //!   whatever else is set, and so does a missing `/dev/kvm` ([`require_dev_kvm`]).
