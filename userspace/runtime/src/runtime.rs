@@ -183,6 +183,13 @@ impl Runtime {
     /// `Stopped`. Event-loop inputs are the VMM's: it stops polling them (and may
     /// [`RingInput::pause`] them to hand over the records they read). Pages already present
     /// stay present; missing ones stay missing.
+    ///
+    /// Threads asleep in the kernel for a missing page (a `VCPU_FAULTS` vCPU, KVM's own
+    /// accesses, a userfaultfd fault) are not woken by this: nothing will fill their page. A
+    /// VMM ending the VM lets them go without a page by deleting the memslot (KVM modes) or by
+    /// making the range inaccessible and waking it (`mprotect(PROT_NONE)`, `UFFDIO_WAKE`), as
+    /// `examples/mini_vmm.rs` (`release_waiters`) does; clearing USERFAULT would let them run on
+    /// unfilled memory.
     pub fn shutdown(&self, reason: &str) {
         self.handler.stop(reason);
         self.stop.stop();
