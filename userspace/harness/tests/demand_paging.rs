@@ -27,13 +27,6 @@ const SEED: u64 = 0xC0FFEE;
 /// Where the handoff tests put their data region (RunConfig's default too).
 const DATA_GPA: u64 = 1 << 30;
 
-/// For the userfaultfd tests (no series needed): a host without KVM skips them, but the
-/// patched guest (`KVMUF_REQUIRE_SERIES`) fails them.
-#[track_caller]
-fn kvm_available() -> bool {
-    caps::require_dev_kvm(&caps::current_test())
-}
-
 fn snapshot(name: &str, pages: u64) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kuf-it-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -67,7 +60,7 @@ fn check(cfg: &RunConfig) {
 
 #[test]
 fn uffd_missing_anon_from_snapshot_every_page_checked() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let mut cfg = RunConfig::new(Mode::UffdMissing, image_source("anon.snap", 1024), SEED);
@@ -78,7 +71,7 @@ fn uffd_missing_anon_from_snapshot_every_page_checked() {
 
 #[test]
 fn uffd_missing_shmem_with_prefetch() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let mut cfg = RunConfig::new(Mode::UffdMissing, image_source("shmem.snap", 512), SEED);
@@ -89,7 +82,7 @@ fn uffd_missing_shmem_with_prefetch() {
 
 #[test]
 fn uffd_minor_shmem_from_snapshot() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let cfg = RunConfig::new(Mode::UffdMinor, image_source("minor.snap", 512), SEED);
@@ -98,7 +91,7 @@ fn uffd_minor_shmem_from_snapshot() {
 
 #[test]
 fn uffd_missing_from_remote_source_over_loopback() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -113,7 +106,7 @@ fn uffd_missing_from_remote_source_over_loopback() {
 
 #[test]
 fn wrong_image_is_detected_by_the_guest() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     // An image made with another seed: the guest must report the first wrong word.
@@ -128,7 +121,7 @@ fn wrong_image_is_detected_by_the_guest() {
 
 #[test]
 fn corrupt_snapshot_page_fails_the_run_cleanly() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     use std::os::unix::fs::FileExt;
@@ -145,23 +138,10 @@ fn corrupt_snapshot_page_fails_the_run_cleanly() {
     assert!(e.contains("page 63 is corrupt"), "{e}");
 }
 
-/// For the tests that need the series (all `#[ignore]`d, so asked for): without it (or
-/// without KVM) they fail with the runtime's one-line reason, unless `KVMUF_ALLOW_SKIP` lets
-/// them skip (`caps::series_missing`).
-#[track_caller]
-fn series_present() -> bool {
-    let why = match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
-        Ok(_) => return true,
-        Err(e) => format!("{e:#}"),
-    };
-    caps::series_missing(&caps::current_test(), &why);
-    false
-}
-
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_sync_guest_memfd_every_page_checked() {
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let mut cfg = RunConfig::new(Mode::KvmSync, image_source("sync.snap", 512), SEED);
@@ -172,7 +152,7 @@ fn kvm_sync_guest_memfd_every_page_checked() {
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_guest_memfd_every_page_checked() {
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let mut cfg = RunConfig::new(Mode::KvmAsync, image_source("async.snap", 512), SEED);
@@ -184,7 +164,7 @@ fn kvm_async_guest_memfd_every_page_checked() {
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_sync_with_prefetch_races() {
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let mut cfg = RunConfig::new(Mode::KvmSync, image_source("syncpf.snap", 512), SEED);
@@ -198,7 +178,7 @@ fn kvm_sync_with_prefetch_races() {
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_from_remote_source_over_loopback() {
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -317,7 +297,7 @@ fn spawn_workload_vcpu(vm: &mut Vm, pages: u64) -> mpsc::Receiver<Result<u64, St
 #[test]
 #[ignore = "needs the KVM userfault kernel (cargo xtask test)"]
 fn kvm_async_served_by_a_handler_that_only_has_the_handed_off_fds() {
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let pages = 256u64;
@@ -345,7 +325,7 @@ fn kvm_async_restarted_handler_gets_the_records_its_predecessor_read() {
     use kvm_userfault::ioctls::ReadStatus;
     use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
 
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let pages = 64u64;
@@ -395,7 +375,7 @@ fn kvm_async_reader_stops_when_the_vm_is_destroyed() {
     use kvm_userfault::source::MemorySource;
     use kvm_userfault::uapi::USERFAULT_MSG_SIZE;
 
-    if !series_present() {
+    if !caps::series_present() {
         return;
     }
     let mut vm = Vm::new().unwrap();

@@ -24,7 +24,7 @@ use kvm_userfault::source::{
 };
 use kvm_userfault_harness::guest::fill_pattern_page;
 use kvm_userfault_harness::runner::{run_workload, Mode, RunCause, RunConfig, RunError, VcpuEnd};
-use kvm_userfault_harness::vm::{Backing, Vm};
+use kvm_userfault_harness::vm::Backing;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::unix::fs::FileExt;
@@ -77,31 +77,11 @@ fn runtime_threads() -> Vec<String> {
     out
 }
 
-/// For the userfaultfd tests (no series needed): a host without KVM skips them, but the
-/// patched guest (`KVMUF_REQUIRE_SERIES`) fails them.
-#[track_caller]
-fn kvm_available() -> bool {
-    caps::require_dev_kvm(&caps::current_test())
-}
-
-/// For the tests that need the series (all `#[ignore]`d, so asked for): without it (or
-/// without KVM) they fail with the runtime's one-line reason, unless `KVMUF_ALLOW_SKIP` lets
-/// them skip (`caps::series_missing`).
-#[track_caller]
-fn series_present() -> bool {
-    let why = match Vm::new().and_then(|vm| Ok(vm.require_userfault()?)) {
-        Ok(_) => return true,
-        Err(e) => format!("{e:#}"),
-    };
-    caps::series_missing(&caps::current_test(), &why);
-    false
-}
-
 fn available(mode: Mode) -> bool {
     if mode.needs_series() {
-        series_present()
+        caps::series_present()
     } else {
-        kvm_available()
+        caps::kvm_available()
     }
 }
 
@@ -443,7 +423,7 @@ fn uffd_remote_connection_dropped_after_k_pages() {
 /// source supplied, and never a wrong one.
 #[test]
 fn uffd_remote_connection_dropped_with_prefetch_and_two_vcpus() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let _g = serial();
@@ -538,7 +518,7 @@ impl Drop for ServerProcess {
 /// prefetch, so nothing else is in flight): its sockets are closed by the kernel, no goodbye.
 #[test]
 fn uffd_remote_server_process_killed_after_k_pages() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let _g = serial();
@@ -616,7 +596,7 @@ fn uffd_snapshot_truncated_mid_page_after_k_pages() {
 /// vCPU 0's pages are all still in the file.
 #[test]
 fn uffd_minor_snapshot_truncated_under_two_vcpus() {
-    if !kvm_available() {
+    if !caps::kvm_available() {
         return;
     }
     let _g = serial();

@@ -100,6 +100,25 @@ pub fn series_missing(test: &str, why: &str) {
     }
 }
 
+/// For a test that needs the series: `true` if the kernel has it; otherwise the policy's
+/// failure (or, opted in, a skip: [`series_missing`]) and `false`.
+#[track_caller]
+pub fn series_present() -> bool {
+    match userfault_unsupported() {
+        None => true,
+        Some(why) => {
+            series_missing(&current_test(), &why);
+            false
+        }
+    }
+}
+
+/// [`require_dev_kvm`] for the running test.
+#[track_caller]
+pub fn kvm_available() -> bool {
+    require_dev_kvm(&current_test())
+}
+
 /// The running test's name: libtest runs each test on a thread named after it.
 pub fn current_test() -> String {
     std::thread::current()
