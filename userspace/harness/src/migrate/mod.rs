@@ -11,6 +11,7 @@
 //! source while background prefetch pulls it. The guest, on the destination, verifies that
 //! every page holds what the source last wrote.
 
+pub mod bench;
 pub mod dest;
 pub mod source;
 pub mod vcpu_state;
@@ -26,6 +27,7 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 use std::sync::Once;
 use std::time::Duration;
 
+pub use bench::{migrate_loopback, table};
 pub use dest::{migrate_dest, DestConfig, DestReport};
 pub use source::{migrate_source, SourceConfig, SourceReport};
 
