@@ -132,3 +132,141 @@ fn migrate_writer_kvm_async() {
     require_userfault!("migrate_writer_kvm_async");
     kvm_mode(Mode::KvmAsync, "migrate_writer_kvm_async");
 }
+
+// ------------------------------------------------------------------------------------------
+// The CLI, in two processes; and a source that dies during post-copy.
+// ------------------------------------------------------------------------------------------
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvm-userfault");
+
+/// Kills and reaps a child when dropped (a failing test leaves no process behind).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// Starts `migrate-dest` on a free port; returns it and the address it listens on (read from
+/// its "waiting for a source on" line).
+fn spawn_dest(args: &[&str]) -> (Reaped, String, BufReader<std::process::ChildStderr>) {
+    let mut c = Command::new(BIN)
+        .args(["migrate-dest", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(c.stderr.take().unwrap());
+    let c = Reaped(c);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "migrate-dest exited");
+        if let Some(a) = line.trim().strip_prefix("waiting for a source on ") {
+            return (c, a.to_string(), err);
+        }
+    }
+}
+
+fn source_cmd(to: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["migrate-source", "--to", to, "--page-bind", "127.0.0.1:0"])
+        .args([
+            "--vcpus",
+            "2",
+            "--size-mib",
+            "2",
+            "--min-dirty-writes",
+            "24",
+        ])
+        .args(args);
+    c
+}
+
+#[test]
+fn cli_migrates_between_two_processes() {
+    if !caps::require_dev_kvm("cli_migrates_between_two_processes") {
+        return;
+    }
+    let (mut dest, addr, _err) = spawn_dest(&["--post-copy-pages", "8"]);
+    let out = source_cmd(&addr, &["--delay-us", "30"]).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{s}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.contains("destination: verified 512 pages"), "{s}");
+    let d = dest.0.wait_with_output_ref();
+    assert!(d.0.success(), "{}", d.1);
+    assert!(d.1.contains("guest verified 512 pages"), "{}", d.1);
+}
+
+trait WaitRef {
+    fn wait_with_output_ref(&mut self) -> (std::process::ExitStatus, String);
+}
+
+impl WaitRef for Child {
+    /// Waits and collects stdout (stderr was taken by the caller).
+    fn wait_with_output_ref(&mut self) -> (std::process::ExitStatus, String) {
+        let mut out = String::new();
+        if let Some(o) = self.stdout.as_mut() {
+            std::io::Read::read_to_string(o, &mut out).ok();
+        }
+        (self.wait().unwrap(), out)
+    }
+}
+
+#[test]
+fn a_source_killed_during_post_copy_stops_the_destination_cleanly() {
+    if !caps::require_dev_kvm("a_source_killed_during_post_copy_stops_the_destination_cleanly") {
+        return;
+    }
+    // Every page left is demand-faulted (no prefetch), each served 20 ms late: post-copy
+    // lasts long enough for the kill to land in it.
+    let (mut dest, addr, mut derr) = spawn_dest(&["--no-prefetch", "--page-timeout-secs", "30"]);
+    let mut src = source_cmd(&addr, &["--delay-us", "20000"])
+        .env("RUST_LOG", "kvm_userfault_harness=info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serr = BufReader::new(src.stderr.take().unwrap());
+    let mut src = Reaped(src);
+    // Synchronised on the source's own report that it switched over.
+    let mut switched = false;
+    for line in serr.lines() {
+        if line.unwrap().contains("switched over") {
+            switched = true;
+            break;
+        }
+    }
+    assert!(switched, "the source never switched over");
+    src.0.kill().unwrap();
+    let t = std::time::Instant::now();
+    let (status, _) = dest.0.wait_with_output_ref();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut derr, &mut err).ok();
+    assert!(!status.success(), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    // One clear error: post-copy failed because the source went away; never wrong contents
+    // (a page the source did not supply is never mapped: the guest would have said so).
+    let last = err
+        .lines()
+        .rfind(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(last.contains("post-copy failed"), "{err}");
+    assert!(last.contains("closed the connection"), "{err}");
+    assert!(!err.contains("wrong contents"), "{err}");
+    eprintln!("after {:?}: {last}", t.elapsed());
+}
