@@ -8,7 +8,8 @@
 
 use kvm_testvm::{caps, require_userfault};
 use kvm_userfault_harness::migrate::{
-    migrate_dest, migrate_source, DestConfig, DestReport, Layout, SourceConfig, SourceReport,
+    migrate_dest, migrate_source, DestConfig, DestError, DestReport, Layout, SourceConfig,
+    SourceReport,
 };
 use kvm_userfault_harness::runner::Mode;
 use std::net::TcpListener;
@@ -105,6 +106,59 @@ fn migrate_writer_through_userfaultfd() {
             d.p99
         );
     }
+}
+
+/// The source's page server dies after `k` pages of post-copy: the destination stops with one
+/// error naming the dead source, every vCPU released, and the guest never read a page the
+/// source did not supply (it would report wrong contents).
+fn dying_source(mode: Mode, k: u64) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut scfg = SourceConfig::new(layout(11));
+    scfg.max_rounds = 2;
+    scfg.min_dirty_writes = 24;
+    scfg.die_after_pages = Some(k);
+    let src = std::thread::spawn(move || migrate_source(&scfg, addr));
+    let mut dcfg = DestConfig::new(mode);
+    dcfg.prefetch = false;
+    let t = std::time::Instant::now();
+    let e = migrate_dest(&dcfg, &listener).unwrap_err();
+    let took = t.elapsed();
+    let s = src.join().unwrap().unwrap();
+    assert!(!s.dest_ok);
+    assert!(s.dirty_at_switchover > k, "{s:?}");
+    match &e {
+        DestError::PostCopy { cause, verified } => {
+            assert!(cause.contains("closed the connection"), "{e}");
+            // Verification comes after the writes, which fault on the missing pages first.
+            assert!(*verified < layout(11).pages, "{e}");
+        }
+        other => panic!("{mode:?}: expected a post-copy failure, got: {other}"),
+    }
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    eprintln!("{mode:?}: {e} after {took:?}");
+}
+
+#[test]
+fn a_dying_source_stops_a_userfaultfd_destination() {
+    if !caps::require_dev_kvm("a_dying_source_stops_a_userfaultfd_destination") {
+        return;
+    }
+    dying_source(Mode::UffdMissing, 4);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault series (run in the patched guest)"]
+fn a_dying_source_stops_a_kvm_sync_destination() {
+    require_userfault!("a_dying_source_stops_a_kvm_sync_destination");
+    dying_source(Mode::KvmSync, 4);
+}
+
+#[test]
+#[ignore = "needs the KVM userfault series (run in the patched guest)"]
+fn a_dying_source_stops_a_kvm_async_destination() {
+    require_userfault!("a_dying_source_stops_a_kvm_async_destination");
+    dying_source(Mode::KvmAsync, 4);
 }
 
 fn kvm_mode(mode: Mode, test: &str) {

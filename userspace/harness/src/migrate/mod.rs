@@ -28,7 +28,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 pub use bench::{migrate_loopback, table};
-pub use dest::{migrate_dest, DestConfig, DestReport};
+pub use dest::{migrate_dest, DestConfig, DestError, DestReport};
 pub use source::{migrate_source, SourceConfig, SourceReport};
 
 const PAGE: u64 = PAGE_SIZE as u64;

@@ -8,10 +8,10 @@ use crate::guest::{Event, WriterState, WriterVcpu, UNLIMITED};
 use crate::vm::{Backing, Vm, DATA_SLOT};
 use anyhow::{anyhow, bail, Context, Result};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_userfault::source::serve_connection;
+use kvm_userfault::source::{serve_connection, PageSource, SourceError};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,9 @@ pub struct SourceConfig {
     /// writes for post-copy however fast the last round was. Synchronised on the writers'
     /// recorded positions.
     pub min_dirty_writes: u64,
+    /// Fault injection: the page server dies (closes its connection) when asked for more
+    /// than this many pages after the switch-over, as a killed source would.
+    pub die_after_pages: Option<u64>,
     /// Address the page server binds (port 0: any); the destination connects to its port on
     /// the address it reached the source's channel from.
     pub page_bind: String,
@@ -45,6 +48,7 @@ impl SourceConfig {
             dirty_threshold: 64,
             page_delay: Duration::ZERO,
             min_dirty_writes: 0,
+            die_after_pages: None,
             page_bind: "127.0.0.1:0".into(),
         }
     }
@@ -152,6 +156,38 @@ fn send_pages(
     Ok(sent)
 }
 
+/// [`SourceConfig::die_after_pages`]: serves `left` pages, then drops the connection.
+struct Dying {
+    inner: VmMemorySource,
+    left: AtomicU64,
+    sock: TcpStream,
+}
+
+impl PageSource for Dying {
+    fn page_count(&self) -> u64 {
+        self.inner.page_count()
+    }
+
+    fn read_page(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        let left = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if left.is_err() {
+            // As a killed process: the connection goes, nothing more is sent.
+            self.sock.shutdown(std::net::Shutdown::Both).ok();
+            return Err(SourceError::Io {
+                index,
+                source: std::io::Error::other("injected source death"),
+            });
+        }
+        self.inner.read_page(index, dst)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 /// Runs a writer until told to stop; returns it (out of KVM_RUN) for its state to be saved.
 fn writer_loop(mut v: WriterVcpu, stop: &AtomicBool) -> Result<WriterVcpu> {
     loop {
@@ -181,6 +217,7 @@ pub fn migrate_source(cfg: &SourceConfig, dest: impl ToSocketAddrs) -> Result<So
         .with_context(|| format!("binding the page server to {}", cfg.page_bind))?;
     let page_port = pages_server.local_addr()?.port();
     let served = VmMemorySource::new(data.clone(), cfg.page_delay);
+    let die_after = cfg.die_after_pages;
 
     let stream = TcpStream::connect(dest).context("connecting to the destination")?;
     stream.set_nodelay(true).ok();
@@ -212,7 +249,15 @@ pub fn migrate_source(cfg: &SourceConfig, dest: impl ToSocketAddrs) -> Result<So
                 let (s, peer) = pages_server.accept().context("accepting the page client")?;
                 tracing::info!(%peer, "page client");
                 s.set_nodelay(true).ok();
-                Ok(serve_connection(s, Arc::new(served))?)
+                let source: Arc<dyn PageSource> = match die_after {
+                    None => Arc::new(served),
+                    Some(n) => Arc::new(Dying {
+                        inner: served,
+                        left: AtomicU64::new(n),
+                        sock: s.try_clone()?,
+                    }),
+                };
+                Ok(serve_connection(s, source)?)
             })?;
 
     // The writers.
