@@ -516,10 +516,22 @@ fn run(
                 }
             }
         }
-        ensure!(
-            since.elapsed() < Duration::from_secs(10),
-            "vCPUs did not stop 10 s after the failure"
-        );
+        if since.elapsed() > Duration::from_secs(10) {
+            // A vCPU that never leaves KVM_RUN: do not hang, and do not unmap what its
+            // threads may still use (as the runner: the VM, the memory and the fds leak).
+            stop.stop();
+            std::mem::forget(data);
+            std::mem::forget(vm);
+            std::mem::forget(ufd);
+            std::mem::forget(uffd);
+            std::mem::forget(service);
+            std::mem::forget(vcpus);
+            let cause = causes.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+            bail!(
+                "{}; vCPUs did not stop 10 s after it (the VM and its fds were leaked)",
+                cause.unwrap_or_else(|| "post-copy failed".into())
+            );
+        }
     }
     let guest_done = t_start.elapsed();
     let mut verified = 0;
