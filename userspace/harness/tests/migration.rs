@@ -320,7 +320,11 @@ fn a_source_killed_during_post_copy_stops_the_destination_cleanly() {
         .rfind(|l| l.starts_with("error:"))
         .unwrap_or_default();
     assert!(last.contains("post-copy failed"), "{err}");
-    assert!(last.contains("closed the connection"), "{err}");
+    // A killed peer closes (FIN), or resets if our requests were still unread in its socket.
+    assert!(
+        last.contains("closed the connection") || last.contains("Connection reset by peer"),
+        "{err}"
+    );
     assert!(!err.contains("wrong contents"), "{err}");
     eprintln!("after {:?}: {last}", t.elapsed());
 }
