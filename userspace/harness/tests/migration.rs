@@ -161,8 +161,7 @@ fn a_dying_source_stops_a_kvm_async_destination() {
     dying_source(Mode::KvmAsync, 4);
 }
 
-fn kvm_mode(mode: Mode, test: &str) {
-    let _ = test;
+fn kvm_mode(mode: Mode) {
     // Unthrottled under TCG the writers dirty every page each round (pre-copy never
     // converges: everything is post-copied); throttled, pre-copy converges and most pages are
     // released at the switch-over (USERFAULT cleared on ranges). Both, with and without
@@ -185,14 +184,14 @@ fn kvm_mode(mode: Mode, test: &str) {
 #[ignore = "needs the KVM userfault series (run in the patched guest)"]
 fn migrate_writer_kvm_sync() {
     require_userfault!("migrate_writer_kvm_sync");
-    kvm_mode(Mode::KvmSync, "migrate_writer_kvm_sync");
+    kvm_mode(Mode::KvmSync);
 }
 
 #[test]
 #[ignore = "needs the KVM userfault series (run in the patched guest)"]
 fn migrate_writer_kvm_async() {
     require_userfault!("migrate_writer_kvm_async");
-    kvm_mode(Mode::KvmAsync, "migrate_writer_kvm_async");
+    kvm_mode(Mode::KvmAsync);
 }
 
 // ------------------------------------------------------------------------------------------
