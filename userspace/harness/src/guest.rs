@@ -141,6 +141,40 @@ pub extern "C" fn workload_guest(block: u64, _: u64, _: u64, _: u64) {
     }
 }
 
+/// One `KVM_RUN` of a workload vCPU (checker or writer), decoded.
+fn decode_step(vcpu: &mut Vcpu) -> Result<Event, GuestError> {
+    let exit = match vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            return Ok(Event::Interrupted)
+        }
+        Err(e) => return Err(GuestError::Run(e)),
+    };
+    match exit {
+        Exit::Ucall(Ucall::Done) => Ok(Event::Done),
+        Exit::Ucall(Ucall::Sync(args)) => match args[..] {
+            [REPORT_PROGRESS, pages_left] => Ok(Event::Progress { pages_left }),
+            [REPORT_MISMATCH, gpa, expected, found] => Ok(Event::Mismatch(Mismatch {
+                gpa,
+                expected,
+                found,
+            })),
+            _ => Err(GuestError::Unexpected(format!(
+                "unknown workload report {args:#x?}"
+            ))),
+        },
+        Exit::Ucall(u) => Err(GuestError::Unexpected(
+            u.failure().unwrap_or_else(|| format!("{u:?}")),
+        )),
+        Exit::MemoryFault { flags, gpa, size } => Ok(Event::MemoryFault { flags, gpa, size }),
+        Exit::Intr => Ok(Event::Interrupted),
+        Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => Err(GuestError::Unexpected(format!(
+            "unexpected port I/O to {port:#x}"
+        ))),
+        Exit::Other(what) => Err(GuestError::Unexpected(format!("unexpected exit {what}"))),
+    }
+}
+
 /// What one vCPU of the workload checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkloadPart {
@@ -263,36 +297,7 @@ impl WorkloadVcpu {
 
     /// One `KVM_RUN`, decoded.
     pub fn step(&mut self) -> Result<Event, GuestError> {
-        let exit = match self.vcpu.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return Ok(Event::Interrupted)
-            }
-            Err(e) => return Err(GuestError::Run(e)),
-        };
-        match exit {
-            Exit::Ucall(Ucall::Done) => Ok(Event::Done),
-            Exit::Ucall(Ucall::Sync(args)) => match args[..] {
-                [REPORT_PROGRESS, pages_left] => Ok(Event::Progress { pages_left }),
-                [REPORT_MISMATCH, gpa, expected, found] => Ok(Event::Mismatch(Mismatch {
-                    gpa,
-                    expected,
-                    found,
-                })),
-                _ => Err(GuestError::Unexpected(format!(
-                    "unknown workload report {args:#x?}"
-                ))),
-            },
-            Exit::Ucall(u) => Err(GuestError::Unexpected(
-                u.failure().unwrap_or_else(|| format!("{u:?}")),
-            )),
-            Exit::MemoryFault { flags, gpa, size } => Ok(Event::MemoryFault { flags, gpa, size }),
-            Exit::Intr => Ok(Event::Interrupted),
-            Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => Err(GuestError::Unexpected(
-                format!("unexpected port I/O to {port:#x}"),
-            )),
-            Exit::Other(what) => Err(GuestError::Unexpected(format!("unexpected exit {what}"))),
-        }
+        decode_step(&mut self.vcpu)
     }
 
     /// Runs until the guest is done, for callers that resolve faults elsewhere (a userfault fd
@@ -311,6 +316,320 @@ impl WorkloadVcpu {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer workload (live migration): each vCPU sweeps its part, rewriting every page with
+// a pattern of (address, sweep), and records how far it got; once told to, it checks its
+// whole part against what it last wrote.
+// ---------------------------------------------------------------------------------------------
+
+// The writer's shared block, in u64 words at these byte offsets.
+const W_GVA: u64 = 0;
+const W_PAGES: u64 = 8;
+const W_SEED: u64 = 16;
+const W_SWEEP: u64 = 24;
+const W_POS: u64 = 32;
+const W_BUDGET: u64 = 40;
+const W_DELAY: u64 = 48;
+const W_VERIFIED: u64 = 56;
+/// Bytes of shared memory per writer vCPU.
+pub const WRITER_BLOCK: u64 = 64;
+/// A budget that never runs out: the writer sweeps until it is stopped from outside.
+pub const UNLIMITED: u64 = u64::MAX;
+/// Spreads sweep numbers over the seed's bits so that consecutive sweeps differ everywhere.
+const SWEEP_MUL: u64 = 0xD6E8_FEB8_6659_FD93;
+
+/// The key of sweep `sweep` (≥ 1): the page at `va` holds `pattern_word(key, va + 8 i)`.
+fn sweep_key(seed: u64, sweep: u64) -> u64 {
+    seed ^ sweep.wrapping_mul(SWEEP_MUL)
+}
+
+/// The word the writer leaves at guest address `addr` (8-byte aligned) after writing it in
+/// sweep `sweep`; sweep 0 is "never written": the zero page. `core` only (the guest calls it).
+pub fn writer_word(seed: u64, sweep: u64, addr: u64) -> u64 {
+    if sweep == 0 {
+        0
+    } else {
+        pattern_word(sweep_key(seed, sweep), addr)
+    }
+}
+
+/// Writes the page at `va` with the pattern of `key` (assembly for the reason given at
+/// [`check_page`]).
+///
+/// # Safety
+/// Runs in the guest; `[va, va + PAGE)` must be mapped writable (or its first write is the
+/// demand fault under test).
+#[inline(always)]
+unsafe fn write_page(va: u64, key: u64) {
+    // SAFETY: writes the 512 words of the page, per the function contract; no stack.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "mov {w}, {off}",
+            "xor {w}, {key}",
+            "imul {w}, {mul}",
+            "mov qword ptr [{off}], {w}",
+            "add {off}, 8",
+            "cmp {off}, {end}",
+            "jne 2b",
+            off = inout(reg) va => _,
+            end = in(reg) va + PAGE,
+            key = in(reg) key,
+            mul = in(reg) PATTERN_MUL,
+            w = out(reg) _,
+            options(nostack),
+        );
+    }
+}
+
+/// Checks the page at `va` against `pattern_word(key, ..) * (mul != 0)`: with `mul` 0 every
+/// word must be zero. Returns (index of the first wrong word or [`WORDS`], expected, found).
+///
+/// # Safety
+/// As for [`check_page`].
+#[inline(always)]
+unsafe fn check_written_page(va: u64, key: u64, mul: u64) -> (u64, u64, u64) {
+    let (mut i, expected, found): (u64, u64, u64);
+    i = 0;
+    // SAFETY: reads the 512 words of the page, per the function contract; no stack.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "mov {found}, qword ptr [{va} + {i} * 8]",
+            "lea {expected}, [{va} + {i} * 8]",
+            "xor {expected}, {key}",
+            "imul {expected}, {mul}",
+            "cmp {expected}, {found}",
+            "jne 3f",
+            "inc {i}",
+            "cmp {i}, {words}",
+            "jne 2b",
+            "3:",
+            va = in(reg) va,
+            key = in(reg) key,
+            mul = in(reg) mul,
+            words = const WORDS,
+            i = inout(reg) i,
+            expected = out(reg) expected,
+            found = out(reg) found,
+            options(nostack, readonly),
+        );
+    }
+    (i, expected, found)
+}
+
+/// Spins `n` iterations: throttles the writer so that pre-copy can converge.
+#[inline(always)]
+fn spin(n: u64) {
+    if n == 0 {
+        return;
+    }
+    // SAFETY: a register-only countdown loop.
+    unsafe {
+        core::arch::asm!("2:", "dec {n}", "jnz 2b", n = inout(reg) n => _, options(nomem, nostack));
+    }
+}
+
+/// The writer guest (see [`WriterVcpu`]). Its whole state is in registers and its stack, and
+/// the block at `block`: sweep and position are written there after every page, so a host
+/// that stopped the vCPU knows exactly which pages hold which sweep. Makes no ucall until it
+/// verifies, so that a vCPU stopped by a signal is always between two instructions of the
+/// guest (no port I/O left half-done for a migration to carry).
+pub extern "C" fn writer_guest(block: u64, _: u64, _: u64, _: u64) {
+    // SAFETY: `block` is the shared block WriterVcpu::new allocated and filled.
+    let (gva, pages, seed, mut sweep, mut pos) = unsafe {
+        (
+            read_u64(block + W_GVA),
+            read_u64(block + W_PAGES),
+            read_u64(block + W_SEED),
+            read_u64(block + W_SWEEP),
+            read_u64(block + W_POS),
+        )
+    };
+    loop {
+        // SAFETY: the shared block (the host changes the budget only while the vCPU is out
+        // of KVM_RUN).
+        let budget = unsafe { read_u64(block + W_BUDGET) };
+        if budget == 0 {
+            break;
+        }
+        // SAFETY: the host identity-maps the data region, which holds the whole part.
+        unsafe {
+            write_page(
+                gva.wrapping_add(pos.wrapping_mul(PAGE)),
+                sweep_key(seed, sweep),
+            )
+        };
+        pos += 1;
+        if pos == pages {
+            pos = 0;
+            sweep += 1;
+        }
+        // SAFETY: the shared block.
+        unsafe {
+            write_u64(block + W_POS, pos);
+            write_u64(block + W_SWEEP, sweep);
+            if budget != UNLIMITED {
+                write_u64(block + W_BUDGET, budget - 1);
+            }
+        }
+        // SAFETY: the shared block.
+        spin(unsafe { read_u64(block + W_DELAY) });
+    }
+    // Every page before `pos` holds this sweep, every page from `pos` on the previous one.
+    let mut page = 0;
+    while page < pages {
+        let s = if page < pos { sweep } else { sweep - 1 };
+        let (key, mul) = if s == 0 {
+            (0, 0)
+        } else {
+            (sweep_key(seed, s), PATTERN_MUL)
+        };
+        let va = gva.wrapping_add(page.wrapping_mul(PAGE));
+        // SAFETY: as above.
+        let (i, expected, found) = unsafe { check_written_page(va, key, mul) };
+        if i < WORDS {
+            guest::sync(&[REPORT_MISMATCH, va.wrapping_add(i * 8), expected, found]);
+            guest::halt_forever();
+        }
+        page += 1;
+        // SAFETY: the shared block.
+        unsafe { write_u64(block + W_VERIFIED, page) };
+    }
+}
+
+/// What one writer vCPU sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterPart {
+    /// First guest physical (= virtual) address.
+    pub gpa: u64,
+    /// Pages.
+    pub pages: u64,
+    /// Pattern seed.
+    pub seed: u64,
+    /// Spin iterations after each page (throttle).
+    pub delay: u64,
+}
+
+/// Where a writer is: it has written `pos` pages of sweep `sweep` (pages from `pos` on still
+/// hold sweep `sweep - 1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterState {
+    /// Current sweep (starts at 1).
+    pub sweep: u64,
+    /// Pages of the part written in the current sweep.
+    pub pos: u64,
+}
+
+/// A writer's recorded position, readable from any thread (it shares the guest memory).
+#[derive(Debug, Clone)]
+pub struct WriterWatch {
+    block: GuestMem,
+    pages: u64,
+}
+
+impl WriterWatch {
+    /// Where the writer is.
+    pub fn state(&self) -> WriterState {
+        WriterState {
+            sweep: self.block.read_u64(W_SWEEP as usize),
+            pos: self.block.read_u64(W_POS as usize),
+        }
+    }
+
+    /// Pages written since it started: whole sweeps and the current position.
+    pub fn written(&self) -> u64 {
+        let s = self.state();
+        s.sweep
+            .saturating_sub(1)
+            .saturating_mul(self.pages)
+            .saturating_add(s.pos)
+    }
+}
+
+/// A vCPU running [`writer_guest`] over one part: it sweeps while its budget lasts (forever
+/// with [`UNLIMITED`]), then checks every page of the part, reporting the first wrong word
+/// ([`Event::Mismatch`]) or [`Event::Done`].
+#[derive(Debug)]
+pub struct WriterVcpu {
+    vcpu: Vcpu,
+    part: WriterPart,
+    block: GuestMem,
+}
+
+impl WriterVcpu {
+    /// Adds a vCPU to `vm` that sweeps `part` (which the caller has mapped, identity),
+    /// starting at sweep 1, page 0, with `budget` pages to write before it verifies.
+    pub fn new(vm: &mut TestVm, part: WriterPart, budget: u64) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            part.gpa.is_multiple_of(PAGE) && part.pages > 0,
+            "a writer part is whole pages: {part:?}"
+        );
+        let block = vm.alloc_guest_mem(WRITER_BLOCK)?;
+        for (off, v) in [
+            (W_GVA, part.gpa),
+            (W_PAGES, part.pages),
+            (W_SEED, part.seed),
+            (W_SWEEP, 1),
+            (W_POS, 0),
+            (W_BUDGET, budget),
+            (W_DELAY, part.delay),
+            (W_VERIFIED, 0),
+        ] {
+            block.write_u64(off as usize, v);
+        }
+        let vcpu = vm.add_vcpu_with(writer_guest, &[block.gva()])?;
+        Ok(Self { vcpu, part, block })
+    }
+
+    /// The vCPU (its fd, for saving and restoring its state).
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
+    }
+
+    pub fn part(&self) -> &WriterPart {
+        &self.part
+    }
+
+    /// The guest address of its shared block (system memory).
+    pub fn block_gpa(&self) -> u64 {
+        self.block.gpa()
+    }
+
+    /// Where the writer is, as it recorded after its last whole page.
+    pub fn state(&self) -> WriterState {
+        WriterState {
+            sweep: self.block.read_u64(W_SWEEP as usize),
+            pos: self.block.read_u64(W_POS as usize),
+        }
+    }
+
+    /// A reader of its recorded position, for another thread.
+    pub fn watch(&self) -> WriterWatch {
+        WriterWatch {
+            block: self.block.clone(),
+            pages: self.part.pages,
+        }
+    }
+
+    /// Pages it may still write before it verifies. Set only while the vCPU is out of KVM_RUN.
+    pub fn set_budget(&self, pages: u64) {
+        self.block.write_u64(W_BUDGET as usize, pages);
+    }
+
+    /// Pages the verification found correct, from the first one on.
+    pub fn verified_pages(&self) -> u64 {
+        self.block
+            .read_u64(W_VERIFIED as usize)
+            .min(self.part.pages)
+    }
+
+    /// One `KVM_RUN`, decoded as for the checker ([`WorkloadVcpu::step`]).
+    pub fn step(&mut self) -> Result<Event, GuestError> {
+        decode_step(&mut self.vcpu)
     }
 }
 
@@ -411,6 +730,63 @@ mod tests {
         let e = w.run_to_end().unwrap_err().to_string();
         assert!(e.contains("wrong contents at gpa 0x40000000"), "{e}");
         assert_eq!(w.verified_pages(), 0);
+    }
+
+    #[test]
+    fn writer_sweeps_then_verifies_and_catches_a_stale_page() {
+        let Some((mut vm, r)) = filled_vm(8, 0, 3) else {
+            return;
+        };
+        // Pages 0..8 hold the checker's pattern: the writer overwrites them all in sweep 1.
+        let part = WriterPart {
+            gpa: r.gpa,
+            pages: 8,
+            seed: 5,
+            delay: 0,
+        };
+        let mut w = WriterVcpu::new(&mut vm, part, 8 + 3).unwrap();
+        loop {
+            match w.step().unwrap() {
+                Event::Done => break,
+                Event::Interrupted => {}
+                e => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(w.state(), WriterState { sweep: 2, pos: 3 });
+        assert_eq!(w.watch().written(), 11);
+        assert_eq!(w.verified_pages(), 8);
+        assert_eq!(r.mapping.read_u64(8), writer_word(5, 2, r.gpa + 8));
+        assert_eq!(
+            r.mapping.read_u64(4 * PAGE as usize),
+            writer_word(5, 1, r.gpa + 4 * PAGE)
+        );
+        // A second writer on fresh zero pages, one of them stale (not what it wrote last).
+        let g = vm
+            .add_mapped_region(2, 2 << 30, 4 * PAGE, Backing::Anonymous)
+            .unwrap()
+            .clone();
+        let part = WriterPart {
+            gpa: g.gpa,
+            pages: 4,
+            seed: 5,
+            delay: 0,
+        };
+        // Writes pages 0 and 1 in sweep 1; 2 and 3 must still be zero.
+        let mut w = WriterVcpu::new(&mut vm, part, 0).unwrap();
+        w.set_budget(2);
+        g.mapping.write_u64((3 * PAGE + 16) as usize, 1);
+        match w.step().unwrap() {
+            Event::Mismatch(m) => assert_eq!(
+                m,
+                Mismatch {
+                    gpa: g.gpa + 3 * PAGE + 16,
+                    expected: 0,
+                    found: 1
+                }
+            ),
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(w.verified_pages(), 3);
     }
 
     #[test]

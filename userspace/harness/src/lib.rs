@@ -8,5 +8,6 @@
 //! (`kvm-userfault`) and the benchmarks sit on it.
 
 pub mod guest;
+pub mod migrate;
 pub mod runner;
 pub mod vm;

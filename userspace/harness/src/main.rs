@@ -91,6 +91,40 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:7788")]
         listen: String,
     },
+    /// Live-migrate a running writer guest to a `migrate-dest` (post-copy, docs/migration.md).
+    MigrateSource {
+        /// The destination's HOST:PORT.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        src: MigrateSourceArgs,
+    },
+    /// Receive a live migration: restart the guest at the switch-over and demand-page the rest.
+    MigrateDest {
+        /// Address to listen on for the source.
+        #[arg(long, default_value = "127.0.0.1:7790")]
+        listen: String,
+        #[command(flatten)]
+        dest: MigrateDestArgs,
+    },
+    /// Migrate over loopback in one process, once per mode, and print the table side by side.
+    MigrateBench {
+        /// Modes to compare.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "uffd-missing,kvm-sync,kvm-async"
+        )]
+        modes: Vec<Mode>,
+        /// Migrations per mode.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        runs: u32,
+        #[command(flatten)]
+        src: MigrateSourceArgs,
+        #[command(flatten)]
+        dest: MigrateDestArgs,
+    },
     /// Fetch a whole image from a server (prefetch + demand) into a snapshot file.
     Fetch {
         /// Server HOST:PORT.
@@ -100,6 +134,79 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct MigrateSourceArgs {
+    /// Writer vCPUs.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    vcpus: u16,
+    /// Data memory in MiB.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=16384))]
+    size_mib: u64,
+    /// Pattern seed.
+    #[arg(long, default_value_t = 0x5eed, value_parser = parse_u64)]
+    seed: u64,
+    /// Writer throttle: spin iterations after each page it writes.
+    #[arg(long, default_value_t = 0)]
+    writer_delay: u64,
+    /// Pre-copy rounds after the full copy, at most.
+    #[arg(long, default_value_t = 8)]
+    max_rounds: u32,
+    /// Stop pre-copy once a round finds at most this many dirty pages.
+    #[arg(long, default_value_t = 64)]
+    dirty_threshold: u64,
+    /// Before stopping, wait until the writers wrote this many pages after the last round.
+    #[arg(long, default_value_t = 0)]
+    min_dirty_writes: u64,
+    /// Injected delay per page the source serves after the switch-over, in µs.
+    #[arg(long, default_value_t = 0)]
+    delay_us: u64,
+    /// Address the source's page server binds (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    page_bind: String,
+}
+
+impl MigrateSourceArgs {
+    fn config(&self) -> kvm_userfault_harness::migrate::SourceConfig {
+        let mut layout = kvm_userfault_harness::migrate::Layout::new(self.seed);
+        layout.vcpus = self.vcpus as usize;
+        layout.pages = self.size_mib * (1 << 20) / PAGE_SIZE as u64;
+        layout.delay = self.writer_delay;
+        let mut c = kvm_userfault_harness::migrate::SourceConfig::new(layout);
+        c.max_rounds = self.max_rounds;
+        c.dirty_threshold = self.dirty_threshold;
+        c.min_dirty_writes = self.min_dirty_writes;
+        c.page_delay = Duration::from_micros(self.delay_us);
+        c.page_bind = self.page_bind.clone();
+        c
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct MigrateDestArgs {
+    /// kvm-sync, kvm-async or uffd-missing (migrate-dest only; migrate-bench takes --modes).
+    #[arg(long, value_enum, default_value = "uffd-missing")]
+    mode: Mode,
+    /// Pages each writer writes after the switch-over before the guest verifies its part.
+    #[arg(long, default_value_t = 64)]
+    post_copy_pages: u64,
+    /// No background prefetch: every page left is demand-faulted.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// A page the source does not deliver within this many seconds fails the migration.
+    #[arg(long, default_value_t = 5)]
+    page_timeout_secs: u64,
+}
+
+impl MigrateDestArgs {
+    fn config(&self, mode: Mode) -> kvm_userfault_harness::migrate::DestConfig {
+        let mut c = kvm_userfault_harness::migrate::DestConfig::new(mode);
+        c.post_copy_pages = self.post_copy_pages;
+        c.prefetch = !self.no_prefetch;
+        c.page_timeout = Duration::from_secs(self.page_timeout_secs);
+        c
+    }
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -196,6 +303,51 @@ fn real_main(cli: Cli) -> Result<()> {
             let l = TcpListener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("serving {} on {}", src.describe(), l.local_addr()?);
             serve(l, src)?;
+        }
+        Cmd::MigrateSource { to, src } => {
+            use kvm_userfault_harness::migrate;
+            migrate::bench::reexec_without_aslr()?;
+            let r = migrate::migrate_source(&src.config(), to.as_str())?;
+            println!(
+                "migrated to {to}: {} rounds ({} pages pre-copied), {} dirty at switch-over, stop to switch-over {:?}, total {:?}",
+                r.rounds.len(),
+                r.precopy_pages(),
+                r.dirty_at_switchover,
+                r.stop_to_switchover,
+                r.total
+            );
+            anyhow::ensure!(r.dest_ok, "destination: {}", r.dest_message);
+            println!("destination: {}", r.dest_message);
+        }
+        Cmd::MigrateDest { listen, dest } => {
+            use kvm_userfault_harness::migrate;
+            migrate::bench::reexec_without_aslr()?;
+            let l = TcpListener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
+            eprintln!("waiting for a source on {}", l.local_addr()?);
+            let d = migrate::migrate_dest(&dest.config(dest.mode), &l)?;
+            println!(
+                "{:?}: guest verified {} pages; downtime {:?}, post-copy {:?}, total {:?}; {} missing at switch-over, {} clean in {} ranges; {}",
+                d.mode, d.verified_pages, d.downtime, d.post_copy, d.total,
+                d.missing_at_switchover, d.clean_pages, d.clean_ranges, d.stats
+            );
+        }
+        Cmd::MigrateBench {
+            modes,
+            runs,
+            src,
+            dest,
+        } => {
+            use kvm_userfault_harness::migrate;
+            let mut rows = Vec::new();
+            for mode in modes {
+                for _ in 0..runs {
+                    rows.push(
+                        migrate::migrate_loopback(&src.config(), &dest.config(mode))
+                            .with_context(|| format!("{mode:?}"))?,
+                    );
+                }
+            }
+            print!("{}", migrate::table(&rows));
         }
         Cmd::Fetch { remote, out } => {
             let src = RemoteSource::connect(remote.as_str(), RemoteOptions::default())?;

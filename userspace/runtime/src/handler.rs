@@ -404,6 +404,38 @@ impl Handler {
             .is_some_and(|(r, p)| self.regions[r].state.lock().is_missing(p))
     }
 
+    /// Marks `[gpa, gpa + size)` present without filling it, for memory whose contents are
+    /// already in place and visible to the guest (a migration destination: pages that arrived
+    /// in pre-copy and stayed clean, after their USERFAULT was cleared). The range must lie in
+    /// one region and be page aligned; a page being filled refuses the whole range. Returns the
+    /// pages that were missing. Faults on these pages are then answered as already present.
+    pub fn mark_present(&self, gpa: u64, size: u64) -> Result<usize, HandlerError> {
+        let page = PAGE_SIZE as u64;
+        let bad = |why: &str| HandlerError::BadRegion {
+            gpa,
+            size,
+            why: why.into(),
+        };
+        if !gpa.is_multiple_of(page) || !size.is_multiple_of(page) {
+            return Err(bad("not page aligned"));
+        }
+        if size == 0 {
+            return Ok(0);
+        }
+        let (r, first) = self.lookup_gpa(gpa).ok_or(HandlerError::UnknownGpa(gpa))?;
+        let rs = &self.regions[r];
+        let n = (size / page) as usize;
+        if first + n > rs.region.pages() {
+            return Err(bad("extends beyond its region"));
+        }
+        let done = rs
+            .state
+            .lock()
+            .mark_present(first..first + n)
+            .map_err(|e| bad(&e.to_string()))?;
+        Ok(done)
+    }
+
     /// Stops the handler: later calls fail with `Stopped`, waiters give up.
     pub fn stop(&self, reason: &str) {
         self.stop_with(StopCause::Requested(reason.into()));
@@ -879,6 +911,34 @@ mod tests {
         }
         .unwrap();
         Fixture { mem, img, calls, h }
+    }
+
+    #[test]
+    fn pages_marked_present_are_neither_filled_nor_resolved() {
+        let f = fixture(16, None);
+        let ps = PAGE_SIZE as u64;
+        assert_eq!(f.h.mark_present(GPA + 2 * ps, 4 * ps).unwrap(), 4);
+        assert_eq!(f.h.missing_pages(), 12);
+        // A fault on a marked page is already present: no fill, no resolve, no prefetch.
+        let mut s = Scratch::default();
+        f.h.handle_gpas(&[GPA + 3 * ps], Instant::now(), false, &mut s)
+            .unwrap();
+        assert!(f.calls.lock().unwrap().is_empty());
+        assert!(f.mem[3 * PAGE_SIZE..4 * PAGE_SIZE].iter().all(|b| *b == 0));
+        assert_eq!(f.h.stats.already_present.load(Ordering::Relaxed), 1);
+        // Prefetch fills exactly the others.
+        while f.h.prefetch(8, &mut s).unwrap() > 0 {}
+        assert_eq!(f.h.missing_pages(), 0);
+        assert_eq!(f.h.stats.prefetched_pages.load(Ordering::Relaxed), 12);
+        assert!(f.mem[2 * PAGE_SIZE..6 * PAGE_SIZE].iter().all(|b| *b == 0));
+        assert_eq!(&f.mem[..2 * PAGE_SIZE], &f.img.bytes()[..2 * PAGE_SIZE]);
+        // Bad ranges are typed errors.
+        assert!(f.h.mark_present(GPA + 1, ps).is_err());
+        assert!(f.h.mark_present(GPA + 15 * ps, 2 * ps).is_err());
+        assert!(matches!(
+            f.h.mark_present(0, ps),
+            Err(HandlerError::UnknownGpa(0))
+        ));
     }
 
     #[test]

@@ -195,6 +195,12 @@ impl Runtime {
         self.stop.stop();
     }
 
+    /// Marks `[gpa, gpa + size)` present without filling it: see [`Handler::mark_present`].
+    /// The VMM makes the range visible first (clears USERFAULT / maps it).
+    pub fn mark_present(&self, gpa: u64, size: u64) -> Result<usize, HandlerError> {
+        self.handler.mark_present(gpa, size)
+    }
+
     /// Pages still missing.
     pub fn missing_pages(&self) -> usize {
         self.handler.missing_pages()

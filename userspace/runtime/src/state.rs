@@ -82,6 +82,21 @@ impl MissingMap {
         self.missing_count += newly;
     }
 
+    /// Marks a range present without filling it: its contents are already in place and
+    /// visible (e.g. pages that arrived during a migration's pre-copy and stayed clean).
+    /// Returns how many pages were missing. A page being filled cannot be marked present (its
+    /// filler owns it): that is [`StateError::InFlight`] and nothing is changed.
+    pub fn mark_present(&mut self, r: Range<usize>) -> Result<usize, StateError> {
+        self.check(&r)?;
+        if let Some(i) = self.in_flight[r.clone()].first_one() {
+            return Err(StateError::InFlight(r.start + i));
+        }
+        let cleared = self.missing[r.clone()].count_ones();
+        self.missing[r].fill(false);
+        self.missing_count -= cleared;
+        Ok(cleared)
+    }
+
     /// Is this page still missing?
     pub fn is_missing(&self, page: usize) -> bool {
         self.missing.get(page).is_some_and(|b| *b)
@@ -174,6 +189,9 @@ pub enum StateError {
         /// Pages in the slot.
         len: usize,
     },
+    /// The page is being filled: only its filler may settle it.
+    #[error("page {0} is being filled")]
+    InFlight(usize),
 }
 
 /// A [`MissingMap`] shared between fillers, with a condition variable for waiters.
@@ -273,6 +291,26 @@ impl SlotState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mark_present_clears_missing_pages_but_not_claimed_ones() {
+        let mut m = MissingMap::all_missing(16);
+        assert_eq!(m.try_claim(9), Ok(Claim::Fill));
+        assert_eq!(m.mark_present(0..4), Ok(4));
+        // Already present: nothing more to clear.
+        assert_eq!(m.mark_present(2..6), Ok(2));
+        assert_eq!(m.missing_count(), 10);
+        assert!(!m.is_missing(5) && m.is_missing(6));
+        assert_eq!(m.try_claim(3), Ok(Claim::Present));
+        // A range with a page in flight is refused as a whole.
+        assert_eq!(m.mark_present(8..12), Err(StateError::InFlight(9)));
+        assert!(m.is_missing(8) && m.is_missing(10));
+        assert_eq!(m.missing_count(), 10);
+        assert!(matches!(
+            m.mark_present(15..17),
+            Err(StateError::OutOfRange { .. })
+        ));
+    }
+
     use super::*;
 
     #[test]
