@@ -140,6 +140,35 @@ fn dying_source(mode: Mode, k: u64) {
 }
 
 #[test]
+fn a_hung_source_fails_the_destination_instead_of_blocking_it() {
+    // A source that connects and then says nothing (hung, not dead): the destination gives up
+    // after its channel timeout with an error that says so, rather than waiting forever.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hung = std::thread::spawn(move || {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        // Held open until the destination has given up (it closes its end).
+        let mut b = [0u8; 1];
+        let _ = std::io::Read::read(&mut &s, &mut b);
+    });
+    let mut cfg = DestConfig::new(Mode::UffdMissing);
+    cfg.channel_timeout = Duration::from_secs(1);
+    let t = std::time::Instant::now();
+    let e = migrate_dest(&cfg, &listener).unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(
+        msg.contains("sent nothing within the channel's timeout"),
+        "{msg}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    hung.join().unwrap();
+}
+
+#[test]
 fn a_dying_source_stops_a_userfaultfd_destination() {
     if !caps::require_dev_kvm("a_dying_source_stops_a_userfaultfd_destination") {
         return;

@@ -38,6 +38,9 @@ pub struct DestConfig {
     pub page_timeout: Duration,
     /// Give up after this long.
     pub timeout: Duration,
+    /// The most the migration channel may stay silent before the switch-over (a source that
+    /// hangs instead of dying): then the migration fails with "the source sent nothing".
+    pub channel_timeout: Duration,
 }
 
 impl DestConfig {
@@ -49,6 +52,7 @@ impl DestConfig {
             prefetch: true,
             page_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(600),
+            channel_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -145,6 +149,13 @@ enum End {
 pub fn migrate_dest(cfg: &DestConfig, listener: &TcpListener) -> Result<DestReport, DestError> {
     let (stream, peer) = listener.accept().context("accepting the source")?;
     stream.set_nodelay(true).ok();
+    // Until the switch-over the source sends all the time: a silent one is hung, not slow.
+    stream
+        .set_read_timeout(Some(cfg.channel_timeout))
+        .context("setting the migration channel's timeout")?;
+    stream
+        .set_write_timeout(Some(cfg.channel_timeout))
+        .context("setting the migration channel's timeout")?;
     let mut rx = BufReader::with_capacity(1 << 20, stream.try_clone().context("socket")?);
     let mut tx = BufWriter::new(stream);
     let r = run(cfg, &mut rx, peer).map_err(|e| match e.downcast::<DestError>() {
@@ -469,7 +480,8 @@ fn run(
         }).context("spawning a vCPU")?);
     }
     drop(tx);
-    let downtime = t_stop.elapsed() - t_start.elapsed();
+    // Downtime ends once every vCPU thread is running (all spawned).
+    let downtime = Instant::now().saturating_duration_since(t_stop);
 
     // Wait for the guest; on a failure, the runtime's stop order: kick the vCPUs, and after
     // a grace period release the waiters a signal cannot reach without filling (uffd: the

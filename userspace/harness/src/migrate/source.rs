@@ -221,6 +221,10 @@ pub fn migrate_source(cfg: &SourceConfig, dest: impl ToSocketAddrs) -> Result<So
 
     let stream = TcpStream::connect(dest).context("connecting to the destination")?;
     stream.set_nodelay(true).ok();
+    // A destination that stops reading is hung: a send fails after this instead of blocking.
+    stream
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .context("setting the migration channel's timeout")?;
     let start = Instant::now();
     let mut rx = BufReader::new(stream.try_clone()?);
     let mut tx = BufWriter::with_capacity(1 << 20, stream);

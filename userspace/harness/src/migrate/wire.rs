@@ -100,6 +100,9 @@ pub enum WireError {
     /// The peer closed the connection.
     #[error("migration channel: the peer closed the connection")]
     Closed,
+    /// The peer sent nothing within the channel's timeout (it is hung, not slow).
+    #[error("migration channel: the peer sent nothing within the channel's timeout (hung?)")]
+    Silent,
     /// A frame longer than [`MAX_FRAME`].
     #[error("migration channel: frame of {0} bytes is too large")]
     TooLarge(usize),
@@ -312,11 +315,20 @@ pub fn send(w: &mut impl Write, m: &Msg) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A socket read timeout: EAGAIN/EWOULDBLOCK (what SO_RCVTIMEO gives) or ETIMEDOUT.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Reads one frame.
 pub fn recv(r: &mut impl Read) -> Result<Msg, WireError> {
     let mut head = [0u8; 8];
     match r.read_exact(&mut head) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) if is_timeout(&e) => return Err(WireError::Silent),
         r => r?,
     }
     let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
@@ -330,6 +342,7 @@ pub fn recv(r: &mut impl Read) -> Result<Msg, WireError> {
         .and_then(|_| r.read_exact(&mut sum))
         .map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => WireError::Closed,
+            _ if is_timeout(&e) => WireError::Silent,
             _ => WireError::Io(e),
         })?;
     if u64::from_le_bytes(sum) != page_checksum(&p) {
