@@ -140,6 +140,31 @@ fn dying_source(mode: Mode, k: u64) {
 }
 
 #[test]
+fn a_lost_dirty_bit_is_caught_by_the_guest() {
+    // The verification can fail: a source that loses one dirty bit makes the destination
+    // release a page it holds only an older sweep of, and the guest finds it.
+    if !caps::kvm_available() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut scfg = SourceConfig::new(layout(13));
+    scfg.max_rounds = 2;
+    scfg.min_dirty_writes = 24;
+    scfg.drop_a_dirty_bit = true;
+    let src = std::thread::spawn(move || migrate_source(&scfg, addr));
+    let mut dcfg = DestConfig::new(Mode::UffdMissing);
+    dcfg.post_copy_pages = 16;
+    let e = migrate_dest(&dcfg, &listener).unwrap_err();
+    let s = src.join().unwrap().unwrap();
+    assert!(!s.dest_ok);
+    assert!(
+        matches!(e, DestError::WrongContents { .. }),
+        "expected the guest to find the stale page, got: {e}"
+    );
+}
+
+#[test]
 fn a_hung_source_fails_the_destination_instead_of_blocking_it() {
     // A source that connects and then says nothing (hung, not dead): the destination gives up
     // after its channel timeout with an error that says so, rather than waiting forever.

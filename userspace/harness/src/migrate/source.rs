@@ -34,6 +34,10 @@ pub struct SourceConfig {
     /// Fault injection: the page server dies (closes its connection) when asked for more
     /// than this many pages after the switch-over, as a killed source would.
     pub die_after_pages: Option<u64>,
+    /// Fault injection for tests: clear the lowest set bit of the final dirty bitmap, as a
+    /// lost dirty bit would; the destination then releases a stale page as clean, which its
+    /// guest must catch.
+    pub drop_a_dirty_bit: bool,
     /// Address the page server binds (port 0: any); the destination connects to its port on
     /// the address it reached the source's channel from.
     pub page_bind: String,
@@ -49,6 +53,7 @@ impl SourceConfig {
             page_delay: Duration::ZERO,
             min_dirty_writes: 0,
             die_after_pages: None,
+            drop_a_dirty_bit: false,
             page_bind: "127.0.0.1:0".into(),
         }
     }
@@ -344,7 +349,12 @@ pub fn migrate_source(cfg: &SourceConfig, dest: impl ToSocketAddrs) -> Result<So
         }
         // The final dirty logs: system pages go now, data pages are left to post-copy.
         let sys = dirty_log(&vm, 0)?;
-        let dirty = dirty_log(&vm, DATA_SLOT)?;
+        let mut dirty = dirty_log(&vm, DATA_SLOT)?;
+        if cfg.drop_a_dirty_bit {
+            if let Some(w) = dirty.iter_mut().find(|w| **w != 0) {
+                *w &= *w - 1;
+            }
+        }
         let sys_pages_at_switchover = send_pages(&mut tx, &vm, 0, Some(&sys))?;
         let vcpus = writers
             .iter()
