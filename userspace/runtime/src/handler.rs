@@ -7,7 +7,7 @@
 
 use crate::fault::uffd::{Installed, Uffd};
 use crate::source::{PageSource, SourceError, Urgency};
-use crate::state::{coalesce_into, Claim, MissingMap, SlotState};
+use crate::state::{coalesce_into, Claim, MissingMap, SlotState, StateError};
 use crate::stats::Stats;
 use crate::PAGE_SIZE;
 use std::any::Any;
@@ -113,8 +113,7 @@ pub enum HandlerError {
         /// The exit's size.
         size: u64,
     },
-    /// A region that cannot be handled (not page aligned, empty, overlapping another, beyond
-    /// the source, or one too many).
+    /// A region (or a range of one) that cannot be handled.
     #[error("region at gpa {gpa:#x} (+{size:#x}): {why}")]
     BadRegion {
         /// Its first byte.
@@ -122,8 +121,54 @@ pub enum HandlerError {
         /// Its size.
         size: u64,
         /// What is wrong with it.
-        why: String,
+        why: RegionProblem,
     },
+}
+
+/// What is wrong with a region given to the handler ([`HandlerError::BadRegion`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionProblem {
+    /// Its start or size is not a multiple of the page size, or it is empty.
+    #[error("not page aligned, or empty")]
+    NotAligned,
+    /// It ends beyond the 64-bit address space.
+    #[error("ends beyond the 64-bit address space")]
+    Wraps,
+    /// The source has fewer pages than the region needs.
+    #[error("needs source pages {first}..{first}+{pages}, but {source_name} has {source_pages}")]
+    BeyondSource {
+        /// The region's first source page.
+        first: u64,
+        /// Its pages.
+        pages: u64,
+        /// The source, as it describes itself.
+        source_name: String,
+        /// The source's pages.
+        source_pages: u64,
+    },
+    /// `Install::UffdContinue` without a fill alias.
+    #[error("UFFDIO_CONTINUE needs a fill alias")]
+    NoFillAlias,
+    /// The fill alias is not the region's size.
+    #[error("its fill alias has {0:#x} bytes")]
+    AliasSize(u64),
+    /// It overlaps a region already there.
+    #[error("overlaps the region at {gpa:#x} (+{size:#x})")]
+    Overlaps {
+        /// The other region's first byte.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The handler has [`MAX_REGIONS`] already.
+    #[error("a handler serves at most {MAX_REGIONS} regions")]
+    TooMany,
+    /// A range that extends beyond the one region it starts in.
+    #[error("extends beyond its region")]
+    BeyondRegion,
+    /// A page of the range is being filled right now (retry once it settled).
+    #[error("page {0} of the range is being filled")]
+    InFlight(usize),
 }
 
 /// Most bytes one `KVM_EXIT_MEMORY_FAULT` may ask for: a USERFAULT exit covers the page the
@@ -243,21 +288,21 @@ impl RegionTable {
     fn push(&self, r: RegionState) -> Result<usize, HandlerError> {
         let _g = self.append.lock().unwrap_or_else(|e| e.into_inner());
         let (gpa, size) = (r.region.gpa, r.region.size);
-        let bad = |why: String| HandlerError::BadRegion { gpa, size, why };
+        let bad = |why: RegionProblem| HandlerError::BadRegion { gpa, size, why };
         if let Some(o) = self
             .iter()
             .find(|o| gpa < o.region.gpa + o.region.size && o.region.gpa < gpa + size)
         {
-            return Err(bad(format!(
-                "overlaps the region at {:#x} (+{:#x})",
-                o.region.gpa, o.region.size
-            )));
+            return Err(bad(RegionProblem::Overlaps {
+                gpa: o.region.gpa,
+                size: o.region.size,
+            }));
         }
         let i = self.len.load(Ordering::Relaxed);
         let slot = self
             .slots
             .get(i)
-            .ok_or_else(|| bad(format!("a handler serves at most {MAX_REGIONS} regions")))?;
+            .ok_or_else(|| bad(RegionProblem::TooMany))?;
         if slot.set(r).is_err() {
             // Only appends (serialised above) set slots, each at the current length.
             unreachable!("region slot {i} written twice");
@@ -349,31 +394,32 @@ impl Handler {
         r: Region,
         owner: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<usize, HandlerError> {
-        let bad = |why: String| HandlerError::BadRegion {
+        let bad = |why: RegionProblem| HandlerError::BadRegion {
             gpa: r.gpa,
             size: r.size,
             why,
         };
         let page = PAGE_SIZE as u64;
         if !r.gpa.is_multiple_of(page) || !r.size.is_multiple_of(page) || r.size == 0 {
-            return Err(bad("not page aligned, or empty".into()));
+            return Err(bad(RegionProblem::NotAligned));
         }
         if r.gpa.checked_add(r.size).is_none() {
-            return Err(bad("ends beyond the 64-bit address space".into()));
+            return Err(bad(RegionProblem::Wraps));
         }
         let (first, n) = (r.source_first_page, r.size / page);
         if first
             .checked_add(n)
             .is_none_or(|end| end > self.source.page_count())
         {
-            return Err(bad(format!(
-                "needs source pages {first}..{first}+{n}, but {} has {}",
-                self.source.describe(),
-                self.source.page_count()
-            )));
+            return Err(bad(RegionProblem::BeyondSource {
+                first,
+                pages: n,
+                source_name: self.source.describe(),
+                source_pages: self.source.page_count(),
+            }));
         }
         if matches!(self.install, Install::UffdContinue(_)) && r.fill_alias.is_none() {
-            return Err(bad("UFFDIO_CONTINUE needs a fill alias".into()));
+            return Err(bad(RegionProblem::NoFillAlias));
         }
         let pages = r.pages();
         let shared = owner.is_some();
@@ -411,13 +457,9 @@ impl Handler {
     /// pages that were missing. Faults on these pages are then answered as already present.
     pub fn mark_present(&self, gpa: u64, size: u64) -> Result<usize, HandlerError> {
         let page = PAGE_SIZE as u64;
-        let bad = |why: &str| HandlerError::BadRegion {
-            gpa,
-            size,
-            why: why.into(),
-        };
+        let bad = |why: RegionProblem| HandlerError::BadRegion { gpa, size, why };
         if !gpa.is_multiple_of(page) || !size.is_multiple_of(page) {
-            return Err(bad("not page aligned"));
+            return Err(bad(RegionProblem::NotAligned));
         }
         if size == 0 {
             return Ok(0);
@@ -426,13 +468,16 @@ impl Handler {
         let rs = &self.regions[r];
         let n = (size / page) as usize;
         if first + n > rs.region.pages() {
-            return Err(bad("extends beyond its region"));
+            return Err(bad(RegionProblem::BeyondRegion));
         }
         let done = rs
             .state
             .lock()
             .mark_present(first..first + n)
-            .map_err(|e| bad(&e.to_string()))?;
+            .map_err(|e| match e {
+                StateError::InFlight(p) => bad(RegionProblem::InFlight(p - first)),
+                _ => bad(RegionProblem::BeyondRegion),
+            })?;
         Ok(done)
     }
 

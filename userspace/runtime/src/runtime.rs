@@ -58,7 +58,7 @@ impl DemandRegion {
                 return Err(HandlerError::BadRegion {
                     gpa,
                     size,
-                    why: format!("its fill alias has {:#x} bytes", a.len()),
+                    why: crate::handler::RegionProblem::AliasSize(a.len()),
                 });
             }
         }
@@ -331,6 +331,17 @@ mod tests {
             .add_region(DemandRegion::new(region(PAGE, 1), 0))
             .unwrap_err();
         assert!(e.to_string().contains("overlaps the region at 0x0"), "{e}");
+        // The kind is typed, for a VMM that handles it.
+        assert!(
+            matches!(
+                e,
+                RuntimeError::Handler(HandlerError::BadRegion {
+                    why: crate::handler::RegionProblem::Overlaps { gpa: 0, .. },
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
         let mut bad_alias = DemandRegion::new(region(0x200_0000, 2), 0);
         bad_alias.fill_alias = Some(region(0x300_0000, 1));
         let e = rt.add_region(bad_alias).unwrap_err();
