@@ -230,6 +230,8 @@ impl fmt::Display for StopCause {
 /// Per-thread scratch buffers, so the fault path does not allocate.
 #[derive(Debug, Default)]
 pub struct Scratch {
+    /// (region, page) of each gpa of the batch being handled.
+    located: Vec<(usize, usize)>,
     claimed: Vec<(usize, usize)>,
     pages: Vec<usize>,
     staging: Vec<u8>,
@@ -562,18 +564,20 @@ impl Handler {
             return Err(self.stopped_error());
         }
         let _span = tracing::debug_span!("fault_batch", n = gpas.len()).entered();
-        // Refuse a batch with an unknown gpa before claiming anything: a claim taken and then
+        // Every gpa is looked up once, and the whole batch before anything is claimed: a
+        // batch with an unknown gpa is refused as it is, since a claim taken and then
         // abandoned would leave the waiters of its page hanging.
-        if let Some(&bad) = gpas.iter().find(|&&g| self.lookup_gpa(g).is_none()) {
-            return Err(HandlerError::UnknownGpa(bad));
+        scratch.located.clear();
+        for &gpa in gpas {
+            let at = self.lookup_gpa(gpa).ok_or(HandlerError::UnknownGpa(gpa))?;
+            scratch.located.push(at);
         }
         Stats::add(&self.stats.faults, gpas.len() as u64);
         scratch.claimed.clear();
         scratch.waits.clear();
-        let mut present_wakes: Vec<u64> = Vec::new();
+        let mut present_wakes: Vec<(usize, usize)> = Vec::new();
         let mut locked: Option<(usize, std::sync::MutexGuard<'_, MissingMap>)> = None;
-        for &gpa in gpas {
-            let (ri, page) = self.lookup_gpa(gpa).ok_or(HandlerError::UnknownGpa(gpa))?;
+        for (&gpa, &(ri, page)) in gpas.iter().zip(&scratch.located) {
             // One lock acquisition for a run of records on the same region.
             let map = match &mut locked {
                 Some((r, g)) if *r == ri => g,
@@ -593,7 +597,7 @@ impl Handler {
                 }
                 Claim::Present => {
                     Stats::add(&self.stats.already_present, 1);
-                    present_wakes.push(gpa);
+                    present_wakes.push((ri, page));
                 }
             }
         }
@@ -602,11 +606,9 @@ impl Handler {
         // A userfaultfd waiter may have queued before the page was installed by someone else;
         // an extra wake is harmless, a missing one would hang it.
         if let Install::UffdCopy(u) | Install::UffdContinue(u) = &self.install {
-            for gpa in present_wakes {
-                if let Some((ri, page)) = self.lookup_gpa(gpa) {
-                    let host = self.regions[ri].region.host + page * PAGE_SIZE;
-                    u.wake(host, PAGE_SIZE).ok();
-                }
+            for (ri, page) in present_wakes {
+                let host = self.regions[ri].region.host + page * PAGE_SIZE;
+                u.wake(host, PAGE_SIZE).ok();
             }
         }
         let claimed = std::mem::take(&mut scratch.claimed);

@@ -22,7 +22,6 @@ use crate::serve::{self, RingInput, ServeError, UffdInput};
 use crate::source::PageSource;
 use crate::stats::Stats;
 use crate::vcpu::VcpuFaults;
-use crate::PAGE_SIZE;
 use std::io;
 use std::sync::Arc;
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
@@ -215,9 +214,6 @@ impl Runtime {
     pub fn handler(&self) -> &Arc<Handler> {
         &self.handler
     }
-
-    /// The page size regions must be aligned to.
-    pub const PAGE_SIZE: usize = PAGE_SIZE;
 }
 
 #[cfg(test)]
@@ -227,6 +223,7 @@ mod tests {
     use crate::source::MemorySource;
     use crate::uapi::{KVM_MEMORY_EXIT_FLAG_READ, KVM_MEMORY_EXIT_FLAG_USERFAULT};
     use crate::vcpu::FaultAction;
+    use crate::PAGE_SIZE;
     use vm_memory::{Bytes, GuestAddress, MemoryRegionAddress};
 
     const PAGE: u64 = PAGE_SIZE as u64;

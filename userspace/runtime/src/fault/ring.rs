@@ -273,12 +273,7 @@ impl<'fd> AsyncReader<'fd> {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(_) => break,
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (tag, res) in done {
+            for (tag, res) in self.take_completions() {
                 if tag == CANCEL_TAG {
                     continue;
                 }
@@ -297,6 +292,14 @@ impl<'fd> AsyncReader<'fd> {
             }
         }
         bad
+    }
+
+    /// Every completion posted so far, as (tag, result), taken off the completion queue.
+    fn take_completions(&mut self) -> Vec<(u64, i32)> {
+        self.ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect()
     }
 
     fn mark_done(&mut self, tag: u64) {
@@ -433,12 +436,7 @@ impl<'fd> AsyncReader<'fd> {
         // How this wake-up ends the loop, if it does. Every completion of the wake-up is
         // still looked at, so that the records of its other reads are not lost.
         let mut end: Option<Result<ReaderExit, ReaderError>> = None;
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (tag, res) in cqes {
+        for (tag, res) in self.take_completions() {
             if tag == CANCEL_TAG {
                 continue;
             }
